@@ -1,0 +1,261 @@
+//! `Attention` (diffusers `attention_processor.py`, the plain/SDPA processor path), the
+//! `BasicTransformerBlock` and `FeedForward` (diffusers `attention.py`), and the self-attention
+//! hook FlipSketch's composition uses.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+use crate::nn::{layer_norm, linear};
+
+/// Which kind of self-attention (`attn1`) layer a hook call comes from. Decided by the layer's
+/// place in the model (a `Transformer2DModel` vs a `TransformerTemporalModel`), never by shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SelfAttnKind {
+    /// Over the pixels of one frame: batch = batch*frames (sample-major), sequence = h*w.
+    Spatial,
+    /// Over the frames of one pixel: batch = batch*h*w, sequence = frames.
+    /// `transformer_in` and the temporal transformers of every block.
+    Temporal,
+}
+
+/// One `attn1` call, handed to an [`AttentionHook`].
+pub struct SelfAttnCall<'a> {
+    /// The layer's checkpoint prefix, e.g. `down_blocks.0.attentions.1.transformer_blocks.0.attn1`.
+    pub layer: &'a str,
+    pub kind: SelfAttnKind,
+    pub num_frames: usize,
+    /// (batch, heads, seq, head_dim), after the projections.
+    pub query: &'a Tensor,
+    pub key: &'a Tensor,
+    pub value: &'a Tensor,
+    pub scale: f64,
+}
+
+/// Observes or replaces self-attention. With no hook the attention is plain.
+pub trait AttentionHook {
+    /// Returns `Some(out)` with out (batch, heads, seq, head_dim) to replace the plain
+    /// attention result of this layer, or `None` to keep it.
+    fn self_attention(&mut self, call: &SelfAttnCall) -> Result<Option<Tensor>>;
+}
+
+/// The optional hook threaded through forward passes.
+pub type Hook<'a> = Option<&'a mut dyn AttentionHook>;
+
+/// Upper bound on the bytes of attention scores materialised at once.
+pub const ATTN_SCORES_BUDGET_BYTES: usize = 256 << 20;
+
+/// softmax(q k^T * scale) v over (batch, heads, seq, head_dim) tensors, processed in chunks of
+/// (batch*heads) so that at most [`ATTN_SCORES_BUDGET_BYTES`] of scores exist at a time.
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_with_scores(q, k, v, scale, |_, s| Ok(s))
+}
+
+/// Like [`scaled_dot_product_attention`], with a chance to edit each chunk's scaled scores
+/// before the softmax. `edit(start, scores)` gets the chunk's first index into the flattened
+/// (batch*heads) dimension and scores of shape (chunk, seq_q, seq_k).
+pub fn attention_with_scores(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mut edit: impl FnMut(usize, Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (b, h, lq, d) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let n = b * h;
+    let q = q.reshape((n, lq, d))?;
+    let k = k.reshape((n, lk, d))?;
+    let v = v.reshape((n, lk, v.dim(3)?))?;
+    let per_item = lq * lk * q.dtype().size_in_bytes();
+    let chunk = (ATTN_SCORES_BUDGET_BYTES / per_item.max(1)).clamp(1, n);
+    let mut outs = Vec::with_capacity(n.div_ceil(chunk));
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let qc = q.narrow(0, start, len)?;
+        let kc = k.narrow(0, start, len)?;
+        let vc = v.narrow(0, start, len)?;
+        let scores = (qc.matmul(&kc.t()?)? * scale)?;
+        let scores = edit(start, scores)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        outs.push(probs.matmul(&vc)?);
+        start += len;
+    }
+    let out = if outs.len() == 1 { outs.pop().expect("one chunk") } else { Tensor::cat(&outs, 0)? };
+    out.reshape((b, h, lq, ()))
+}
+
+/// diffusers `Attention` as used by the UNet's transformer blocks: to_q/to_k/to_v (bias
+/// configurable), to_out.0 with bias, no norms, no residual.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+    name: String,
+}
+
+impl Attention {
+    pub fn new(
+        query_dim: usize,
+        cross_attention_dim: Option<usize>,
+        heads: usize,
+        dim_head: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = heads * dim_head;
+        let kv_dim = cross_attention_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: linear(query_dim, inner, bias, vb.pp("to_q"))?,
+            to_k: linear(kv_dim, inner, bias, vb.pp("to_k"))?,
+            to_v: linear(kv_dim, inner, bias, vb.pp("to_v"))?,
+            to_out: linear(inner, query_dim, true, vb.pp("to_out.0"))?,
+            heads,
+            scale: (dim_head as f64).powf(-0.5),
+            name: vb.prefix(),
+        })
+    }
+
+    /// (batch, seq, heads*d) -> (batch, heads, seq, d)
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, c) = x.dims3()?;
+        x.reshape((b, l, self.heads, c / self.heads))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// `x`: (batch, seq, query_dim); `context`: (batch, seq_kv, cross_dim) for cross-attention.
+    /// `self_attn` carries the hook for `attn1` layers (kind and frame count).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        self_attn: Option<(SelfAttnKind, usize, Hook<'_>)>,
+    ) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let ctx = context.unwrap_or(x);
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
+        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
+        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
+        let mut out = None;
+        if let Some((kind, num_frames, Some(hook))) = self_attn {
+            let call = SelfAttnCall {
+                layer: &self.name,
+                kind,
+                num_frames,
+                query: &q,
+                key: &k,
+                value: &v,
+                scale: self.scale,
+            };
+            out = hook.self_attention(&call)?;
+        }
+        let out = match out {
+            Some(o) => o,
+            None => scaled_dot_product_attention(&q, &k, &v, self.scale)?,
+        };
+        let out = out.transpose(1, 2)?.reshape((b, l, ()))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// diffusers `GEGLU`: proj to 2*inner, `hidden * gelu(gate)` with exact (erf) GELU.
+#[derive(Clone, Debug)]
+struct GeGlu {
+    proj: Linear,
+}
+
+impl GeGlu {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(x)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let hidden = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?;
+        hidden * gate.gelu_erf()?
+    }
+}
+
+/// diffusers `FeedForward` with `activation_fn="geglu"`: net.0 (GEGLU), net.1 (dropout), net.2.
+#[derive(Clone, Debug)]
+pub struct FeedForward {
+    geglu: GeGlu,
+    out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            geglu: GeGlu { proj: linear(dim, inner * 2, true, vb.pp("net.0.proj"))? },
+            out: linear(inner, dim, true, vb.pp("net.2"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.out.forward(&self.geglu.forward(x)?)
+    }
+}
+
+/// diffusers `BasicTransformerBlock` with `norm_type="layer_norm"`, geglu feed-forward.
+/// `attn2` is cross-attention when `cross_attention_dim` is given, a second self-attention
+/// otherwise (`double_self_attention=True` in the temporal transformers; DESIGN trap 4).
+#[derive(Clone, Debug)]
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+    kind: SelfAttnKind,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        cross_attention_dim: Option<usize>,
+        kind: SelfAttnKind,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(dim, None, heads, dim_head, false, vb.pp("attn1"))?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(dim, cross_attention_dim, heads, dim_head, false, vb.pp("attn2"))?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(dim, vb.pp("ff"))?,
+            kind,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        encoder_hidden_states: Option<&Tensor>,
+        num_frames: usize,
+        hook: Hook<'_>,
+    ) -> Result<Tensor> {
+        // 1. self-attention (the hook point)
+        let h = self.norm1.forward(x)?;
+        let x = (self.attn1.forward(&h, None, Some((self.kind, num_frames, hook)))? + x)?;
+        // 2. cross-attention, or the temporal blocks' second self-attention
+        let h = self.norm2.forward(&x)?;
+        let x = (self.attn2.forward(&h, encoder_hidden_states, None)? + x)?;
+        // 3. feed-forward
+        let h = self.norm3.forward(&x)?;
+        self.ff.forward(&h)? + x
+    }
+}
+
+/// Reborrows a hook for one nested call (`Option::as_deref_mut` cannot shorten the trait
+/// object's lifetime).
+pub fn reborrow<'b>(hook: &'b mut Hook<'_>) -> Hook<'b> {
+    match hook {
+        Some(h) => Some(&mut **h),
+        None => None,
+    }
+}

@@ -1,0 +1,354 @@
+//! Weight loading: safetensors (single file or sharded with an index, memory-mapped) and PyTorch
+//! zip pickles, any of f32/f16/bf16 on disk, converted to the compute dtype.
+//!
+//! A [`WeightStore`] backs a candle `VarBuilder`. It never fails on the first bad tensor: a
+//! missing tensor or a wrong shape is recorded and a cheap placeholder returned, so that a
+//! single [`WeightStore::finish`] after building the model reports *every* problem by name.
+//! Tensors in the files that the model never asked for are counted as unexpected (diffusers
+//! and transformers ignore them with a warning; so do we).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+
+/// Weight file names tried in a component folder, in diffusers' order of preference.
+pub const DIFFUSERS_WEIGHTS: &[&str] = &[
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.bin.index.json",
+];
+/// Weight file names tried for a transformers model folder.
+pub const TRANSFORMERS_WEIGHTS: &[&str] = &[
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model.fp16.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+];
+
+/// Resolves the weight files of a component folder: the first candidate that exists, expanded
+/// through its `*.index.json` when sharded.
+pub fn find_weight_files(dir: &Path, candidates: &[&str]) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Err(Error::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "folder not found"),
+        });
+    }
+    for name in candidates {
+        let path = dir.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        if name.ends_with(".index.json") {
+            return shard_files(&path);
+        }
+        return Ok(vec![path]);
+    }
+    Err(Error::NoWeights {
+        dir: dir.to_path_buf(),
+        candidates: candidates.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+/// The shard files named by a `*.index.json` (`weight_map` values), in first-seen order.
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let text = read_to_string(index)?;
+    let parsed: Index = serde_json::from_str(&text).map_err(|e| Error::BadFile {
+        path: index.to_path_buf(),
+        msg: format!("not a valid shard index: {e}"),
+    })?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut seen = HashSet::new();
+    let mut files = Vec::new();
+    for file in parsed.weight_map.values() {
+        if file.contains('/') || file.contains('\\') || file.contains("..") {
+            return Err(Error::BadFile {
+                path: index.to_path_buf(),
+                msg: format!("shard name {file:?} is not a plain file name"),
+            });
+        }
+        if seen.insert(file.clone()) {
+            let path = dir.join(file);
+            if !path.is_file() {
+                return Err(Error::BadFile {
+                    path: index.to_path_buf(),
+                    msg: format!("shard {} is missing", path.display()),
+                });
+            }
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::BadFile { path: index.to_path_buf(), msg: "empty weight_map".into() });
+    }
+    Ok(files)
+}
+
+pub fn read_to_string(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+/// Reads and parses a JSON config file, naming the file in any error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = read_to_string(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::Config { path: path.to_path_buf(), msg: e.to_string() })
+}
+
+enum Source {
+    Safetensors(candle_core::safetensors::MmapedSafetensors),
+    Pickle(candle_core::pickle::PthTensors),
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    source: usize,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+#[derive(Default)]
+struct Tracking {
+    used: HashSet<String>,
+    missing: Vec<(String, Vec<usize>)>,
+    mismatched: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// Read failures after the header was fine (e.g. a truncated pickle): (name, message).
+    unreadable: Vec<(String, String)>,
+}
+
+/// The tensors of one component's weight files.
+pub struct WeightStore {
+    component: String,
+    files: Vec<PathBuf>,
+    sources: Vec<Source>,
+    index: HashMap<String, Entry>,
+    tracking: Mutex<Tracking>,
+}
+
+/// What a successful load found.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    pub component: String,
+    pub files: Vec<PathBuf>,
+    /// Element count per dtype on disk, over the tensors the model uses.
+    pub dtypes_on_disk: BTreeMap<String, usize>,
+    /// Number of scalar parameters the model uses.
+    pub parameters: usize,
+    /// Tensors in the files the model does not use (sorted).
+    pub unexpected: Vec<String>,
+}
+
+impl WeightStore {
+    /// Opens (memory-maps or indexes) every file and reads their headers.
+    pub fn open(component: &str, files: &[PathBuf]) -> Result<Arc<Self>> {
+        let mut sources = Vec::new();
+        let mut index = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let is_pickle = matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("bin") | Some("pt") | Some("pth") | Some("ckpt")
+            );
+            if is_pickle {
+                let mut pth = candle_core::pickle::PthTensors::new(path, None)
+                    .map_err(|e| bad_file(path, "not a readable PyTorch pickle", e))?;
+                if pth.tensor_infos().is_empty() {
+                    // Some checkpoints wrap the weights as {"state_dict": {...}}.
+                    if let Ok(inner) = candle_core::pickle::PthTensors::new(path, Some("state_dict")) {
+                        pth = inner;
+                    }
+                }
+                for (name, info) in pth.tensor_infos() {
+                    index.insert(
+                        name.clone(),
+                        Entry { source: i, shape: info.layout.dims().to_vec(), dtype: info.dtype },
+                    );
+                }
+                sources.push(Source::Pickle(pth));
+            } else {
+                // SAFETY: the mapping is read-only; like every mmap-based loader we assume the
+                // file is not modified while it is mapped.
+                let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+                    .map_err(|e| bad_file(path, "not a readable safetensors file", e))?;
+                for (name, view) in st.tensors() {
+                    let dtype = DType::try_from(view.dtype()).map_err(|e| Error::BadFile {
+                        path: path.clone(),
+                        msg: format!("tensor {name}: unsupported dtype: {e}"),
+                    })?;
+                    index.insert(name, Entry { source: i, shape: view.shape().to_vec(), dtype });
+                }
+                sources.push(Source::Safetensors(st));
+            }
+        }
+        Ok(Arc::new(Self {
+            component: component.to_string(),
+            files: files.to_vec(),
+            sources,
+            index,
+            tracking: Mutex::new(Tracking::default()),
+        }))
+    }
+
+    /// Opens the weights of a component folder (see [`find_weight_files`]).
+    pub fn open_dir(component: &str, dir: &Path, candidates: &[&str]) -> Result<Arc<Self>> {
+        let files = find_weight_files(dir, candidates)?;
+        Self::open(component, &files)
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    /// A `VarBuilder` reading from this store, converting to `dtype` on `device`.
+    pub fn var_builder(self: &Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let backend: Box<dyn SimpleBackend> = Box::new(Tracked(self.clone()));
+        VarBuilder::from_backend(backend, dtype, device.clone())
+    }
+
+    /// Loads one tensor as stored (no shape check, no tracking).
+    pub fn load_raw(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
+        let Some(entry) = self.index.get(name) else { return Ok(None) };
+        let path = &self.files[entry.source];
+        let t = match &self.sources[entry.source] {
+            Source::Safetensors(st) => st.load(name, device),
+            Source::Pickle(p) => p.get(name).map(|t| t.expect("indexed")).and_then(|t| t.to_device(device)),
+        };
+        t.map(Some).map_err(|e| bad_file(path, &format!("tensor {name} cannot be read"), e))
+    }
+
+    fn get_checked(&self, shape: &Shape, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut tr = self.tracking.lock().expect("weight tracking lock");
+        let placeholder = || Tensor::zeros((), dtype, dev)?.broadcast_as(shape.clone());
+        let Some(entry) = self.index.get(name) else {
+            tr.missing.push((name.to_string(), shape.dims().to_vec()));
+            return placeholder();
+        };
+        tr.used.insert(name.to_string());
+        if entry.shape != shape.dims() {
+            tr.mismatched.push((name.to_string(), shape.dims().to_vec(), entry.shape.clone()));
+            return placeholder();
+        }
+        drop(tr);
+        match self.load_raw(name, dev) {
+            Ok(Some(t)) => t.to_dtype(dtype),
+            Ok(None) => unreachable!("indexed tensor"),
+            Err(e) => {
+                let mut tr = self.tracking.lock().expect("weight tracking lock");
+                tr.unreadable.push((name.to_string(), e.to_string()));
+                placeholder()
+            }
+        }
+    }
+
+    /// Checks that every tensor the model asked for was present with the right shape, and
+    /// reports what the files hold beyond that.
+    pub fn finish(&self) -> Result<LoadReport> {
+        let tr = self.tracking.lock().expect("weight tracking lock");
+        if let Some((name, msg)) = tr.unreadable.first() {
+            return Err(Error::BadFile {
+                path: self.files.first().cloned().unwrap_or_default(),
+                msg: format!("{} tensor(s) unreadable, first {name}: {msg}", tr.unreadable.len()),
+            });
+        }
+        if !tr.missing.is_empty() || !tr.mismatched.is_empty() {
+            return Err(Error::Weights {
+                component: self.component.clone(),
+                files: self.files.clone(),
+                missing: tr.missing.clone(),
+                mismatched: tr.mismatched.clone(),
+            });
+        }
+        let mut dtypes_on_disk = BTreeMap::new();
+        let mut parameters = 0;
+        for name in &tr.used {
+            let e = &self.index[name];
+            let n: usize = e.shape.iter().product();
+            parameters += n;
+            *dtypes_on_disk.entry(format!("{:?}", e.dtype).to_lowercase()).or_insert(0) += n;
+        }
+        let mut unexpected: Vec<String> =
+            self.index.keys().filter(|k| !tr.used.contains(*k)).cloned().collect();
+        unexpected.sort();
+        if !unexpected.is_empty() {
+            tracing::warn!(
+                "{}: {} unexpected tensor(s) ignored, e.g. {}",
+                self.component,
+                unexpected.len(),
+                unexpected[0]
+            );
+        }
+        Ok(LoadReport {
+            component: self.component.clone(),
+            files: self.files.clone(),
+            dtypes_on_disk,
+            parameters,
+            unexpected,
+        })
+    }
+}
+
+fn bad_file(path: &Path, what: &str, e: candle_core::Error) -> Error {
+    Error::BadFile { path: path.to_path_buf(), msg: format!("{what}: {e}") }
+}
+
+struct Tracked(Arc<WeightStore>);
+
+impl SimpleBackend for Tracked {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get_checked(&s, name, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let store = &self.0;
+        match store.load_raw(name, dev) {
+            Ok(Some(t)) => {
+                store.tracking.lock().expect("weight tracking lock").used.insert(name.to_string());
+                t.to_dtype(dtype)
+            }
+            Ok(None) => Err(candle_core::Error::CannotFindTensor { path: name.to_string() }),
+            Err(e) => Err(candle_core::Error::Msg(e.to_string())),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.index.contains_key(name)
+    }
+}
+
+/// Builds a model from a component folder and checks its weights in one go.
+pub fn load_component<M>(
+    component: &str,
+    dir: &Path,
+    candidates: &[&str],
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+) -> Result<(M, LoadReport)> {
+    let store = WeightStore::open_dir(component, dir, candidates)?;
+    let vb = store.var_builder(dtype, device);
+    let model = build(vb)?;
+    let report = store.finish()?;
+    Ok((model, report))
+}

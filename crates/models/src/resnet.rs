@@ -1,0 +1,205 @@
+//! diffusers `resnet.py`: `ResnetBlock2D`, `TemporalConvLayer`; and `Downsample2D`,
+//! `Upsample2D` (`downsampling.py`, `upsampling.py`).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+
+use crate::nn::{conv2d, group_norm, linear, FrameGroupNorm};
+
+/// `ResnetBlock2D` with `time_embedding_norm="default"`, pre-norm, SiLU. Its GroupNorms see
+/// one frame at a time (frames are in the batch).
+#[derive(Clone, Debug)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        temb_channels: Option<usize>,
+        groups: usize,
+        eps: f64,
+        output_scale_factor: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let time_emb_proj = match temb_channels {
+            Some(t) => Some(linear(t, out_channels, true, vb.pp("time_emb_proj"))?),
+            None => None,
+        };
+        let conv_shortcut = if in_channels != out_channels {
+            Some(conv2d(in_channels, out_channels, 1, 1, 0, vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(groups, in_channels, eps, vb.pp("norm1"))?,
+            conv1: conv2d(in_channels, out_channels, 3, 1, 1, vb.pp("conv1"))?,
+            time_emb_proj,
+            norm2: group_norm(groups, out_channels, eps, vb.pp("norm2"))?,
+            conv2: conv2d(out_channels, out_channels, 3, 1, 1, vb.pp("conv2"))?,
+            conv_shortcut,
+            output_scale_factor,
+        })
+    }
+
+    /// `x`: (n, c, h, w); `temb`: (n, temb_channels) when the block has a time projection.
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+                h.broadcast_add(&t)?
+            }
+            _ => h,
+        };
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// One `nn.Sequential(GroupNorm, SiLU, [Dropout,] Conv3d(k=(3,1,1), padding=(1,0,0)))` of
+/// `TemporalConvLayer`. The Conv3d is run as a 1-D convolution over frames (DESIGN trap 2): the
+/// three kernel taps are stacked into one 1x1 convolution, whose per-tap outputs are shifted by
+/// one frame and summed. The GroupNorm spans all frames of a sample (trap 3).
+#[derive(Clone, Debug)]
+struct TemporalConv {
+    norm: FrameGroupNorm,
+    /// (3*out, in, 1, 1): tap k of the Conv3d kernel in rows k*out..(k+1)*out.
+    taps: Conv2d,
+    bias: Tensor,
+    out_dim: usize,
+}
+
+impl TemporalConv {
+    fn new(in_dim: usize, out_dim: usize, groups: usize, conv_index: usize, vb: VarBuilder) -> Result<Self> {
+        let conv_vb = vb.pp(conv_index);
+        let w = conv_vb.get((out_dim, in_dim, 3, 1, 1), "weight")?;
+        let bias = conv_vb.get(out_dim, "bias")?;
+        // (out, in, 3, 1, 1) -> (3, out, in) -> (3*out, in, 1, 1)
+        let taps = w
+            .squeeze(4)?
+            .squeeze(3)?
+            .permute((2, 0, 1))?
+            .contiguous()?
+            .reshape((3 * out_dim, in_dim, 1, 1))?;
+        Ok(Self {
+            norm: FrameGroupNorm::new(groups, in_dim, 1e-5, vb.pp(0))?,
+            taps: Conv2d::new(taps, None, Default::default()),
+            bias,
+            out_dim,
+        })
+    }
+
+    /// `x`: (batch*frames, in, h, w) -> (batch*frames, out, h, w)
+    fn forward(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
+        let (bf, _, h, w) = x.dims4()?;
+        let b = bf / num_frames;
+        let x = self.norm.forward(x, num_frames)?.silu()?;
+        let z = self.taps.forward(&x)?.reshape((b, num_frames, 3, self.out_dim, h, w))?;
+        let tap = |k: usize| z.narrow(2, k, 1)?.squeeze(2);
+        // out[f] = W0 x[f-1] + W1 x[f] + W2 x[f+1], zero-padded at both ends
+        let mut y = tap(1)?;
+        if num_frames > 1 {
+            let prev = tap(0)?.narrow(1, 0, num_frames - 1)?.pad_with_zeros(1, 1, 0)?;
+            let next = tap(2)?.narrow(1, 1, num_frames - 1)?.pad_with_zeros(1, 0, 1)?;
+            y = ((y + prev)? + next)?;
+        }
+        let y = y.reshape((bf, self.out_dim, h, w))?;
+        y.broadcast_add(&self.bias.reshape((1, self.out_dim, 1, 1))?)
+    }
+}
+
+/// diffusers `TemporalConvLayer`: four temporal convolutions with a residual around them.
+/// Checkpoint keys: `conv1.0` (norm), `conv1.2` (conv), `conv{2,3,4}.0`, `conv{2,3,4}.3`.
+#[derive(Clone, Debug)]
+pub struct TemporalConvLayer {
+    convs: [TemporalConv; 4],
+}
+
+impl TemporalConvLayer {
+    pub fn new(in_dim: usize, out_dim: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        if in_dim != out_dim {
+            // conv4 maps back to in_dim and the residual adds the input; the UNet3D only ever
+            // builds square layers.
+            candle_core::bail!("{}: TemporalConvLayer needs in_dim == out_dim", vb.prefix());
+        }
+        Ok(Self {
+            convs: [
+                TemporalConv::new(in_dim, out_dim, groups, 2, vb.pp("conv1"))?,
+                TemporalConv::new(out_dim, in_dim, groups, 3, vb.pp("conv2"))?,
+                TemporalConv::new(out_dim, in_dim, groups, 3, vb.pp("conv3"))?,
+                TemporalConv::new(out_dim, in_dim, groups, 3, vb.pp("conv4"))?,
+            ],
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
+        let mut h = x.clone();
+        for conv in &self.convs {
+            h = conv.forward(&h, num_frames)?;
+        }
+        x + h
+    }
+}
+
+/// `Downsample2D(use_conv=True)`: a stride-2 3x3 conv; with `padding=0` (the VAE) diffusers
+/// first pads one zero row/column at the bottom/right.
+#[derive(Clone, Debug)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    pad_bottom_right: bool,
+}
+
+impl Downsample2D {
+    pub fn new(channels: usize, out_channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(channels, out_channels, 3, 2, padding, vb.pp("conv"))?,
+            pad_bottom_right: padding == 0,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.pad_bottom_right {
+            let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// `Upsample2D(use_conv=True)`: nearest-neighbour x2 (or to an explicit size), then a 3x3 conv.
+#[derive(Clone, Debug)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { conv: conv2d(channels, out_channels, 3, 1, 1, vb.pp("conv"))? })
+    }
+
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        let x = x.upsample_nearest2d(th, tw)?;
+        self.conv.forward(&x)
+    }
+}

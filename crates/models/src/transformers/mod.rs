@@ -1,0 +1,2 @@
+pub mod transformer_2d;
+pub mod transformer_temporal;

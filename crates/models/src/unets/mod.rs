@@ -1,0 +1,2 @@
+pub mod unet_3d_blocks;
+pub mod unet_3d_condition;
