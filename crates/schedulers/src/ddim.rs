@@ -82,8 +82,8 @@ pub struct DdimScheduler {
     num_inference_steps: usize,
 }
 
-/// `torch.linspace(start, end, steps, dtype=float32)`: torch fills the first half from the
-/// start and the second half from the end.
+/// `torch.linspace(start, end, steps, dtype=float32)`: torch's CPU kernel fills the first half
+/// from the start and the second half from the end, each value a fused multiply-add.
 fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps == 1 {
         return vec![start];
@@ -91,7 +91,7 @@ fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
-        .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+        .map(|i| if i < halfway { step.mul_add(i as f32, start) } else { (-step).mul_add((steps - i - 1) as f32, end) })
         .collect()
 }
 
