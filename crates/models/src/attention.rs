@@ -3,9 +3,9 @@
 //! hook FlipSketch's composition uses.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
-use crate::nn::{layer_norm, linear};
+use crate::nn::{layer_norm, linear, Linear};
 
 /// Which kind of self-attention (`attn1`) layer a hook call comes from. Decided by the layer's
 /// place in the model (a `Transformer2DModel` vs a `TransformerTemporalModel`), never by shapes.
@@ -46,7 +46,12 @@ pub const ATTN_SCORES_BUDGET_BYTES: usize = 256 << 20;
 
 /// softmax(q k^T * scale) v over (batch, heads, seq, head_dim) tensors, processed in chunks of
 /// (batch*heads) so that at most [`ATTN_SCORES_BUDGET_BYTES`] of scores exist at a time.
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     attention_with_scores(q, k, v, scale, |_, s| Ok(s))
 }
 
@@ -75,13 +80,17 @@ pub fn attention_with_scores(
         let qc = q.narrow(0, start, len)?;
         let kc = k.narrow(0, start, len)?;
         let vc = v.narrow(0, start, len)?;
-        let scores = (qc.matmul(&kc.t()?)? * scale)?;
+        let scores = (crate::nn::matmul(&qc, &kc.t()?)? * scale)?;
         let scores = edit(start, scores)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        outs.push(probs.matmul(&vc)?);
+        outs.push(crate::nn::matmul(&probs, &vc)?);
         start += len;
     }
-    let out = if outs.len() == 1 { outs.pop().expect("one chunk") } else { Tensor::cat(&outs, 0)? };
+    let out = if outs.len() == 1 {
+        outs.pop().expect("one chunk")
+    } else {
+        Tensor::cat(&outs, 0)?
+    };
     out.reshape((b, h, lq, ()))
 }
 
@@ -123,7 +132,9 @@ impl Attention {
     /// (batch, seq, heads*d) -> (batch, heads, seq, d)
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, c) = x.dims3()?;
-        x.reshape((b, l, self.heads, c / self.heads))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, l, self.heads, c / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     /// `x`: (batch, seq, query_dim); `context`: (batch, seq_kv, cross_dim) for cross-attention.
@@ -188,7 +199,9 @@ impl FeedForward {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            geglu: GeGlu { proj: linear(dim, inner * 2, true, vb.pp("net.0.proj"))? },
+            geglu: GeGlu {
+                proj: linear(dim, inner * 2, true, vb.pp("net.0.proj"))?,
+            },
             out: linear(inner, dim, true, vb.pp("net.2"))?,
         })
     }
@@ -225,7 +238,14 @@ impl BasicTransformerBlock {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
             attn1: Attention::new(dim, None, heads, dim_head, false, vb.pp("attn1"))?,
             norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: Attention::new(dim, cross_attention_dim, heads, dim_head, false, vb.pp("attn2"))?,
+            attn2: Attention::new(
+                dim,
+                cross_attention_dim,
+                heads,
+                dim_head,
+                false,
+                vb.pp("attn2"),
+            )?,
             norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
             kind,
@@ -241,7 +261,10 @@ impl BasicTransformerBlock {
     ) -> Result<Tensor> {
         // 1. self-attention (the hook point)
         let h = self.norm1.forward(x)?;
-        let x = (self.attn1.forward(&h, None, Some((self.kind, num_frames, hook)))? + x)?;
+        let x = (self
+            .attn1
+            .forward(&h, None, Some((self.kind, num_frames, hook)))?
+            + x)?;
         // 2. cross-attention, or the temporal blocks' second self-attention
         let h = self.norm2.forward(&x)?;
         let x = (self.attn2.forward(&h, encoder_hidden_states, None)? + x)?;

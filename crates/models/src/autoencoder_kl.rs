@@ -6,12 +6,12 @@
 use std::path::Path;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::attention::scaled_dot_product_attention;
 use crate::error::Error;
-use crate::nn::{conv2d, group_norm, linear};
+use crate::nn::{conv2d, group_norm, linear, Conv2d, Linear};
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 /// Serde mirror of the VAE's `config.json` with diffusers' defaults.
@@ -79,16 +79,30 @@ impl AutoencoderKLConfigFile {
             return Err("block_out_channels is empty".into());
         }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return Err("down_block_types, up_block_types and block_out_channels must have the same length".into());
+            return Err(
+                "down_block_types, up_block_types and block_out_channels must have the same length"
+                    .into(),
+            );
         }
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
             return Err(format!("unsupported down block type {t:?}"));
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
             return Err(format!("unsupported up block type {t:?}"));
         }
         if self.act_fn != "silu" {
-            return Err(format!("act_fn {:?} is not supported (only \"silu\")", self.act_fn));
+            return Err(format!(
+                "act_fn {:?} is not supported (only \"silu\")",
+                self.act_fn
+            ));
         }
         if self.shift_factor.is_some_and(|s| s != 0.0) {
             return Err("shift_factor is not supported".into());
@@ -123,7 +137,10 @@ impl AutoencoderKLConfigFile {
 impl AutoencoderKLConfig {
     pub fn from_file(path: &Path) -> crate::error::Result<Self> {
         let file: AutoencoderKLConfigFile = crate::loading::read_json(path)?;
-        file.validate().map_err(|msg| Error::Config { path: path.to_path_buf(), msg })
+        file.validate().map_err(|msg| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
     }
 
     /// Spatial downsampling factor between pixels and latents.
@@ -158,7 +175,12 @@ impl VaeAttention {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let hs = self.group_norm.forward(x)?.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let hs = self
+            .group_norm
+            .forward(x)?
+            .reshape((n, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let heads = |t: Tensor| t.unsqueeze(1);
         let q = heads(self.to_q.forward(&hs)?)?;
         let k = heads(self.to_k.forward(&hs)?)?;
@@ -180,7 +202,17 @@ struct UNetMidBlock2D {
 
 impl UNetMidBlock2D {
     fn new(c: usize, groups: usize, add_attention: bool, vb: VarBuilder) -> Result<Self> {
-        let resnet = |i: usize| ResnetBlock2D::new(c, c, None, groups, VAE_EPS, 1.0, vb.pp(format!("resnets.{i}")));
+        let resnet = |i: usize| {
+            ResnetBlock2D::new(
+                c,
+                c,
+                None,
+                groups,
+                VAE_EPS,
+                1.0,
+                vb.pp(format!("resnets.{i}")),
+            )
+        };
         Ok(Self {
             resnet0: resnet(0)?,
             attention: if add_attention {
@@ -225,11 +257,25 @@ impl CoderBlock {
     }
 }
 
-fn resnets(n: usize, in_c: usize, out_c: usize, groups: usize, vb: &VarBuilder) -> Result<Vec<ResnetBlock2D>> {
+fn resnets(
+    n: usize,
+    in_c: usize,
+    out_c: usize,
+    groups: usize,
+    vb: &VarBuilder,
+) -> Result<Vec<ResnetBlock2D>> {
     (0..n)
         .map(|i| {
             let c_in = if i == 0 { in_c } else { out_c };
-            ResnetBlock2D::new(c_in, out_c, None, groups, VAE_EPS, 1.0, vb.pp(format!("resnets.{i}")))
+            ResnetBlock2D::new(
+                c_in,
+                out_c,
+                None,
+                groups,
+                VAE_EPS,
+                1.0,
+                vb.pp(format!("resnets.{i}")),
+            )
         })
         .collect()
 }
@@ -257,7 +303,16 @@ impl Encoder {
             down_blocks.push(CoderBlock {
                 resnets: resnets(c.layers_per_block, in_c, out_c, g, &bvb)?,
                 // diffusers builds the encoder's downsamplers with padding=0 (pad right/bottom).
-                downsampler: if is_final { None } else { Some(Downsample2D::new(out_c, out_c, 0, bvb.pp("downsamplers.0"))?) },
+                downsampler: if is_final {
+                    None
+                } else {
+                    Some(Downsample2D::new(
+                        out_c,
+                        out_c,
+                        0,
+                        bvb.pp("downsamplers.0"),
+                    )?)
+                },
                 upsampler: None,
             });
         }
@@ -305,13 +360,22 @@ impl Decoder {
             up_blocks.push(CoderBlock {
                 resnets: resnets(c.layers_per_block + 1, prev, out_c, g, &bvb)?,
                 downsampler: None,
-                upsampler: if is_final { None } else { Some(Upsample2D::new(out_c, out_c, bvb.pp("upsamplers.0"))?) },
+                upsampler: if is_final {
+                    None
+                } else {
+                    Some(Upsample2D::new(out_c, out_c, bvb.pp("upsamplers.0"))?)
+                },
             });
         }
         let first = c.block_out_channels[0];
         Ok(Self {
             conv_in: conv2d(c.latent_channels, rev[0], 3, 1, 1, vb.pp("conv_in"))?,
-            mid_block: UNetMidBlock2D::new(rev[0], g, c.mid_block_add_attention, vb.pp("mid_block"))?,
+            mid_block: UNetMidBlock2D::new(
+                rev[0],
+                g,
+                c.mid_block_add_attention,
+                vb.pp("mid_block"),
+            )?,
             up_blocks,
             conv_norm_out: group_norm(g, first, VAE_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(first, c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
@@ -370,7 +434,11 @@ impl AutoencoderKL {
         Ok(Self {
             encoder: Encoder::new(c, vb.pp("encoder"))?,
             decoder: Decoder::new(c, vb.pp("decoder"))?,
-            quant_conv: if c.use_quant_conv { Some(conv2d(2 * l, 2 * l, 1, 1, 0, vb.pp("quant_conv"))?) } else { None },
+            quant_conv: if c.use_quant_conv {
+                Some(conv2d(2 * l, 2 * l, 1, 1, 0, vb.pp("quant_conv"))?)
+            } else {
+                None
+            },
             post_quant_conv: if c.use_post_quant_conv {
                 Some(conv2d(l, l, 1, 1, 0, vb.pp("post_quant_conv"))?)
             } else {

@@ -6,11 +6,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::Error;
-use crate::nn::{layer_norm, linear};
+use crate::nn::{layer_norm, linear, matmul, Linear};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -104,7 +104,10 @@ impl ClipTextConfigFile {
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> crate::error::Result<Self> {
         let file: ClipTextConfigFile = crate::loading::read_json(path)?;
-        file.validate().map_err(|msg| Error::Config { path: path.to_path_buf(), msg })
+        file.validate().map_err(|msg| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
     }
 }
 
@@ -133,13 +136,17 @@ impl ClipAttention {
 
     fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
         let (b, l, c) = x.dims3()?;
-        let split = |t: Tensor| t.reshape((b, l, self.heads, c / self.heads))?.transpose(1, 2)?.contiguous();
+        let split = |t: Tensor| {
+            t.reshape((b, l, self.heads, c / self.heads))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(causal_mask)?;
+        let scores = (matmul(&q, &k.t()?)? * self.scale)?.broadcast_add(causal_mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, c))?;
+        let out = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, l, c))?;
         self.out_proj.forward(&out)
     }
 }
@@ -167,7 +174,9 @@ impl ClipEncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?;
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, mask)?;
         let x = (x + h)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = match self.activation {
@@ -194,9 +203,14 @@ impl ClipTextModel {
     pub fn new(c: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("text_model");
         let emb = vb.pp("embeddings");
-        let token_embedding =
-            Embedding::new(emb.get((c.vocab_size, c.hidden_size), "token_embedding.weight")?, c.hidden_size);
-        let position_embedding = emb.get((c.max_position_embeddings, c.hidden_size), "position_embedding.weight")?;
+        let token_embedding = Embedding::new(
+            emb.get((c.vocab_size, c.hidden_size), "token_embedding.weight")?,
+            c.hidden_size,
+        );
+        let position_embedding = emb.get(
+            (c.max_position_embeddings, c.hidden_size),
+            "position_embedding.weight",
+        )?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(c, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<_>>()?;
@@ -204,7 +218,11 @@ impl ClipTextModel {
             token_embedding,
             position_embedding,
             layers,
-            final_layer_norm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            final_layer_norm: layer_norm(
+                c.hidden_size,
+                c.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
             config: c.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -227,7 +245,10 @@ impl ClipTextModel {
         let ids = input_ids.to_dtype(DType::U32)?;
         let max_id = ids.max_all()?.to_scalar::<u32>()? as usize;
         if max_id >= self.config.vocab_size {
-            candle_core::bail!("text encoder: token id {max_id} is outside the vocabulary ({})", self.config.vocab_size)
+            candle_core::bail!(
+                "text encoder: token id {max_id} is outside the vocabulary ({})",
+                self.config.vocab_size
+            )
         }
         let x = self.token_embedding.forward(&ids)?;
         let x = x.broadcast_add(&self.position_embedding.narrow(0, 0, l)?)?;
@@ -242,7 +263,11 @@ impl ClipTextModel {
 
 /// (seq, seq) additive mask: 0 on and below the diagonal, -inf above.
 fn causal_mask(l: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> =
-        (0..l).flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (l, l), device)?.to_dtype(dtype)?.unsqueeze(0)?.unsqueeze(0)
+    let mask: Vec<f32> = (0..l)
+        .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (l, l), device)?
+        .to_dtype(dtype)?
+        .unsqueeze(0)?
+        .unsqueeze(0)
 }

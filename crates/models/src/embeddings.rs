@@ -1,9 +1,9 @@
 //! diffusers `embeddings.py`: `Timesteps` (sinusoidal) and `TimestepEmbedding`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use crate::nn::linear;
+use crate::nn::{linear, Linear};
 
 /// `get_timestep_embedding(timesteps, dim, flip_sin_to_cos, downscale_freq_shift)` with
 /// scale 1 and max_period 10000, computed in f32 as diffusers does.
@@ -65,5 +65,9 @@ impl TimestepEmbedding {
 
 /// Casts an f32 tensor to the model dtype (no-op when equal).
 pub fn to_model_dtype(x: Tensor, dtype: DType) -> Result<Tensor> {
-    if x.dtype() == dtype { Ok(x) } else { x.to_dtype(dtype) }
+    if x.dtype() == dtype {
+        Ok(x)
+    } else {
+        x.to_dtype(dtype)
+    }
 }

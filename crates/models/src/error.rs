@@ -19,7 +19,10 @@ pub enum Error {
     Config { path: PathBuf, msg: String },
 
     #[error("{}: no weights found (looked for {})", dir.display(), candidates.join(", "))]
-    NoWeights { dir: PathBuf, candidates: Vec<String> },
+    NoWeights {
+        dir: PathBuf,
+        candidates: Vec<String>,
+    },
 
     #[error("{component} weights in {}: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "), describe_weight_problems(missing, mismatched))]
     Weights {
@@ -57,7 +60,11 @@ fn describe_weight_problems(
             "{} missing tensor(s): {}{}",
             missing.len(),
             names.join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
         ));
     }
     if !mismatched.is_empty() {
@@ -71,7 +78,11 @@ fn describe_weight_problems(
             "{} tensor(s) with the wrong shape: {}{}",
             mismatched.len(),
             names.join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
         ));
     }
     parts.join("; ")

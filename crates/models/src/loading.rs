@@ -92,19 +92,28 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     if files.is_empty() {
-        return Err(Error::BadFile { path: index.to_path_buf(), msg: "empty weight_map".into() });
+        return Err(Error::BadFile {
+            path: index.to_path_buf(),
+            msg: "empty weight_map".into(),
+        });
     }
     Ok(files)
 }
 
 pub fn read_to_string(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Reads and parses a JSON config file, naming the file in any error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = read_to_string(path)?;
-    serde_json::from_str(&text).map_err(|e| Error::Config { path: path.to_path_buf(), msg: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
 }
 
 enum Source {
@@ -165,14 +174,20 @@ impl WeightStore {
                     .map_err(|e| bad_file(path, "not a readable PyTorch pickle", e))?;
                 if pth.tensor_infos().is_empty() {
                     // Some checkpoints wrap the weights as {"state_dict": {...}}.
-                    if let Ok(inner) = candle_core::pickle::PthTensors::new(path, Some("state_dict")) {
+                    if let Ok(inner) =
+                        candle_core::pickle::PthTensors::new(path, Some("state_dict"))
+                    {
                         pth = inner;
                     }
                 }
                 for (name, info) in pth.tensor_infos() {
                     index.insert(
                         name.clone(),
-                        Entry { source: i, shape: info.layout.dims().to_vec(), dtype: info.dtype },
+                        Entry {
+                            source: i,
+                            shape: info.layout.dims().to_vec(),
+                            dtype: info.dtype,
+                        },
                     );
                 }
                 sources.push(Source::Pickle(pth));
@@ -186,7 +201,14 @@ impl WeightStore {
                         path: path.clone(),
                         msg: format!("tensor {name}: unsupported dtype: {e}"),
                     })?;
-                    index.insert(name, Entry { source: i, shape: view.shape().to_vec(), dtype });
+                    index.insert(
+                        name,
+                        Entry {
+                            source: i,
+                            shape: view.shape().to_vec(),
+                            dtype,
+                        },
+                    );
                 }
                 sources.push(Source::Safetensors(st));
             }
@@ -222,16 +244,28 @@ impl WeightStore {
 
     /// Loads one tensor as stored (no shape check, no tracking).
     pub fn load_raw(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
-        let Some(entry) = self.index.get(name) else { return Ok(None) };
+        let Some(entry) = self.index.get(name) else {
+            return Ok(None);
+        };
         let path = &self.files[entry.source];
         let t = match &self.sources[entry.source] {
             Source::Safetensors(st) => st.load(name, device),
-            Source::Pickle(p) => p.get(name).map(|t| t.expect("indexed")).and_then(|t| t.to_device(device)),
+            Source::Pickle(p) => p
+                .get(name)
+                .map(|t| t.expect("indexed"))
+                .and_then(|t| t.to_device(device)),
         };
-        t.map(Some).map_err(|e| bad_file(path, &format!("tensor {name} cannot be read"), e))
+        t.map(Some)
+            .map_err(|e| bad_file(path, &format!("tensor {name} cannot be read"), e))
     }
 
-    fn get_checked(&self, shape: &Shape, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_checked(
+        &self,
+        shape: &Shape,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let mut tr = self.tracking.lock().expect("weight tracking lock");
         let placeholder = || Tensor::zeros((), dtype, dev)?.broadcast_as(shape.clone());
         let Some(entry) = self.index.get(name) else {
@@ -240,7 +274,8 @@ impl WeightStore {
         };
         tr.used.insert(name.to_string());
         if entry.shape != shape.dims() {
-            tr.mismatched.push((name.to_string(), shape.dims().to_vec(), entry.shape.clone()));
+            tr.mismatched
+                .push((name.to_string(), shape.dims().to_vec(), entry.shape.clone()));
             return placeholder();
         }
         drop(tr);
@@ -262,7 +297,10 @@ impl WeightStore {
         if let Some((name, msg)) = tr.unreadable.first() {
             return Err(Error::BadFile {
                 path: self.files.first().cloned().unwrap_or_default(),
-                msg: format!("{} tensor(s) unreadable, first {name}: {msg}", tr.unreadable.len()),
+                msg: format!(
+                    "{} tensor(s) unreadable, first {name}: {msg}",
+                    tr.unreadable.len()
+                ),
             });
         }
         if !tr.missing.is_empty() || !tr.mismatched.is_empty() {
@@ -279,10 +317,16 @@ impl WeightStore {
             let e = &self.index[name];
             let n: usize = e.shape.iter().product();
             parameters += n;
-            *dtypes_on_disk.entry(format!("{:?}", e.dtype).to_lowercase()).or_insert(0) += n;
+            *dtypes_on_disk
+                .entry(format!("{:?}", e.dtype).to_lowercase())
+                .or_insert(0) += n;
         }
-        let mut unexpected: Vec<String> =
-            self.index.keys().filter(|k| !tr.used.contains(*k)).cloned().collect();
+        let mut unexpected: Vec<String> = self
+            .index
+            .keys()
+            .filter(|k| !tr.used.contains(*k))
+            .cloned()
+            .collect();
         unexpected.sort();
         if !unexpected.is_empty() {
             tracing::warn!(
@@ -303,7 +347,10 @@ impl WeightStore {
 }
 
 fn bad_file(path: &Path, what: &str, e: candle_core::Error) -> Error {
-    Error::BadFile { path: path.to_path_buf(), msg: format!("{what}: {e}") }
+    Error::BadFile {
+        path: path.to_path_buf(),
+        msg: format!("{what}: {e}"),
+    }
 }
 
 struct Tracked(Arc<WeightStore>);
@@ -324,10 +371,17 @@ impl SimpleBackend for Tracked {
         let store = &self.0;
         match store.load_raw(name, dev) {
             Ok(Some(t)) => {
-                store.tracking.lock().expect("weight tracking lock").used.insert(name.to_string());
+                store
+                    .tracking
+                    .lock()
+                    .expect("weight tracking lock")
+                    .used
+                    .insert(name.to_string());
                 t.to_dtype(dtype)
             }
-            Ok(None) => Err(candle_core::Error::CannotFindTensor { path: name.to_string() }),
+            Ok(None) => Err(candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }),
             Err(e) => Err(candle_core::Error::Msg(e.to_string())),
         }
     }

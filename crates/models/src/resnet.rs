@@ -2,9 +2,9 @@
 //! `Upsample2D` (`downsampling.py`, `upsampling.py`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 
-use crate::nn::{conv2d, group_norm, linear, FrameGroupNorm};
+use crate::nn::{conv2d, group_norm, linear, Conv2d, FrameGroupNorm, Linear};
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"`, pre-norm, SiLU. Its GroupNorms see
 /// one frame at a time (frames are in the batch).
@@ -35,7 +35,14 @@ impl ResnetBlock2D {
             None => None,
         };
         let conv_shortcut = if in_channels != out_channels {
-            Some(conv2d(in_channels, out_channels, 1, 1, 0, vb.pp("conv_shortcut"))?)
+            Some(conv2d(
+                in_channels,
+                out_channels,
+                1,
+                1,
+                0,
+                vb.pp("conv_shortcut"),
+            )?)
         } else {
             None
         };
@@ -88,7 +95,13 @@ struct TemporalConv {
 }
 
 impl TemporalConv {
-    fn new(in_dim: usize, out_dim: usize, groups: usize, conv_index: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        in_dim: usize,
+        out_dim: usize,
+        groups: usize,
+        conv_index: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let conv_vb = vb.pp(conv_index);
         let w = conv_vb.get((out_dim, in_dim, 3, 1, 1), "weight")?;
         let bias = conv_vb.get(out_dim, "bias")?;
@@ -112,13 +125,20 @@ impl TemporalConv {
         let (bf, _, h, w) = x.dims4()?;
         let b = bf / num_frames;
         let x = self.norm.forward(x, num_frames)?.silu()?;
-        let z = self.taps.forward(&x)?.reshape((b, num_frames, 3, self.out_dim, h, w))?;
+        let z = self
+            .taps
+            .forward(&x)?
+            .reshape((b, num_frames, 3, self.out_dim, h, w))?;
         let tap = |k: usize| z.narrow(2, k, 1)?.squeeze(2);
         // out[f] = W0 x[f-1] + W1 x[f] + W2 x[f+1], zero-padded at both ends
         let mut y = tap(1)?;
         if num_frames > 1 {
-            let prev = tap(0)?.narrow(1, 0, num_frames - 1)?.pad_with_zeros(1, 1, 0)?;
-            let next = tap(2)?.narrow(1, 1, num_frames - 1)?.pad_with_zeros(1, 0, 1)?;
+            let prev = tap(0)?
+                .narrow(1, 0, num_frames - 1)?
+                .pad_with_zeros(1, 1, 0)?;
+            let next = tap(2)?
+                .narrow(1, 1, num_frames - 1)?
+                .pad_with_zeros(1, 0, 1)?;
             y = ((y + prev)? + next)?;
         }
         let y = y.reshape((bf, self.out_dim, h, w))?;
@@ -168,7 +188,12 @@ pub struct Downsample2D {
 }
 
 impl Downsample2D {
-    pub fn new(channels: usize, out_channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        channels: usize,
+        out_channels: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             conv: conv2d(channels, out_channels, 3, 2, padding, vb.pp("conv"))?,
             pad_bottom_right: padding == 0,
@@ -193,7 +218,9 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { conv: conv2d(channels, out_channels, 3, 1, 1, vb.pp("conv"))? })
+        Ok(Self {
+            conv: conv2d(channels, out_channels, 3, 1, 1, vb.pp("conv"))?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {

@@ -23,22 +23,38 @@ fn model_dir(config: &str) -> std::path::PathBuf {
 
 pub fn load_unet(dir: &std::path::Path, dtype: DType) -> UNet3DConditionModel {
     let cfg = UNet3DConfig::from_file(&dir.join("config.json")).unwrap();
-    let (m, report) =
-        load_component("unet", dir, DIFFUSERS_WEIGHTS, dtype, &Device::Cpu, |vb| UNet3DConditionModel::new(&cfg, vb))
-            .unwrap();
-    assert!(report.unexpected.is_empty(), "unexpected unet tensors: {:?}", report.unexpected);
+    let (m, report) = load_component("unet", dir, DIFFUSERS_WEIGHTS, dtype, &Device::Cpu, |vb| {
+        UNet3DConditionModel::new(&cfg, vb)
+    })
+    .unwrap();
+    assert!(
+        report.unexpected.is_empty(),
+        "unexpected unet tensors: {:?}",
+        report.unexpected
+    );
     m
 }
 
 fn text_encoder(config: &str) {
     let dir = model_dir(config).join("text_encoder");
     let cfg = ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
-    let (m, _) =
-        load_component("text_encoder", &dir, TRANSFORMERS_WEIGHTS, DType::F32, &Device::Cpu, |vb| ClipTextModel::new(&cfg, vb))
-            .unwrap();
+    let (m, _) = load_component(
+        "text_encoder",
+        &dir,
+        TRANSFORMERS_WEIGHTS,
+        DType::F32,
+        &Device::Cpu,
+        |vb| ClipTextModel::new(&cfg, vb),
+    )
+    .unwrap();
     let g = golden(&format!("text_encoder_{config}.safetensors"));
     let out = m.forward(&g["input_ids"]).unwrap();
-    assert_close(&format!("text encoder {config}"), &out, &g["last_hidden_state"], TOL);
+    assert_close(
+        &format!("text encoder {config}"),
+        &out,
+        &g["last_hidden_state"],
+        TOL,
+    );
 }
 
 #[test]
@@ -54,17 +70,44 @@ fn text_encoder_b_fp16_on_disk_quick_gelu() {
 fn vae(config: &str) {
     let dir = model_dir(config).join("vae");
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
-    let (m, report) =
-        load_component("vae", &dir, DIFFUSERS_WEIGHTS, DType::F32, &Device::Cpu, |vb| AutoencoderKL::new(&cfg, vb)).unwrap();
+    let (m, report) = load_component(
+        "vae",
+        &dir,
+        DIFFUSERS_WEIGHTS,
+        DType::F32,
+        &Device::Cpu,
+        |vb| AutoencoderKL::new(&cfg, vb),
+    )
+    .unwrap();
     assert!(report.unexpected.is_empty());
     let g = golden(&format!("vae_{config}.safetensors"));
     let post = m.encode(&g["image"]).unwrap();
-    assert_close(&format!("vae {config} posterior mean"), &post.mean, &g["mean"], TOL);
-    assert_close(&format!("vae {config} posterior logvar"), &post.logvar, &g["logvar"], TOL);
+    assert_close(
+        &format!("vae {config} posterior mean"),
+        &post.mean,
+        &g["mean"],
+        TOL,
+    );
+    assert_close(
+        &format!("vae {config} posterior logvar"),
+        &post.logvar,
+        &g["logvar"],
+        TOL,
+    );
     let sample = post.sample(&g["noise"]).unwrap();
-    assert_close(&format!("vae {config} posterior sample"), &sample, &g["sample"], TOL);
+    assert_close(
+        &format!("vae {config} posterior sample"),
+        &sample,
+        &g["sample"],
+        TOL,
+    );
     let decoded = m.decode(&g["latents"]).unwrap();
-    assert_close(&format!("vae {config} decode"), &decoded, &g["decoded"], TOL);
+    assert_close(
+        &format!("vae {config} decode"),
+        &decoded,
+        &g["decoded"],
+        TOL,
+    );
 }
 
 #[test]
@@ -80,10 +123,21 @@ fn vae_b_fp16_on_disk_non_square() {
 fn unet_cases(config: &str, unet: &UNet3DConditionModel) {
     for k in 0..3 {
         let g = golden(&format!("unet_{config}_{k}.safetensors"));
-        let t = g["timestep"].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
-        let out = unet.forward(&g["sample"], t, &g["encoder_hidden_states"], None).unwrap();
+        let t = g["timestep"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0] as f64;
+        let out = unet
+            .forward(&g["sample"], t, &g["encoder_hidden_states"], None)
+            .unwrap();
         let dims = g["sample"].dims().to_vec();
-        assert_close(&format!("unet {config} case {k} {dims:?} t={t}"), &out, &g["out"], TOL);
+        assert_close(
+            &format!("unet {config} case {k} {dims:?} t={t}"),
+            &out,
+            &g["out"],
+            TOL,
+        );
     }
 }
 
@@ -100,8 +154,10 @@ fn unet_b_sharded_fp16_three_levels() {
 #[test]
 fn unet_from_pickle_equals_safetensors() {
     use flipsketch_models::loading::WeightStore;
-    let st = WeightStore::open_dir("unet", &model_dir("a").join("unet"), DIFFUSERS_WEIGHTS).unwrap();
-    let pk = WeightStore::open_dir("unet", &fixtures().join("tiny-bin/unet"), DIFFUSERS_WEIGHTS).unwrap();
+    let st =
+        WeightStore::open_dir("unet", &model_dir("a").join("unet"), DIFFUSERS_WEIGHTS).unwrap();
+    let pk = WeightStore::open_dir("unet", &fixtures().join("tiny-bin/unet"), DIFFUSERS_WEIGHTS)
+        .unwrap();
     assert!(pk.files()[0].extension().unwrap() == "bin");
     let mut names: Vec<_> = st.names().cloned().collect();
     names.sort();
@@ -112,13 +168,22 @@ fn unet_from_pickle_equals_safetensors() {
         let a = st.load_raw(n, &Device::Cpu).unwrap().unwrap();
         let b = pk.load_raw(n, &Device::Cpu).unwrap().unwrap();
         assert_eq!(a.dims(), b.dims(), "{n}");
-        let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "{n} differs between .bin and .safetensors");
     }
     // And the model built from the pickle gives the golden output.
     let unet = load_unet(&fixtures().join("tiny-bin/unet"), DType::F32);
     let g = golden("unet_a_0.safetensors");
-    let out = unet.forward(&g["sample"], 999.0, &g["encoder_hidden_states"], None).unwrap();
+    let out = unet
+        .forward(&g["sample"], 999.0, &g["encoder_hidden_states"], None)
+        .unwrap();
     assert_close("unet a from .bin", &out, &g["out"], TOL);
 }
 
@@ -126,12 +191,25 @@ fn unet_from_pickle_equals_safetensors() {
 fn text_encoder_from_pickle() {
     let dir = fixtures().join("tiny-bin/text_encoder");
     let cfg = ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
-    let (m, report) =
-        load_component("text_encoder", &dir, TRANSFORMERS_WEIGHTS, DType::F32, &Device::Cpu, |vb| ClipTextModel::new(&cfg, vb))
-            .unwrap();
-    assert!(report.files[0].to_string_lossy().ends_with("pytorch_model.bin"));
+    let (m, report) = load_component(
+        "text_encoder",
+        &dir,
+        TRANSFORMERS_WEIGHTS,
+        DType::F32,
+        &Device::Cpu,
+        |vb| ClipTextModel::new(&cfg, vb),
+    )
+    .unwrap();
+    assert!(report.files[0]
+        .to_string_lossy()
+        .ends_with("pytorch_model.bin"));
     let g = golden("text_encoder_a.safetensors");
-    assert_close("text encoder a from .bin", &m.forward(&g["input_ids"]).unwrap(), &g["last_hidden_state"], TOL);
+    assert_close(
+        "text encoder a from .bin",
+        &m.forward(&g["input_ids"]).unwrap(),
+        &g["last_hidden_state"],
+        TOL,
+    );
 }
 
 /// bf16 compute stays near f32 (weights and activations rounded to 8 bits of mantissa).
@@ -139,7 +217,9 @@ fn text_encoder_from_pickle() {
 fn unet_bf16_close_to_f32() {
     let unet = load_unet(&model_dir("a").join("unet"), DType::BF16);
     let g = golden("unet_a_0.safetensors");
-    let out = unet.forward(&g["sample"], 999.0, &g["encoder_hidden_states"], None).unwrap();
+    let out = unet
+        .forward(&g["sample"], 999.0, &g["encoder_hidden_states"], None)
+        .unwrap();
     assert_eq!(out.dtype(), DType::BF16);
     assert_close("unet a bf16 vs f32 reference", &out, &g["out"], 5e-2);
 }
@@ -149,11 +229,18 @@ fn batched_variants_equal_single_runs() {
     // Frames of one sample never mix with another sample's: run case 2 (B=2) one sample at a time.
     let unet = load_unet(&model_dir("a").join("unet"), DType::F32);
     let g = golden("unet_a_2.safetensors");
-    let both = unet.forward(&g["sample"], 500.0, &g["encoder_hidden_states"], None).unwrap();
+    let both = unet
+        .forward(&g["sample"], 500.0, &g["encoder_hidden_states"], None)
+        .unwrap();
     for i in 0..2 {
         let s = g["sample"].narrow(0, i, 1).unwrap();
         let e = g["encoder_hidden_states"].narrow(0, i, 1).unwrap();
         let one = unet.forward(&s, 500.0, &e, None).unwrap();
-        assert_close(&format!("sample {i} alone vs in batch"), &one, &both.narrow(0, i, 1).unwrap(), 1e-5);
+        assert_close(
+            &format!("sample {i} alone vs in batch"),
+            &one,
+            &both.narrow(0, i, 1).unwrap(),
+            1e-5,
+        );
     }
 }

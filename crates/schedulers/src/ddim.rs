@@ -91,7 +91,13 @@ fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
-        .map(|i| if i < halfway { step.mul_add(i as f32, start) } else { (-step).mul_add((steps - i - 1) as f32, end) })
+        .map(|i| {
+            if i < halfway {
+                step.mul_add(i as f32, start)
+            } else {
+                (-step).mul_add((steps - i - 1) as f32, end)
+            }
+        })
         .collect()
 }
 
@@ -108,7 +114,11 @@ fn cumprod_f32(xs: &[f32]) -> Vec<f32> {
 
 /// diffusers `betas_for_alpha_bar` with the cosine transform, max_beta 0.999.
 fn betas_for_alpha_bar(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let t1 = i as f64 / n as f64;
@@ -141,39 +151,60 @@ impl DdimScheduler {
     pub fn new(config: DdimConfig) -> Result<Self> {
         let n = config.num_train_timesteps;
         if n == 0 {
-            return Err(Error::Invalid("num_train_timesteps must be positive".into()));
+            return Err(Error::Invalid(
+                "num_train_timesteps must be positive".into(),
+            ));
         }
         if config.thresholding {
-            return Err(Error::Invalid("thresholding (dynamic thresholding) is not supported".into()));
+            return Err(Error::Invalid(
+                "thresholding (dynamic thresholding) is not supported".into(),
+            ));
         }
         let prediction = match config.prediction_type.as_str() {
             "epsilon" => PredictionType::Epsilon,
             "sample" => PredictionType::Sample,
             "v_prediction" => PredictionType::VPrediction,
-            other => return Err(Error::Invalid(format!("prediction_type {other:?} is not supported"))),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "prediction_type {other:?} is not supported"
+                )))
+            }
         };
         let spacing = match config.timestep_spacing.as_str() {
             "leading" => Spacing::Leading,
             "trailing" => Spacing::Trailing,
             "linspace" => Spacing::Linspace,
-            other => return Err(Error::Invalid(format!("timestep_spacing {other:?} is not supported"))),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "timestep_spacing {other:?} is not supported"
+                )))
+            }
         };
         let mut betas = if let Some(tb) = &config.trained_betas {
             if tb.len() != n {
-                return Err(Error::Invalid(format!("trained_betas has {} values for {n} timesteps", tb.len())));
+                return Err(Error::Invalid(format!(
+                    "trained_betas has {} values for {n} timesteps",
+                    tb.len()
+                )));
             }
             tb.iter().map(|&b| b as f32).collect()
         } else {
             match config.beta_schedule.as_str() {
                 "linear" => torch_linspace_f32(config.beta_start as f32, config.beta_end as f32, n),
-                "scaled_linear" => {
-                    torch_linspace_f32(config.beta_start.sqrt() as f32, config.beta_end.sqrt() as f32, n)
-                        .into_iter()
-                        .map(|b| b * b)
-                        .collect()
-                }
+                "scaled_linear" => torch_linspace_f32(
+                    config.beta_start.sqrt() as f32,
+                    config.beta_end.sqrt() as f32,
+                    n,
+                )
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
                 "squaredcos_cap_v2" => betas_for_alpha_bar(n),
-                other => return Err(Error::Invalid(format!("beta_schedule {other:?} is not supported"))),
+                other => {
+                    return Err(Error::Invalid(format!(
+                        "beta_schedule {other:?} is not supported"
+                    )))
+                }
             }
         };
         if config.rescale_betas_zero_snr {
@@ -185,18 +216,37 @@ impl DdimScheduler {
             // diffusers: close to 0 without being 0 so the first step does not divide by zero
             *alphas_cumprod.last_mut().expect("non-empty") = 2f32.powi(-24);
         }
-        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let final_alpha_cumprod = if config.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
         // diffusers' initial timesteps before set_timesteps: all training steps, descending
         let timesteps = (0..n as i64).rev().collect();
-        Ok(Self { config, prediction, spacing, alphas_cumprod, final_alpha_cumprod, timesteps, num_inference_steps: 0 })
+        Ok(Self {
+            config,
+            prediction,
+            spacing,
+            alphas_cumprod,
+            final_alpha_cumprod,
+            timesteps,
+            num_inference_steps: 0,
+        })
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config { path: path.to_path_buf(), msg: e.to_string() })?;
-        let config: DdimConfig =
-            serde_json::from_str(&text).map_err(|e| Error::Config { path: path.to_path_buf(), msg: e.to_string() })?;
-        Self::new(config).map_err(|e| Error::Config { path: path.to_path_buf(), msg: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        let config: DdimConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        Self::new(config).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
     }
 
     pub fn config(&self) -> &DdimConfig {
@@ -235,7 +285,11 @@ impl DdimScheduler {
                 let step = if s > 1 { stop / (s - 1) as f64 } else { 0.0 };
                 let mut v: Vec<i64> = (0..s)
                     .map(|i| {
-                        let x = if s > 1 && i == s - 1 { stop } else { i as f64 * step };
+                        let x = if s > 1 && i == s - 1 {
+                            stop
+                        } else {
+                            i as f64 * step
+                        };
                         x.round_ties_even() as i64
                     })
                     .collect();
@@ -244,13 +298,18 @@ impl DdimScheduler {
             }
             Spacing::Leading => {
                 let ratio = (n / s) as i64;
-                (0..s as i64).rev().map(|i| i * ratio + self.config.steps_offset).collect()
+                (0..s as i64)
+                    .rev()
+                    .map(|i| i * ratio + self.config.steps_offset)
+                    .collect()
             }
             Spacing::Trailing => {
                 // np.round(np.arange(n, 0, -n / s)) - 1
                 let ratio = n as f64 / s as f64;
                 let len = ((0.0 - n as f64) / -ratio).ceil() as usize;
-                (0..len).map(|i| (n as f64 - i as f64 * ratio).round_ties_even() as i64 - 1).collect()
+                (0..len)
+                    .map(|i| (n as f64 - i as f64 * ratio).round_ties_even() as i64 - 1)
+                    .collect()
             }
         };
         self.timesteps = ts;
@@ -266,7 +325,12 @@ impl DdimScheduler {
         usize::try_from(t)
             .ok()
             .and_then(|i| self.alphas_cumprod.get(i).copied())
-            .ok_or_else(|| Error::Invalid(format!("timestep {t} is outside 0..{}", self.alphas_cumprod.len())))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "timestep {t} is outside 0..{}",
+                    self.alphas_cumprod.len()
+                ))
+            })
     }
 
     /// diffusers `DDIMScheduler.step` (use_clipped_model_output=False). With `eta > 0` the
@@ -280,11 +344,17 @@ impl DdimScheduler {
         variance_noise: Option<&Tensor>,
     ) -> Result<DdimStepOutput> {
         if self.num_inference_steps == 0 {
-            return Err(Error::Invalid("set_timesteps must be called before step".into()));
+            return Err(Error::Invalid(
+                "set_timesteps must be called before step".into(),
+            ));
         }
         let prev_t = timestep - self.step_ratio();
         let a_t = self.alpha(timestep)?;
-        let a_prev = if prev_t >= 0 { self.alpha(prev_t)? } else { self.final_alpha_cumprod };
+        let a_prev = if prev_t >= 0 {
+            self.alpha(prev_t)?
+        } else {
+            self.final_alpha_cumprod
+        };
         let b_t = 1.0 - a_t;
         let dtype = sample.dtype();
         let x = sample.to_dtype(DType::F32)?;
@@ -325,19 +395,33 @@ impl DdimScheduler {
                 .to_dtype(DType::F32)?;
             prev = (prev + (noise * std_dev_t as f64)?)?;
         }
-        Ok(DdimStepOutput { prev_sample: prev.to_dtype(dtype)?, pred_original_sample: pred_x0.to_dtype(dtype)? })
+        Ok(DdimStepOutput {
+            prev_sample: prev.to_dtype(dtype)?,
+            pred_original_sample: pred_x0.to_dtype(dtype)?,
+        })
     }
 
     /// The DDIM inversion step of FlipSketch's app: from timestep `t - 1000/S` (or the final
     /// alpha when that is negative) up to `t`, for an epsilon prediction:
     /// x0 = (x - sqrt(1-a) e) / sqrt(a), x' = sqrt(a_next) x0 + sqrt(1-a_next) e.
-    pub fn inversion_step(&self, model_output: &Tensor, timestep: i64, sample: &Tensor) -> Result<Tensor> {
+    pub fn inversion_step(
+        &self,
+        model_output: &Tensor,
+        timestep: i64,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         if self.num_inference_steps == 0 {
-            return Err(Error::Invalid("set_timesteps must be called before inversion_step".into()));
+            return Err(Error::Invalid(
+                "set_timesteps must be called before inversion_step".into(),
+            ));
         }
         let last = self.config.num_train_timesteps as i64 - 1;
         let cur = (timestep - self.step_ratio()).min(last);
-        let a = if cur >= 0 { self.alpha(cur)? } else { self.final_alpha_cumprod };
+        let a = if cur >= 0 {
+            self.alpha(cur)?
+        } else {
+            self.final_alpha_cumprod
+        };
         let a_next = self.alpha(timestep)?;
         let dtype = sample.dtype();
         let x = sample.to_dtype(DType::F32)?;

@@ -7,7 +7,10 @@ pub use ddim::{DdimConfig, DdimScheduler, DdimStepOutput};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{}: {msg}", path.display())]
-    Config { path: std::path::PathBuf, msg: String },
+    Config {
+        path: std::path::PathBuf,
+        msg: String,
+    },
     #[error("scheduler: {0}")]
     Invalid(String),
     #[error(transparent)]

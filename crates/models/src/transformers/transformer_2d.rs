@@ -4,10 +4,10 @@
 //! `proj_in`/`proj_out` weights applied after the pixels are flattened.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 
 use crate::attention::{reborrow, BasicTransformerBlock, Hook, SelfAttnKind};
-use crate::nn::{group_norm, linear};
+use crate::nn::{group_norm, linear, Linear};
 
 #[derive(Clone, Debug)]
 pub struct Transformer2DModel {
@@ -64,7 +64,12 @@ impl Transformer2DModel {
         let mut x = self.proj_in.forward(&x)?;
         // 2. blocks
         for block in &self.transformer_blocks {
-            x = block.forward(&x, Some(encoder_hidden_states), num_frames, reborrow(&mut hook))?;
+            x = block.forward(
+                &x,
+                Some(encoder_hidden_states),
+                num_frames,
+                reborrow(&mut hook),
+            )?;
         }
         // 3. output
         let x = self.proj_out.forward(&x)?;

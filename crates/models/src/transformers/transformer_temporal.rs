@@ -3,10 +3,10 @@
 //! too, and no text reaches it.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::attention::{reborrow, BasicTransformerBlock, Hook, SelfAttnKind};
-use crate::nn::{linear, FrameGroupNorm};
+use crate::nn::{linear, FrameGroupNorm, Linear};
 
 #[derive(Clone, Debug)]
 pub struct TransformerTemporalModel {

@@ -63,7 +63,13 @@ impl AttnPair {
         })
     }
 
-    fn forward(&self, x: &Tensor, ehs: &Tensor, num_frames: usize, mut hook: Hook<'_>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ehs: &Tensor,
+        num_frames: usize,
+        mut hook: Hook<'_>,
+    ) -> Result<Tensor> {
         let x = self.attn.forward(x, ehs, num_frames, reborrow(&mut hook))?;
         self.temp_attn.forward(&x, num_frames, hook)
     }
@@ -111,7 +117,9 @@ impl Layer {
         let x = self.temp_conv.forward(&x, num_frames)?;
         match (&self.attn, ehs) {
             (Some(a), Some(ehs)) => a.forward(&x, ehs, num_frames, hook),
-            (Some(_), None) => candle_core::bail!("cross-attention block called without encoder_hidden_states"),
+            (Some(_), None) => {
+                candle_core::bail!("cross-attention block called without encoder_hidden_states")
+            }
             (None, _) => Ok(x),
         }
     }
@@ -140,15 +148,31 @@ impl DownBlock {
         for i in 0..num_layers {
             let in_c = if i == 0 { in_channels } else { out_channels };
             let (resnet, temp_conv) = resnet_and_temp_conv(in_c, out_channels, s, i, &vb)?;
-            let attn = if with_attention { Some(AttnPair::new(out_channels, s, i, &vb)?) } else { None };
-            layers.push(Layer { resnet, temp_conv, attn });
+            let attn = if with_attention {
+                Some(AttnPair::new(out_channels, s, i, &vb)?)
+            } else {
+                None
+            };
+            layers.push(Layer {
+                resnet,
+                temp_conv,
+                attn,
+            });
         }
         let downsampler = if add_downsample {
-            Some(Downsample2D::new(out_channels, out_channels, downsample_padding, vb.pp("downsamplers.0"))?)
+            Some(Downsample2D::new(
+                out_channels,
+                out_channels,
+                downsample_padding,
+                vb.pp("downsamplers.0"),
+            )?)
         } else {
             None
         };
-        Ok(Self { layers, downsampler })
+        Ok(Self {
+            layers,
+            downsampler,
+        })
     }
 
     /// Returns the block output and the residuals it adds for the up path.
@@ -185,14 +209,32 @@ pub struct UNetMidBlock3DCrossAttn {
 impl UNetMidBlock3DCrossAttn {
     pub fn new(channels: usize, s: &BlockSettings, vb: VarBuilder) -> Result<Self> {
         let (resnet, temp_conv) = resnet_and_temp_conv(channels, channels, s, 0, &vb)?;
-        let first = Layer { resnet, temp_conv, attn: None };
+        let first = Layer {
+            resnet,
+            temp_conv,
+            attn: None,
+        };
         let attn = AttnPair::new(channels, s, 0, &vb)?;
         let (resnet, temp_conv) = resnet_and_temp_conv(channels, channels, s, 1, &vb)?;
         // Stored as an attention pair followed by a resnet; `forward` keeps diffusers' order.
-        Ok(Self { first, rest: vec![Layer { resnet, temp_conv, attn: Some(attn) }] })
+        Ok(Self {
+            first,
+            rest: vec![Layer {
+                resnet,
+                temp_conv,
+                attn: Some(attn),
+            }],
+        })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, ehs: &Tensor, num_frames: usize, mut hook: Hook<'_>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        ehs: &Tensor,
+        num_frames: usize,
+        mut hook: Hook<'_>,
+    ) -> Result<Tensor> {
         let mut x = self.first.forward(x, temb, None, num_frames, None)?;
         for layer in &self.rest {
             let attn = layer.attn.as_ref().expect("mid layers have attention");
@@ -225,14 +267,35 @@ impl UpBlock {
     ) -> Result<Self> {
         let mut layers = Vec::with_capacity(num_layers);
         for i in 0..num_layers {
-            let res_skip = if i == num_layers - 1 { in_channels } else { out_channels };
-            let resnet_in = if i == 0 { prev_output_channel } else { out_channels };
-            let (resnet, temp_conv) = resnet_and_temp_conv(resnet_in + res_skip, out_channels, s, i, &vb)?;
-            let attn = if with_attention { Some(AttnPair::new(out_channels, s, i, &vb)?) } else { None };
-            layers.push(Layer { resnet, temp_conv, attn });
+            let res_skip = if i == num_layers - 1 {
+                in_channels
+            } else {
+                out_channels
+            };
+            let resnet_in = if i == 0 {
+                prev_output_channel
+            } else {
+                out_channels
+            };
+            let (resnet, temp_conv) =
+                resnet_and_temp_conv(resnet_in + res_skip, out_channels, s, i, &vb)?;
+            let attn = if with_attention {
+                Some(AttnPair::new(out_channels, s, i, &vb)?)
+            } else {
+                None
+            };
+            layers.push(Layer {
+                resnet,
+                temp_conv,
+                attn,
+            });
         }
         let upsampler = if add_upsample {
-            Some(Upsample2D::new(out_channels, out_channels, vb.pp("upsamplers.0"))?)
+            Some(Upsample2D::new(
+                out_channels,
+                out_channels,
+                vb.pp("upsamplers.0"),
+            )?)
         } else {
             None
         };
@@ -257,7 +320,9 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for layer in &self.layers {
-            let Some(skip) = res.pop() else { candle_core::bail!("up block ran out of residuals") };
+            let Some(skip) = res.pop() else {
+                candle_core::bail!("up block ran out of residuals")
+            };
             x = Tensor::cat(&[&x, &skip], 1)?;
             x = layer.forward(&x, temb, Some(ehs), num_frames, reborrow(&mut hook))?;
         }

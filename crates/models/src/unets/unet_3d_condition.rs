@@ -4,13 +4,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::attention::{reborrow, Hook};
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::error::Error;
-use crate::nn::{conv2d, group_norm};
+use crate::nn::{conv2d, group_norm, Conv2d};
 use crate::transformers::transformer_temporal::TransformerTemporalModel;
 use crate::unets::unet_3d_blocks::{BlockSettings, DownBlock, UNetMidBlock3DCrossAttn, UpBlock};
 
@@ -50,12 +50,22 @@ impl Default for UNet3DConfigFile {
             sample_size: None,
             in_channels: 4,
             out_channels: 4,
-            down_block_types: ["CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"]
-                .map(String::from)
-                .to_vec(),
-            up_block_types: ["UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"]
-                .map(String::from)
-                .to_vec(),
+            down_block_types: [
+                "CrossAttnDownBlock3D",
+                "CrossAttnDownBlock3D",
+                "CrossAttnDownBlock3D",
+                "DownBlock3D",
+            ]
+            .map(String::from)
+            .to_vec(),
+            up_block_types: [
+                "UpBlock3D",
+                "CrossAttnUpBlock3D",
+                "CrossAttnUpBlock3D",
+                "CrossAttnUpBlock3D",
+            ]
+            .map(String::from)
+            .to_vec(),
             block_out_channels: vec![320, 640, 1280, 1280],
             layers_per_block: 2,
             downsample_padding: 1,
@@ -113,9 +123,14 @@ impl UNet3DConfigFile {
             return Err("time_cond_proj_dim is not supported".into());
         }
         if self.act_fn != "silu" {
-            return Err(format!("act_fn {:?} is not supported (only \"silu\")", self.act_fn));
+            return Err(format!(
+                "act_fn {:?} is not supported (only \"silu\")",
+                self.act_fn
+            ));
         }
-        let groups = self.norm_num_groups.ok_or("norm_num_groups null is not supported")?;
+        let groups = self
+            .norm_num_groups
+            .ok_or("norm_num_groups null is not supported")?;
         if self.layers_per_block == 0 {
             return Err("layers_per_block must be at least 1".into());
         }
@@ -141,15 +156,22 @@ impl UNet3DConfigFile {
             PerBlock::One(d) => vec![*d; n],
             PerBlock::Each(v) if v.len() == n => v.clone(),
             PerBlock::Each(v) => {
-                return Err(format!("attention_head_dim has {} entries for {n} blocks", v.len()))
+                return Err(format!(
+                    "attention_head_dim has {} entries for {n} blocks",
+                    v.len()
+                ))
             }
         };
         for (i, (&c, &d)) in self.block_out_channels.iter().zip(&head_dim).enumerate() {
             if groups == 0 || c % groups != 0 {
-                return Err(format!("block_out_channels[{i}] = {c} is not a multiple of norm_num_groups {groups}"));
+                return Err(format!(
+                    "block_out_channels[{i}] = {c} is not a multiple of norm_num_groups {groups}"
+                ));
             }
             if d == 0 || c % d != 0 {
-                return Err(format!("block_out_channels[{i}] = {c} is not a multiple of attention_head_dim {d}"));
+                return Err(format!(
+                    "block_out_channels[{i}] = {c} is not a multiple of attention_head_dim {d}"
+                ));
             }
         }
         Ok(UNet3DConfig {
@@ -174,7 +196,10 @@ impl UNet3DConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> crate::error::Result<Self> {
         let file: UNet3DConfigFile = crate::loading::read_json(path)?;
-        file.validate().map_err(|msg| Error::Config { path: path.to_path_buf(), msg })
+        file.validate().map_err(|msg| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
     }
 
     /// `transformer_in` has 8 heads of `head_dim[0]` (diffusers hard-codes 8).
@@ -212,7 +237,8 @@ impl UNet3DConditionModel {
         };
 
         let conv_in = conv2d(c.in_channels, bo[0], 3, 1, 1, vb.pp("conv_in"))?;
-        let time_embedding = TimestepEmbedding::new(bo[0], time_embed_dim, vb.pp("time_embedding"))?;
+        let time_embedding =
+            TimestepEmbedding::new(bo[0], time_embed_dim, vb.pp("time_embedding"))?;
         let transformer_in = TransformerTemporalModel::new(
             UNet3DConfig::TRANSFORMER_IN_HEADS,
             c.head_dim[0],
@@ -240,8 +266,11 @@ impl UNet3DConditionModel {
             )?);
         }
 
-        let mid_block =
-            UNetMidBlock3DCrossAttn::new(bo[n - 1], &settings(n - 1, c.mid_block_scale_factor), vb.pp("mid_block"))?;
+        let mid_block = UNetMidBlock3DCrossAttn::new(
+            bo[n - 1],
+            &settings(n - 1, c.mid_block_scale_factor),
+            vb.pp("mid_block"),
+        )?;
 
         let reversed: Vec<usize> = bo.iter().rev().copied().collect();
         let reversed_heads: Vec<usize> = c.head_dim.iter().rev().copied().collect();
@@ -273,7 +302,12 @@ impl UNet3DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: group_norm(c.norm_num_groups, bo[0], c.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(
+                c.norm_num_groups,
+                bo[0],
+                c.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv2d(bo[0], c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
             config: c.clone(),
             device: vb.device().clone(),
@@ -305,7 +339,10 @@ impl UNet3DConditionModel {
     ) -> Result<Tensor> {
         let (batch, channels, num_frames, height, width) = sample.dims5()?;
         if channels != self.config.in_channels {
-            candle_core::bail!("unet: sample has {channels} channels, the model takes {}", self.config.in_channels)
+            candle_core::bail!(
+                "unet: sample has {channels} channels, the model takes {}",
+                self.config.in_channels
+            )
         }
         let (eb, _seq, edim) = encoder_hidden_states.dims3()?;
         if eb != batch || edim != self.config.cross_attention_dim {
@@ -325,7 +362,8 @@ impl UNet3DConditionModel {
 
         // 1. time, repeated per frame (DESIGN trap 5)
         let bo0 = self.config.block_out_channels[0];
-        let t_emb = timestep_embedding(&vec![timestep; batch], bo0, true, 0.0, &self.device)?.to_dtype(self.dtype)?;
+        let t_emb = timestep_embedding(&vec![timestep; batch], bo0, true, 0.0, &self.device)?
+            .to_dtype(self.dtype)?;
         let emb = self.time_embedding.forward(&t_emb)?;
         let emb = repeat_interleave(&emb, num_frames)?;
         let ehs = repeat_interleave(&encoder_hidden_states.to_dtype(self.dtype)?, num_frames)?;
@@ -336,7 +374,9 @@ impl UNet3DConditionModel {
             .permute((0, 2, 1, 3, 4))?
             .reshape((batch * num_frames, channels, height, width))?;
         let x = self.conv_in.forward(&x)?;
-        let mut x = self.transformer_in.forward(&x, num_frames, reborrow(&mut hook))?;
+        let mut x = self
+            .transformer_in
+            .forward(&x, num_frames, reborrow(&mut hook))?;
 
         // 3. down
         let mut res_samples = vec![x.clone()];
@@ -347,7 +387,9 @@ impl UNet3DConditionModel {
         }
 
         // 4. mid
-        x = self.mid_block.forward(&x, &emb, &ehs, num_frames, reborrow(&mut hook))?;
+        x = self
+            .mid_block
+            .forward(&x, &emb, &ehs, num_frames, reborrow(&mut hook))?;
 
         // 5. up
         for (i, block) in self.up_blocks.iter().enumerate() {
@@ -360,14 +402,24 @@ impl UNet3DConditionModel {
             } else {
                 None
             };
-            x = block.forward(&x, res, &emb, &ehs, upsample_size, num_frames, reborrow(&mut hook))?;
+            x = block.forward(
+                &x,
+                res,
+                &emb,
+                &ehs,
+                upsample_size,
+                num_frames,
+                reborrow(&mut hook),
+            )?;
         }
 
         // 6. post-process, back to (b, c, f, h, w)
         let x = self.conv_norm_out.forward(&x)?.silu()?;
         let x = self.conv_out.forward(&x)?;
         let out_c = self.config.out_channels;
-        x.reshape((batch, num_frames, out_c, height, width))?.permute((0, 2, 1, 3, 4))?.contiguous()
+        x.reshape((batch, num_frames, out_c, height, width))?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()
     }
 }
 
