@@ -1,1 +1,118 @@
-fn main() {}
+//! `flipsketch`: the command line. Thin: parse, validate, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand, ValueEnum};
+use flipsketch_pipeline::components::Components;
+
+#[derive(Parser)]
+#[command(name = "flipsketch", version, about = "Sketch + text -> hand-drawn animation (FlipSketch, in Rust)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Precision {
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load every component of a model folder and report what it holds.
+    Inspect {
+        /// Model folder in the diffusers layout (e.g. checkpoint-2500/).
+        #[arg(long)]
+        model: PathBuf,
+        /// Compute dtype the weights are converted to.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Precision,
+    },
+}
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1} M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1} k", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), if known.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn inspect(model: PathBuf, dtype: Precision) -> Result<()> {
+    let t0 = Instant::now();
+    let components = Components::load(&model, dtype.dtype(), &Device::Cpu, |name| {
+        tracing::info!("loading {name}");
+    })
+    .with_context(|| format!("cannot load the model in {}", model.display()))?;
+    println!("model: {}", model.display());
+    println!("compute dtype: {:?}", dtype.dtype());
+    for r in &components.reports {
+        println!("\n[{}] {}", r.name, r.summary);
+        if let Some(w) = &r.weights {
+            let files: Vec<String> = w.files.iter().map(|f| f.display().to_string()).collect();
+            println!("  files: {}", files.join(", "));
+            let dt: Vec<String> = w.dtypes_on_disk.iter().map(|(d, n)| format!("{d} ({})", human(*n))).collect();
+            println!("  on disk: {}", dt.join(", "));
+            println!("  parameters: {} ({})", human(w.parameters), w.parameters);
+            if w.unexpected.is_empty() {
+                println!("  unexpected tensors: none");
+            } else {
+                let shown: Vec<&str> = w.unexpected.iter().take(5).map(String::as_str).collect();
+                println!(
+                    "  unexpected tensors: {} (ignored), e.g. {}",
+                    w.unexpected.len(),
+                    shown.join(", ")
+                );
+            }
+        }
+        println!("  loaded in {:.2} s", r.seconds);
+    }
+    println!("\ntotal load time: {:.2} s", t0.elapsed().as_secs_f64());
+    if let Some(p) = peak_rss_mib() {
+        println!("peak memory: {p:.0} MiB");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect { model, dtype } => inspect(model, dtype),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -63,6 +63,18 @@ pub fn attention_with_scores(
     k: &Tensor,
     v: &Tensor,
     scale: f64,
+    edit: impl FnMut(usize, Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    attention_in_chunks(q, k, v, scale, ATTN_SCORES_BUDGET_BYTES, edit)
+}
+
+/// [`attention_with_scores`] with an explicit budget for the scores of one chunk.
+pub fn attention_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    budget_bytes: usize,
     mut edit: impl FnMut(usize, Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
@@ -72,7 +84,7 @@ pub fn attention_with_scores(
     let k = k.reshape((n, lk, d))?;
     let v = v.reshape((n, lk, v.dim(3)?))?;
     let per_item = lq * lk * q.dtype().size_in_bytes();
-    let chunk = (ATTN_SCORES_BUDGET_BYTES / per_item.max(1)).clamp(1, n);
+    let chunk = (budget_bytes / per_item.max(1)).clamp(1, n);
     let mut outs = Vec::with_capacity(n.div_ceil(chunk));
     let mut start = 0;
     while start < n {
@@ -280,5 +292,34 @@ pub fn reborrow<'b>(hook: &'b mut Hook<'_>) -> Hook<'b> {
     match hook {
         Some(h) => Some(&mut **h),
         None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn chunked_attention_equals_one_chunk() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (3, 4, 17, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1., (3, 4, 13, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1., (3, 4, 13, 8), &dev)?;
+        let whole = attention_in_chunks(&q, &k, &v, 0.3, usize::MAX, |_, s| Ok(s))?;
+        let mut starts = Vec::new();
+        // 17*13*4 bytes per (batch*head) item: a budget of 5 items gives chunks of 5,5,.. of 12
+        let chunked = attention_in_chunks(&q, &k, &v, 0.3, 5 * 17 * 13 * 4, |start, s| {
+            starts.push((start, s.dim(0)?));
+            Ok(s)
+        })?;
+        assert_eq!(starts, vec![(0, 5), (5, 5), (10, 2)]);
+        let d = (whole - chunked)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        // and both equal a direct softmax(q k^T s) v
+        let direct = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * 0.3)?)?.matmul(&v)?;
+        let d = (attention_in_chunks(&q, &k, &v, 0.3, 1, |_, s| Ok(s))? - direct)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "{d}");
+        Ok(())
     }
 }

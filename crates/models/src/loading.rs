@@ -73,7 +73,9 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut seen = HashSet::new();
     let mut files = Vec::new();
-    for file in parsed.weight_map.values() {
+    let mut names: Vec<&String> = parsed.weight_map.values().collect();
+    names.sort();
+    for file in names {
         if file.contains('/') || file.contains('\\') || file.contains("..") {
             return Err(Error::BadFile {
                 path: index.to_path_buf(),

@@ -1,1 +1,157 @@
+//! The model folder (diffusers layout) loaded as the five components FlipSketch runs.
 
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
+use flipsketch_models::loading::{load_component, LoadReport, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS};
+use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
+use flipsketch_schedulers::DdimScheduler;
+
+use crate::text::{ClipTokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ComponentsError {
+    #[error("model folder {} does not exist or is not a folder", .0.display())]
+    NoFolder(PathBuf),
+    #[error("{}: missing component folder {name}/", dir.display())]
+    MissingComponent { dir: PathBuf, name: &'static str },
+    #[error(transparent)]
+    Model(#[from] flipsketch_models::Error),
+    #[error(transparent)]
+    Scheduler(#[from] flipsketch_schedulers::Error),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+}
+
+/// What loading one component found, for `flipsketch inspect` and the logs.
+#[derive(Clone, Debug)]
+pub struct ComponentReport {
+    pub name: &'static str,
+    /// One line describing the configuration.
+    pub summary: String,
+    /// Weight files, dtypes on disk, parameter count, unexpected tensors (none for the
+    /// tokenizer and scheduler).
+    pub weights: Option<LoadReport>,
+    pub seconds: f64,
+}
+
+pub struct Components {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub vae: AutoencoderKL,
+    pub unet: UNet3DConditionModel,
+    pub scheduler: DdimScheduler,
+    pub reports: Vec<ComponentReport>,
+}
+
+fn component_dir(dir: &Path, name: &'static str) -> Result<PathBuf, ComponentsError> {
+    let d = dir.join(name);
+    if d.is_dir() {
+        Ok(d)
+    } else {
+        Err(ComponentsError::MissingComponent { dir: dir.to_path_buf(), name })
+    }
+}
+
+impl Components {
+    /// Loads tokenizer, text encoder, VAE, UNet and scheduler from a diffusers-layout folder,
+    /// weights converted to `dtype` on `device`. `on_component` is told each component's name
+    /// before it loads (for progress display).
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        mut on_component: impl FnMut(&'static str),
+    ) -> Result<Self, ComponentsError> {
+        if !dir.is_dir() {
+            return Err(ComponentsError::NoFolder(dir.to_path_buf()));
+        }
+        let mut reports = Vec::new();
+
+        on_component("tokenizer");
+        let t0 = Instant::now();
+        let tokenizer = ClipTokenizer::from_dir(&component_dir(dir, "tokenizer")?)?;
+        reports.push(ComponentReport {
+            name: "tokenizer",
+            summary: format!("CLIP BPE, max length {}, pad id {}", tokenizer.max_length(), tokenizer.pad_id()),
+            weights: None,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+
+        on_component("scheduler");
+        let t0 = Instant::now();
+        let sdir = component_dir(dir, "scheduler")?;
+        let scheduler = DdimScheduler::from_file(&sdir.join("scheduler_config.json"))?;
+        let c = scheduler.config();
+        reports.push(ComponentReport {
+            name: "scheduler",
+            summary: format!(
+                "DDIM, {} train steps, {} betas {}..{}, {} spacing, steps_offset {}, set_alpha_to_one {}, {} prediction",
+                c.num_train_timesteps,
+                c.beta_schedule,
+                c.beta_start,
+                c.beta_end,
+                c.timestep_spacing,
+                c.steps_offset,
+                c.set_alpha_to_one,
+                c.prediction_type
+            ),
+            weights: None,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+
+        on_component("text_encoder");
+        let t0 = Instant::now();
+        let tdir = component_dir(dir, "text_encoder")?;
+        let tcfg = ClipTextConfig::from_file(&tdir.join("config.json"))?;
+        let (text_encoder, rep) = load_component("text_encoder", &tdir, TRANSFORMERS_WEIGHTS, dtype, device, |vb| {
+            ClipTextModel::new(&tcfg, vb)
+        })?;
+        reports.push(ComponentReport {
+            name: "text_encoder",
+            summary: format!(
+                "CLIPTextModel, {} wide, {} layers, {} heads, {:?}, vocab {}",
+                tcfg.hidden_size, tcfg.num_hidden_layers, tcfg.num_attention_heads, tcfg.activation, tcfg.vocab_size
+            ),
+            weights: Some(rep),
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+
+        on_component("vae");
+        let t0 = Instant::now();
+        let vdir = component_dir(dir, "vae")?;
+        let vcfg = AutoencoderKLConfig::from_file(&vdir.join("config.json"))?;
+        let (vae, rep) =
+            load_component("vae", &vdir, DIFFUSERS_WEIGHTS, dtype, device, |vb| AutoencoderKL::new(&vcfg, vb))?;
+        reports.push(ComponentReport {
+            name: "vae",
+            summary: format!(
+                "AutoencoderKL, channels {:?}, {} layers per block, {} latent channels, scaling factor {}",
+                vcfg.block_out_channels, vcfg.layers_per_block, vcfg.latent_channels, vcfg.scaling_factor
+            ),
+            weights: Some(rep),
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+
+        on_component("unet");
+        let t0 = Instant::now();
+        let udir = component_dir(dir, "unet")?;
+        let ucfg = UNet3DConfig::from_file(&udir.join("config.json"))?;
+        let (unet, rep) =
+            load_component("unet", &udir, DIFFUSERS_WEIGHTS, dtype, device, |vb| UNet3DConditionModel::new(&ucfg, vb))?;
+        reports.push(ComponentReport {
+            name: "unet",
+            summary: format!(
+                "UNet3DConditionModel, channels {:?}, {} layers per block, head size {:?}, cross-attention {}, sample size {:?}",
+                ucfg.block_out_channels, ucfg.layers_per_block, ucfg.head_dim, ucfg.cross_attention_dim, ucfg.sample_size
+            ),
+            weights: Some(rep),
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+
+        Ok(Self { tokenizer, text_encoder, vae, unet, scheduler, reports })
+    }
+}
