@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use flipsketch_pipeline::components::Components;
 
 #[derive(Parser)]
-#[command(name = "flipsketch", version, about = "Sketch + text -> hand-drawn animation (FlipSketch, in Rust)")]
+#[command(
+    name = "flipsketch",
+    version,
+    about = "Sketch + text -> hand-drawn animation (FlipSketch, in Rust)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,7 +78,11 @@ fn inspect(model: PathBuf, dtype: Precision) -> Result<()> {
         if let Some(w) = &r.weights {
             let files: Vec<String> = w.files.iter().map(|f| f.display().to_string()).collect();
             println!("  files: {}", files.join(", "));
-            let dt: Vec<String> = w.dtypes_on_disk.iter().map(|(d, n)| format!("{d} ({})", human(*n))).collect();
+            let dt: Vec<String> = w
+                .dtypes_on_disk
+                .iter()
+                .map(|(d, n)| format!("{d} ({})", human(*n)))
+                .collect();
             println!("  on disk: {}", dt.join(", "));
             println!("  parameters: {} ({})", human(w.parameters), w.parameters);
             if w.unexpected.is_empty() {

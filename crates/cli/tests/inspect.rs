@@ -8,16 +8,38 @@ fn fixtures() -> PathBuf {
 }
 
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_flipsketch")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(env!("CARGO_BIN_EXE_flipsketch"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
 fn inspect_reports_every_component() {
     let dir = fixtures().join("tiny-fp16");
-    let (ok, out, err) = run(&["inspect", "--model", dir.to_str().unwrap(), "--dtype", "bf16"]);
+    let (ok, out, err) = run(&[
+        "inspect",
+        "--model",
+        dir.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+    ]);
     assert!(ok, "{err}");
-    for needle in ["[tokenizer]", "[scheduler]", "[text_encoder]", "[vae]", "[unet]", "on disk: f16", "986676", "peak memory"] {
+    for needle in [
+        "[tokenizer]",
+        "[scheduler]",
+        "[text_encoder]",
+        "[vae]",
+        "[unet]",
+        "on disk: f16",
+        "986676",
+        "peak memory",
+    ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
     assert_eq!(out.matches("unexpected tensors: none").count(), 3, "{out}");
@@ -27,7 +49,10 @@ fn inspect_reports_every_component() {
 fn inspect_bad_folders_fail_cleanly() {
     let (ok, _, err) = run(&["inspect", "--model", "/definitely/not/here"]);
     assert!(!ok);
-    assert!(err.contains("/definitely/not/here") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("/definitely/not/here") && !err.contains("panicked"),
+        "{err}"
+    );
 
     // a folder with a truncated unet
     let tmp = tempfile::tempdir().unwrap();
@@ -44,7 +69,10 @@ fn inspect_bad_folders_fail_cleanly() {
     std::fs::write(&w, &bytes[..bytes.len() - 1000]).unwrap();
     let (ok, _, err) = run(&["inspect", "--model", tmp.path().to_str().unwrap()]);
     assert!(!ok);
-    assert!(err.contains("diffusion_pytorch_model.safetensors") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("diffusion_pytorch_model.safetensors") && !err.contains("panicked"),
+        "{err}"
+    );
 
     // a config that does not parse
     std::fs::write(tmp.path().join("vae/config.json"), "{").unwrap();

@@ -318,7 +318,10 @@ mod tests {
         assert_eq!(d, 0.0);
         // and both equal a direct softmax(q k^T s) v
         let direct = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * 0.3)?)?.matmul(&v)?;
-        let d = (attention_in_chunks(&q, &k, &v, 0.3, 1, |_, s| Ok(s))? - direct)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (attention_in_chunks(&q, &k, &v, 0.3, 1, |_, s| Ok(s))? - direct)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-6, "{d}");
         Ok(())
     }

@@ -7,17 +7,26 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, golden};
-use flipsketch_models::attention::{scaled_dot_product_attention, AttentionHook, SelfAttnCall, SelfAttnKind};
+use common::{fixtures, golden, max_abs_diff};
+use flipsketch_models::attention::{
+    scaled_dot_product_attention, AttentionHook, SelfAttnCall, SelfAttnKind,
+};
 use flipsketch_models::loading::{load_component, DIFFUSERS_WEIGHTS};
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 
 fn unet() -> UNet3DConditionModel {
     let dir = fixtures().join("tiny/unet");
     let cfg = UNet3DConfig::from_file(&dir.join("config.json")).unwrap();
-    load_component("unet", &dir, DIFFUSERS_WEIGHTS, DType::F32, &Device::Cpu, |vb| UNet3DConditionModel::new(&cfg, vb))
-        .unwrap()
-        .0
+    load_component(
+        "unet",
+        &dir,
+        DIFFUSERS_WEIGHTS,
+        DType::F32,
+        &Device::Cpu,
+        |vb| UNet3DConditionModel::new(&cfg, vb),
+    )
+    .unwrap()
+    .0
 }
 
 #[derive(Default)]
@@ -34,20 +43,21 @@ struct Recorder {
 impl AttentionHook for Recorder {
     fn self_attention(&mut self, call: &SelfAttnCall) -> candle_core::Result<Option<Tensor>> {
         assert_eq!(call.query.dims(), call.key.dims());
-        self.seen.insert(call.layer.to_string(), (call.kind, call.query.dims().to_vec()));
+        self.seen.insert(
+            call.layer.to_string(),
+            (call.kind, call.query.dims().to_vec()),
+        );
         self.order.push(call.layer.to_string());
         if self.zero_layer.as_deref() == Some(call.layer) {
             return Ok(Some(call.value.zeros_like()?));
         }
         if self.replace_with_plain {
-            return Ok(Some(scaled_dot_product_attention(call.query, call.key, call.value, call.scale)?));
+            return Ok(Some(scaled_dot_product_attention(
+                call.query, call.key, call.value, call.scale,
+            )?));
         }
         Ok(None)
     }
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
 #[test]
@@ -59,12 +69,24 @@ fn observing_hook_is_bit_identical_and_sees_every_attn1() {
 
     let mut rec = Recorder::default();
     let hooked = unet.forward(sample, 500.0, ehs, Some(&mut rec)).unwrap();
-    assert_eq!(max_diff(&plain, &hooked), 0.0, "observing hook changed the output");
+    assert_eq!(
+        max_abs_diff(&plain, &hooked),
+        0.0,
+        "observing hook changed the output"
+    );
 
     // tiny config A: transformer_in + one cross-attention level down (1 layer), mid, and up
     // (2 layers): spatial and temporal attn1 each 1 + 1 + 2 = 4, plus transformer_in.
-    let spatial: Vec<_> = rec.seen.iter().filter(|(_, (k, _))| *k == SelfAttnKind::Spatial).collect();
-    let temporal: Vec<_> = rec.seen.iter().filter(|(_, (k, _))| *k == SelfAttnKind::Temporal).collect();
+    let spatial: Vec<_> = rec
+        .seen
+        .iter()
+        .filter(|(_, (k, _))| *k == SelfAttnKind::Spatial)
+        .collect();
+    let temporal: Vec<_> = rec
+        .seen
+        .iter()
+        .filter(|(_, (k, _))| *k == SelfAttnKind::Temporal)
+        .collect();
     assert_eq!(spatial.len(), 4, "{:?}", rec.seen.keys());
     assert_eq!(temporal.len(), 5, "{:?}", rec.seen.keys());
     assert_eq!(rec.order.len(), 9, "each attn1 is called once per forward");
@@ -80,16 +102,27 @@ fn observing_hook_is_bit_identical_and_sees_every_attn1() {
             }
             // batch = B*pixels, sequence = F
             SelfAttnKind::Temporal => {
-                assert!(name.contains("temp_attentions") || name.starts_with("transformer_in"), "{name}");
+                assert!(
+                    name.contains("temp_attentions") || name.starts_with("transformer_in"),
+                    "{name}"
+                );
                 assert_eq!(dims[2], f, "{name}");
                 assert_eq!(dims[0] % b, 0, "{name}");
             }
         }
     }
     let (_, dims) = &rec.seen["down_blocks.0.attentions.0.transformer_blocks.0.attn1"];
-    assert_eq!(dims, &vec![8, 2, 60, 8], "spatial q: (B*F, heads, h*w, head_dim)");
+    assert_eq!(
+        dims,
+        &vec![8, 2, 60, 8],
+        "spatial q: (B*F, heads, h*w, head_dim)"
+    );
     let (_, dims) = &rec.seen["transformer_in.transformer_blocks.0.attn1"];
-    assert_eq!(dims, &vec![2 * 60, 8, 4, 8], "transformer_in q: (B*h*w, 8 heads, F, head_dim)");
+    assert_eq!(
+        dims,
+        &vec![2 * 60, 8, 4, 8],
+        "transformer_in q: (B*h*w, 8 heads, F, head_dim)"
+    );
 }
 
 #[test]
@@ -99,14 +132,24 @@ fn hook_replacement_reaches_the_output() {
     let (sample, ehs) = (&g["sample"], &g["encoder_hidden_states"]);
     let plain = unet.forward(sample, 999.0, ehs, None).unwrap();
 
-    let mut same = Recorder { replace_with_plain: true, ..Default::default() };
+    let mut same = Recorder {
+        replace_with_plain: true,
+        ..Default::default()
+    };
     let out = unet.forward(sample, 999.0, ehs, Some(&mut same)).unwrap();
-    assert_eq!(max_diff(&plain, &out), 0.0, "replacing with plain attention must be exact");
+    assert_eq!(
+        max_abs_diff(&plain, &out),
+        0.0,
+        "replacing with plain attention must be exact"
+    );
 
     let mut zero = Recorder {
         zero_layer: Some("mid_block.temp_attentions.0.transformer_blocks.0.attn1".into()),
         ..Default::default()
     };
     let out = unet.forward(sample, 999.0, ehs, Some(&mut zero)).unwrap();
-    assert!(max_diff(&plain, &out) > 1e-3, "a replaced attention must change the output");
+    assert!(
+        max_abs_diff(&plain, &out) > 1e-3,
+        "a replaced attention must change the output"
+    );
 }

@@ -14,18 +14,30 @@ fn copy_unet(to: &Path) -> HashMap<String, Tensor> {
     let from = fixtures().join("tiny/unet");
     std::fs::create_dir_all(to).unwrap();
     std::fs::copy(from.join("config.json"), to.join("config.json")).unwrap();
-    candle_core::safetensors::load(from.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        from.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn save(dir: &Path, tensors: &HashMap<String, Tensor>) {
-    candle_core::safetensors::save(tensors, dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    candle_core::safetensors::save(tensors, dir.join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
 }
 
 fn try_load(dir: &Path) -> Result<LoadReport, String> {
     let cfg = UNet3DConfig::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
-    load_component("unet", dir, DIFFUSERS_WEIGHTS, DType::F32, &Device::Cpu, |vb| UNet3DConditionModel::new(&cfg, vb))
-        .map(|(_, r)| r)
-        .map_err(|e| e.to_string())
+    load_component(
+        "unet",
+        dir,
+        DIFFUSERS_WEIGHTS,
+        DType::F32,
+        &Device::Cpu,
+        |vb| UNet3DConditionModel::new(&cfg, vb),
+    )
+    .map(|(_, r)| r)
+    .map_err(|e| e.to_string())
 }
 
 #[test]
@@ -47,10 +59,16 @@ fn wrong_shape_names_tensor_and_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = copy_unet(dir.path());
     let name = "conv_in.weight";
-    t.insert(name.into(), Tensor::zeros((16, 4, 1, 1), DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        name.into(),
+        Tensor::zeros((16, 4, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+    );
     save(dir.path(), &t);
     let err = try_load(dir.path()).unwrap_err();
-    assert!(err.contains(name) && err.contains("[16, 4, 3, 3]") && err.contains("[16, 4, 1, 1]"), "{err}");
+    assert!(
+        err.contains(name) && err.contains("[16, 4, 3, 3]") && err.contains("[16, 4, 1, 1]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -58,11 +76,18 @@ fn extra_tensors_are_counted_not_fatal() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = copy_unet(dir.path());
     let n = t.len();
-    t.insert("lora.extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "lora.extra.weight".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
     save(dir.path(), &t);
     let report = try_load(dir.path()).unwrap();
     assert_eq!(report.unexpected, vec!["lora.extra.weight".to_string()]);
-    let used: usize = t.iter().filter(|(k, _)| *k != "lora.extra.weight").map(|(_, v)| v.elem_count()).sum();
+    let used: usize = t
+        .iter()
+        .filter(|(k, _)| *k != "lora.extra.weight")
+        .map(|(_, v)| v.elem_count())
+        .sum();
     assert_eq!(report.parameters, used);
     assert_eq!(n + 1, t.len());
 }
@@ -71,7 +96,8 @@ fn extra_tensors_are_counted_not_fatal() {
 fn truncated_file_is_an_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     copy_unet(dir.path());
-    let src = std::fs::read(fixtures().join("tiny/unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let src =
+        std::fs::read(fixtures().join("tiny/unet/diffusion_pytorch_model.safetensors")).unwrap();
     let path = dir.path().join("diffusion_pytorch_model.safetensors");
     for cut in [src.len() / 2, 5] {
         std::fs::write(&path, &src[..cut]).unwrap();
@@ -96,10 +122,30 @@ fn truncated_pickle_is_an_error_naming_it() {
 fn missing_folder_and_weights_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope");
-    let err = load_component("unet", &missing, DIFFUSERS_WEIGHTS, DType::F32, &Device::Cpu, |_| Ok(())).unwrap_err();
+    let err = load_component(
+        "unet",
+        &missing,
+        DIFFUSERS_WEIGHTS,
+        DType::F32,
+        &Device::Cpu,
+        |_| Ok(()),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("nope"), "{err}");
-    let err = load_component("unet", dir.path(), DIFFUSERS_WEIGHTS, DType::F32, &Device::Cpu, |_| Ok(())).unwrap_err();
-    assert!(err.to_string().contains("diffusion_pytorch_model.safetensors"), "{err}");
+    let err = load_component(
+        "unet",
+        dir.path(),
+        DIFFUSERS_WEIGHTS,
+        DType::F32,
+        &Device::Cpu,
+        |_| Ok(()),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -111,13 +157,22 @@ fn bad_configs_are_errors_naming_the_file() {
     v["norm_num_groups"] = 5.into();
     std::fs::write(&path, v.to_string()).unwrap();
     let err = UNet3DConfig::from_file(&path).unwrap_err().to_string();
-    assert!(err.contains("config.json") && err.contains("norm_num_groups 5"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("norm_num_groups 5"),
+        "{err}"
+    );
     std::fs::write(&path, "{not json").unwrap();
-    assert!(UNet3DConfig::from_file(&path).unwrap_err().to_string().contains("config.json"));
+    assert!(UNet3DConfig::from_file(&path)
+        .unwrap_err()
+        .to_string()
+        .contains("config.json"));
     let mut v: serde_json::Value = serde_json::from_str(&base).unwrap();
     v["down_block_types"] = serde_json::json!(["CrossAttnDownBlock3D", "Mystery"]);
     std::fs::write(&path, v.to_string()).unwrap();
-    assert!(UNet3DConfig::from_file(&path).unwrap_err().to_string().contains("Mystery"));
+    assert!(UNet3DConfig::from_file(&path)
+        .unwrap_err()
+        .to_string()
+        .contains("Mystery"));
 }
 
 #[test]
@@ -128,8 +183,13 @@ fn shard_index_pointing_to_missing_file_is_named() {
         let p = e.unwrap().path();
         std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
     }
-    let shard = dir.path().join("diffusion_pytorch_model-00002-of-00004.safetensors");
+    let shard = dir
+        .path()
+        .join("diffusion_pytorch_model-00002-of-00004.safetensors");
     std::fs::remove_file(&shard).unwrap();
     let err = try_load(dir.path()).unwrap_err();
-    assert!(err.contains("00002-of-00004") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("00002-of-00004") && err.contains("missing"),
+        "{err}"
+    );
 }

@@ -5,10 +5,12 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{assert_close, fixtures, golden};
+use common::{assert_close, fixtures, golden, max_abs_diff};
 use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
-use flipsketch_models::loading::{load_component, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS};
+use flipsketch_models::loading::{
+    load_component, LoadReport, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
+};
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 
 const TOL: f32 = 1e-4;
@@ -35,18 +37,21 @@ pub fn load_unet(dir: &std::path::Path, dtype: DType) -> UNet3DConditionModel {
     m
 }
 
-fn text_encoder(config: &str) {
-    let dir = model_dir(config).join("text_encoder");
+fn load_text_encoder(dir: &std::path::Path) -> (ClipTextModel, LoadReport) {
     let cfg = ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
-    let (m, _) = load_component(
+    load_component(
         "text_encoder",
-        &dir,
+        dir,
         TRANSFORMERS_WEIGHTS,
         DType::F32,
         &Device::Cpu,
         |vb| ClipTextModel::new(&cfg, vb),
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn text_encoder(config: &str) {
+    let (m, _) = load_text_encoder(&model_dir(config).join("text_encoder"));
     let g = golden(&format!("text_encoder_{config}.safetensors"));
     let out = m.forward(&g["input_ids"]).unwrap();
     assert_close(
@@ -168,15 +173,11 @@ fn unet_from_pickle_equals_safetensors() {
         let a = st.load_raw(n, &Device::Cpu).unwrap().unwrap();
         let b = pk.load_raw(n, &Device::Cpu).unwrap().unwrap();
         assert_eq!(a.dims(), b.dims(), "{n}");
-        let d = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0, "{n} differs between .bin and .safetensors");
+        assert_eq!(
+            max_abs_diff(&a, &b),
+            0.0,
+            "{n} differs between .bin and .safetensors"
+        );
     }
     // And the model built from the pickle gives the golden output.
     let unet = load_unet(&fixtures().join("tiny-bin/unet"), DType::F32);
@@ -189,17 +190,7 @@ fn unet_from_pickle_equals_safetensors() {
 
 #[test]
 fn text_encoder_from_pickle() {
-    let dir = fixtures().join("tiny-bin/text_encoder");
-    let cfg = ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
-    let (m, report) = load_component(
-        "text_encoder",
-        &dir,
-        TRANSFORMERS_WEIGHTS,
-        DType::F32,
-        &Device::Cpu,
-        |vb| ClipTextModel::new(&cfg, vb),
-    )
-    .unwrap();
+    let (m, report) = load_text_encoder(&fixtures().join("tiny-bin/text_encoder"));
     assert!(report.files[0]
         .to_string_lossy()
         .ends_with("pytorch_model.bin"));

@@ -6,7 +6,9 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
-use flipsketch_models::loading::{load_component, LoadReport, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS};
+use flipsketch_models::loading::{
+    load_component, LoadReport, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
+};
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 use flipsketch_schedulers::DdimScheduler;
 
@@ -52,7 +54,10 @@ fn component_dir(dir: &Path, name: &'static str) -> Result<PathBuf, ComponentsEr
     if d.is_dir() {
         Ok(d)
     } else {
-        Err(ComponentsError::MissingComponent { dir: dir.to_path_buf(), name })
+        Err(ComponentsError::MissingComponent {
+            dir: dir.to_path_buf(),
+            name,
+        })
     }
 }
 
@@ -76,7 +81,11 @@ impl Components {
         let tokenizer = ClipTokenizer::from_dir(&component_dir(dir, "tokenizer")?)?;
         reports.push(ComponentReport {
             name: "tokenizer",
-            summary: format!("CLIP BPE, max length {}, pad id {}", tokenizer.max_length(), tokenizer.pad_id()),
+            summary: format!(
+                "CLIP BPE, max length {}, pad id {}",
+                tokenizer.max_length(),
+                tokenizer.pad_id()
+            ),
             weights: None,
             seconds: t0.elapsed().as_secs_f64(),
         });
@@ -107,14 +116,23 @@ impl Components {
         let t0 = Instant::now();
         let tdir = component_dir(dir, "text_encoder")?;
         let tcfg = ClipTextConfig::from_file(&tdir.join("config.json"))?;
-        let (text_encoder, rep) = load_component("text_encoder", &tdir, TRANSFORMERS_WEIGHTS, dtype, device, |vb| {
-            ClipTextModel::new(&tcfg, vb)
-        })?;
+        let (text_encoder, rep) = load_component(
+            "text_encoder",
+            &tdir,
+            TRANSFORMERS_WEIGHTS,
+            dtype,
+            device,
+            |vb| ClipTextModel::new(&tcfg, vb),
+        )?;
         reports.push(ComponentReport {
             name: "text_encoder",
             summary: format!(
                 "CLIPTextModel, {} wide, {} layers, {} heads, {:?}, vocab {}",
-                tcfg.hidden_size, tcfg.num_hidden_layers, tcfg.num_attention_heads, tcfg.activation, tcfg.vocab_size
+                tcfg.hidden_size,
+                tcfg.num_hidden_layers,
+                tcfg.num_attention_heads,
+                tcfg.activation,
+                tcfg.vocab_size
             ),
             weights: Some(rep),
             seconds: t0.elapsed().as_secs_f64(),
@@ -124,8 +142,9 @@ impl Components {
         let t0 = Instant::now();
         let vdir = component_dir(dir, "vae")?;
         let vcfg = AutoencoderKLConfig::from_file(&vdir.join("config.json"))?;
-        let (vae, rep) =
-            load_component("vae", &vdir, DIFFUSERS_WEIGHTS, dtype, device, |vb| AutoencoderKL::new(&vcfg, vb))?;
+        let (vae, rep) = load_component("vae", &vdir, DIFFUSERS_WEIGHTS, dtype, device, |vb| {
+            AutoencoderKL::new(&vcfg, vb)
+        })?;
         reports.push(ComponentReport {
             name: "vae",
             summary: format!(
@@ -140,8 +159,9 @@ impl Components {
         let t0 = Instant::now();
         let udir = component_dir(dir, "unet")?;
         let ucfg = UNet3DConfig::from_file(&udir.join("config.json"))?;
-        let (unet, rep) =
-            load_component("unet", &udir, DIFFUSERS_WEIGHTS, dtype, device, |vb| UNet3DConditionModel::new(&ucfg, vb))?;
+        let (unet, rep) = load_component("unet", &udir, DIFFUSERS_WEIGHTS, dtype, device, |vb| {
+            UNet3DConditionModel::new(&ucfg, vb)
+        })?;
         reports.push(ComponentReport {
             name: "unet",
             summary: format!(
@@ -152,6 +172,13 @@ impl Components {
             seconds: t0.elapsed().as_secs_f64(),
         });
 
-        Ok(Self { tokenizer, text_encoder, vae, unet, scheduler, reports })
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            vae,
+            unet,
+            scheduler,
+            reports,
+        })
     }
 }

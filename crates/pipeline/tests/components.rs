@@ -12,12 +12,22 @@ fn fixtures() -> PathBuf {
 
 fn coverage(folder: &str, expected: &[(&str, usize)]) {
     let mut order = Vec::new();
-    let c = Components::load(&fixtures().join(folder), DType::F32, &Device::Cpu, |n| order.push(n)).unwrap();
-    assert_eq!(order, ["tokenizer", "scheduler", "text_encoder", "vae", "unet"]);
+    let c = Components::load(&fixtures().join(folder), DType::F32, &Device::Cpu, |n| {
+        order.push(n)
+    })
+    .unwrap();
+    assert_eq!(
+        order,
+        ["tokenizer", "scheduler", "text_encoder", "vae", "unet"]
+    );
     for (name, params) in expected {
         let r = c.reports.iter().find(|r| r.name == *name).unwrap();
         let w = r.weights.as_ref().unwrap();
-        assert!(w.unexpected.is_empty(), "{folder}/{name}: unexpected {:?}", w.unexpected);
+        assert!(
+            w.unexpected.is_empty(),
+            "{folder}/{name}: unexpected {:?}",
+            w.unexpected
+        );
         // parameter counts printed by tools/reference/make_fixtures.py (torch numel sums)
         assert_eq!(w.parameters, *params, "{folder}/{name}");
     }
@@ -25,19 +35,39 @@ fn coverage(folder: &str, expected: &[(&str, usize)]) {
 
 #[test]
 fn config_a_every_tensor_used() {
-    coverage("tiny", &[("unet", 402_628), ("text_encoder", 1_600_672), ("vae", 167_959)]);
+    coverage(
+        "tiny",
+        &[
+            ("unet", 402_628),
+            ("text_encoder", 1_600_672),
+            ("vae", 167_959),
+        ],
+    );
 }
 
 #[test]
 fn config_b_fp16_every_tensor_used() {
-    coverage("tiny-fp16", &[("unet", 986_676), ("text_encoder", 2_432_256), ("vae", 83_679)]);
+    coverage(
+        "tiny-fp16",
+        &[
+            ("unet", 986_676),
+            ("text_encoder", 2_432_256),
+            ("vae", 83_679),
+        ],
+    );
 }
 
 #[test]
 fn missing_component_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Components::load(dir.path(), DType::F32, &Device::Cpu, |_| {}).err().unwrap().to_string();
+    let err = Components::load(dir.path(), DType::F32, &Device::Cpu, |_| {})
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("tokenizer/"), "{err}");
-    let err = Components::load(&dir.path().join("x"), DType::F32, &Device::Cpu, |_| {}).err().unwrap().to_string();
+    let err = Components::load(&dir.path().join("x"), DType::F32, &Device::Cpu, |_| {})
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("does not exist"), "{err}");
 }

@@ -16,19 +16,24 @@ pub fn golden(name: &str) -> HashMap<String, Tensor> {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// max |a - b| / max |b|: the error relative to the reference output's scale.
-pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape");
+/// max |a - b|.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.to_dtype(DType::F32).unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
-    let diff = (&a - &b)
+    (&a - &b)
         .unwrap()
         .abs()
         .unwrap()
         .max_all()
         .unwrap()
         .to_scalar::<f32>()
-        .unwrap();
+        .unwrap()
+}
+
+/// max |a - b| / max |b|: the error relative to the reference output's scale.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape");
+    let diff = max_abs_diff(a, b);
     let scale = b
         .abs()
         .unwrap()
