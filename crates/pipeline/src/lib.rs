@@ -1,5 +1,9 @@
-//! FlipSketch as a library: components, prompt encoding, and (later) the pipeline itself.
-//! Used by the CLI and the server alike; knows no weight names.
+//! FlipSketch as a library: components, prompt encoding, the attention composition and the
+//! pipeline. Used by the CLI and the server alike; knows no weight names.
 
 pub mod components;
+pub mod composition;
+pub mod flipsketch;
 pub mod text;
+
+pub use flipsketch::{Encode, Output, Phase, Pipeline, PipelineError, Progress, Request, Silent};

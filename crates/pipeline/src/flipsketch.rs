@@ -1,0 +1,354 @@
+//! The FlipSketch pipeline (`../shared/flipsketch-algorithm.md`): DDIM inversion of the sketch
+//! to a reference noise, then generation with a reference branch whose self-attention is
+//! composed into the conditional pass, classifier-free guidance, and decoding.
+//!
+//! Only what changes the result is computed: one UNet call per inversion step (the app's CFG
+//! there is the identity), one batch-1 reference call per step while `i <= tau` (the branch is
+//! the same for every variant), none after; the unconditional and conditional main passes.
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::components::Components;
+use crate::composition::{Composer, Recorder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Tokenizer(#[from] crate::text::TokenizerError),
+    #[error(transparent)]
+    Scheduler(#[from] flipsketch_schedulers::Error),
+    #[error("model: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// How the sketch's VAE posterior becomes latents.
+#[derive(Clone, Debug)]
+pub enum Encode {
+    /// The posterior mean (deterministic).
+    Mean,
+    /// mean + std * noise, the noise (5, latent_channels, h, w) given.
+    Sample(Tensor),
+    /// A sample with noise drawn from the request's seed (what the app does).
+    SampleSeeded,
+}
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The sketch, RGB in [0, 1], (3, H, W) at the model's resolution ([`Pipeline::image_size`]).
+    pub image: Tensor,
+    pub prompt: String,
+    /// Number of animations generated (ignored when `init_noise` is given).
+    pub variants: usize,
+    /// Frames per animation (ignored when `init_noise` is given).
+    pub frames: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    /// Higher keeps the motion closer to the sketch.
+    pub lambda: f64,
+    /// Last step (0-based) that runs the reference branch; negative turns composition off.
+    pub tau: i64,
+    /// Variant i starts from noise drawn with seed + i.
+    pub seed: u64,
+    /// Start noise (B, latent_channels, F, h, w); fixes B and F.
+    pub init_noise: Option<Tensor>,
+    pub encode: Encode,
+}
+
+/// What a run produced, all f32.
+#[derive(Clone, Debug)]
+pub struct Output {
+    /// The sketch's reference noise (1, C, 1, h, w).
+    pub inv_latents: Tensor,
+    /// Latents after the last step (B, C, F, h, w).
+    pub latents: Tensor,
+    /// Decoded frames (B, F, H, W, 3) in [0, 1].
+    pub video: Tensor,
+    /// UNet frame-evaluations performed (batch x frames, summed over calls).
+    pub unet_frame_evals: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Encoding,
+    Inversion,
+    Denoising,
+    Decoding,
+}
+
+/// Progress of a run; also the place to cancel it (checked before every UNet step).
+pub trait Progress {
+    /// A phase starts with `total` units of work.
+    fn phase(&mut self, _phase: Phase, _total: usize) {}
+    /// `done` units of the current phase are finished.
+    fn advance(&mut self, _done: usize) {}
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// No progress display.
+pub struct Silent;
+impl Progress for Silent {}
+
+/// Standard-normal noise of `shape` from a ChaCha8 stream (seed, stream), f32.
+pub fn seeded_noise(
+    seed: u64,
+    stream: u64,
+    shape: &[usize],
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    Tensor::from_vec(v, shape, device)
+}
+
+/// ChaCha streams: variant start noise uses stream 0 with seed + i; the posterior stream 1.
+const POSTERIOR_STREAM: u64 = 1;
+
+pub struct Pipeline {
+    pub components: Components,
+    device: Device,
+    dtype: DType,
+}
+
+impl Pipeline {
+    pub fn new(components: Components, device: Device, dtype: DType) -> Self {
+        Self {
+            components,
+            device,
+            dtype,
+        }
+    }
+
+    /// Sketch resolution the model works at: `unet.sample_size * vae downscale` (256 for the
+    /// real checkpoint).
+    pub fn image_size(&self) -> usize {
+        let latent = self.components.unet.config().sample_size.unwrap_or(32);
+        latent * self.components.vae.config().downscale()
+    }
+
+    fn encode_prompt(&self, prompt: &str) -> Result<Tensor, PipelineError> {
+        let ids = self.components.tokenizer.encode(prompt)?;
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+        Ok(self.components.text_encoder.forward(&ids)?)
+    }
+
+    fn validate(&self, r: &Request) -> Result<(usize, usize), PipelineError> {
+        let invalid = |m: String| Err(PipelineError::Invalid(m));
+        let size = self.image_size();
+        let c = self.components.unet.config().in_channels;
+        if r.image.dims() != [3, size, size] {
+            return invalid(format!(
+                "image must be (3, {size}, {size}), got {:?}",
+                r.image.dims()
+            ));
+        }
+        if r.steps == 0 || r.steps > 1000 {
+            return invalid(format!("steps must be between 1 and 1000, got {}", r.steps));
+        }
+        if !r.guidance.is_finite() || !r.lambda.is_finite() {
+            return invalid("guidance and lambda must be finite numbers".into());
+        }
+        let (b, f) = match &r.init_noise {
+            Some(n) => {
+                let dims = n.dims();
+                let lat = size / self.components.vae.config().downscale();
+                if dims.len() != 5
+                    || dims[1] != c
+                    || dims[3] != lat
+                    || dims[4] != lat
+                    || dims[0] == 0
+                    || dims[2] == 0
+                {
+                    return invalid(format!(
+                        "init noise must be (B, {c}, F, {lat}, {lat}), got {dims:?}"
+                    ));
+                }
+                (dims[0], dims[2])
+            }
+            None => (r.variants, r.frames),
+        };
+        if b == 0 || b > 16 {
+            return invalid(format!("variants must be between 1 and 16, got {b}"));
+        }
+        if f == 0 || f > 64 {
+            return invalid(format!("frames must be between 1 and 64, got {f}"));
+        }
+        Ok((b, f))
+    }
+
+    pub fn run(&self, r: &Request, progress: &mut dyn Progress) -> Result<Output, PipelineError> {
+        let (b, f) = self.validate(r)?;
+        let comps = &self.components;
+        let unet = &comps.unet;
+        let vae = &comps.vae;
+        let scaling = vae.config().scaling_factor;
+        let size = self.image_size();
+        let lat = size / vae.config().downscale();
+        let c = unet.config().in_channels;
+        let mut evals = 0usize;
+        let check = |p: &dyn Progress| {
+            if p.cancelled() {
+                Err(PipelineError::Cancelled)
+            } else {
+                Ok(())
+            }
+        };
+
+        // 0. prompts: cond = prompt, uncond = null = "" (the same tensor)
+        progress.phase(Phase::Encoding, 1);
+        let cond = self.encode_prompt(&r.prompt)?;
+        let uncond = self.encode_prompt("")?;
+
+        // 1. sketch -> 5 identical frames -> VAE posterior -> (1, C, 5, h, w)
+        let image = r
+            .image
+            .to_dtype(self.dtype)?
+            .unsqueeze(0)?
+            .repeat((5, 1, 1, 1))?;
+        let post = vae.encode(&image)?;
+        let z = match &r.encode {
+            Encode::Mean => post.mean.clone(),
+            Encode::Sample(noise) => {
+                if noise.dims() != post.mean.dims() {
+                    return Err(PipelineError::Invalid(format!(
+                        "posterior noise must be {:?}, got {:?}",
+                        post.mean.dims(),
+                        noise.dims()
+                    )));
+                }
+                post.sample(noise)?
+            }
+            Encode::SampleSeeded => post.sample(&seeded_noise(
+                r.seed,
+                POSTERIOR_STREAM,
+                post.mean.dims(),
+                &self.device,
+            )?)?,
+        };
+        let mut x = (z.to_dtype(DType::F32)? * scaling)?
+            .permute((1, 0, 2, 3))?
+            .unsqueeze(0)?
+            .contiguous()?;
+        progress.advance(1);
+
+        // 2. DDIM inversion, timesteps ascending, one UNet call per step on the empty prompt
+        let mut sched = comps.scheduler.clone();
+        sched.set_timesteps(r.steps)?;
+        let timesteps = sched.timesteps().to_vec();
+        progress.phase(Phase::Inversion, timesteps.len());
+        for (k, &t) in timesteps.iter().rev().enumerate() {
+            check(progress)?;
+            let e = unet.forward(&x, t as f64, &uncond, None)?;
+            evals += 5;
+            x = sched.inversion_step(&e, t, &x)?;
+            progress.advance(k + 1);
+        }
+        let inv_latents = x.mean_keepdim(2)?; // (1, C, 1, h, w)
+
+        // 3. start latents: noise with frame 0 of every variant = the reference noise
+        let noise = match &r.init_noise {
+            Some(n) => n.to_dtype(DType::F32)?.to_device(&self.device)?,
+            None => {
+                let per: Vec<Tensor> = (0..b)
+                    .map(|i| {
+                        seeded_noise(
+                            r.seed.wrapping_add(i as u64),
+                            0,
+                            &[1, c, f, lat, lat],
+                            &self.device,
+                        )
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                Tensor::cat(&per, 0)?
+            }
+        };
+        let first = inv_latents.broadcast_as((b, c, 1, lat, lat))?;
+        let mut latents = if f == 1 {
+            first.contiguous()?
+        } else {
+            Tensor::cat(&[&first, &noise.narrow(2, 1, f - 1)?], 2)?
+        };
+        // the reference branch, batch 1 (identical for every variant)
+        let mut reference = inv_latents
+            .broadcast_as((1, c, f, lat, lat))?
+            .contiguous()?;
+        let uncond_b = uncond
+            .broadcast_as((b, uncond.dim(1)?, uncond.dim(2)?))?
+            .contiguous()?;
+        let cond_b = cond
+            .broadcast_as((b, cond.dim(1)?, cond.dim(2)?))?
+            .contiguous()?;
+
+        // 4. generation
+        progress.phase(Phase::Denoising, timesteps.len());
+        for (i, &t) in timesteps.iter().enumerate() {
+            check(progress)?;
+            let tt = t as f64;
+            let cc = f.saturating_sub(i).max(1);
+            let u = unet
+                .forward(&latents, tt, &uncond_b, None)?
+                .to_dtype(DType::F32)?;
+            evals += b * f;
+            let cpass = if (i as i64) <= r.tau {
+                reference = reference.narrow(2, 0, cc)?;
+                let mut rec = Recorder::default();
+                let rr = unet.forward(&reference, tt, &uncond, Some(&mut rec))?;
+                evals += cc;
+                reference = sched.step(&rr, t, &reference, 0.0, None)?.prev_sample;
+                let mut composer = Composer {
+                    recorded: &rec,
+                    variants: b,
+                    ref_frames: cc,
+                    lambda: r.lambda,
+                };
+                let out = unet.forward(&latents, tt, &cond_b, Some(&mut composer))?;
+                evals += b * f;
+                out
+            } else {
+                evals += b * f;
+                unet.forward(&latents, tt, &cond_b, None)?
+            };
+            let cpass = cpass.to_dtype(DType::F32)?;
+            let e = (&u + ((cpass - &u)? * r.guidance)?)?;
+            latents = sched.step(&e, t, &latents, 0.0, None)?.prev_sample;
+            progress.advance(i + 1);
+        }
+
+        // 5. decode every frame: clamp(decode(lat / scaling) / 2 + 0.5, 0, 1)
+        progress.phase(Phase::Decoding, b * f);
+        let flat = (latents
+            .permute((0, 2, 1, 3, 4))?
+            .reshape((b * f, c, lat, lat))?
+            / scaling)?;
+        let mut frames = Vec::with_capacity(b * f);
+        for k in 0..b * f {
+            check(progress)?;
+            let img = vae.decode(&flat.narrow(0, k, 1)?.to_dtype(self.dtype)?)?;
+            frames.push(((img.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?);
+            progress.advance(k + 1);
+        }
+        let video = Tensor::cat(&frames, 0)?; // (b*f, 3, H, W)
+        let (_, ch, hh, ww) = video.dims4()?;
+        let video = video
+            .reshape((b, f, ch, hh, ww))?
+            .permute((0, 1, 3, 4, 2))?
+            .contiguous()?;
+        Ok(Output {
+            inv_latents,
+            latents,
+            video,
+            unet_frame_evals: evals,
+        })
+    }
+}

@@ -1,0 +1,209 @@
+//! End-to-end parity of the FlipSketch pipeline with the reference diffusers implementation
+//! (tools/reference/flipsketch_reference.py) on the tiny random model, f32.
+//! Tolerances: inv_latents and latents max abs error <= 1e-4 of their largest magnitude
+//! (the reference itself moves by ~5e-6 of it between f32 and f64); video (in [0, 1]) max abs
+//! error <= 1e-4.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use flipsketch_pipeline::components::Components;
+use flipsketch_pipeline::{Encode, Output, Pipeline, Request, Silent};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn pipeline() -> Pipeline {
+    let c = Components::load(&fixtures().join("tiny"), DType::F32, &Device::Cpu, |_| {}).unwrap();
+    Pipeline::new(c, Device::Cpu, DType::F32)
+}
+
+fn case(name: &str) -> (Value, HashMap<String, Tensor>) {
+    let cases: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("golden/pipeline_cases.json")).unwrap(),
+    )
+    .unwrap();
+    let c = cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+        .clone();
+    let t = candle_core::safetensors::load(
+        fixtures().join("golden").join(c["file"].as_str().unwrap()),
+        &Device::Cpu,
+    )
+    .unwrap();
+    (c, t)
+}
+
+fn request(c: &Value, t: &HashMap<String, Tensor>) -> Request {
+    Request {
+        image: t["image"].squeeze(0).unwrap(),
+        prompt: c["prompt"].as_str().unwrap().into(),
+        variants: 0,
+        frames: 0,
+        steps: c["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance: c["guidance_scale"].as_f64().unwrap(),
+        lambda: c["lam"].as_f64().unwrap(),
+        tau: c["tau"].as_i64().unwrap(),
+        seed: 0,
+        init_noise: Some(t["init_noise"].clone()),
+        encode: match t.get("posterior_noise") {
+            Some(n) => Encode::Sample(n.clone()),
+            None => Encode::Mean,
+        },
+    }
+}
+
+fn max_abs(a: &Tensor) -> f32 {
+    a.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a - b).unwrap())
+}
+
+fn check(name: &str, out: &Output, t: &HashMap<String, Tensor>) {
+    let inv = diff(&out.inv_latents, &t["inv_latents"]) / max_abs(&t["inv_latents"]);
+    let lat = diff(&out.latents, &t["latents"]) / max_abs(&t["latents"]);
+    let vid = diff(&out.video, &t["video"]);
+    eprintln!("{name}: inv_latents rel {inv:.2e}, latents rel {lat:.2e}, video abs {vid:.2e}");
+    assert!(inv <= 1e-4, "{name}: inv_latents relative error {inv:.3e}");
+    assert!(lat <= 1e-4, "{name}: latents relative error {lat:.3e}");
+    assert!(vid <= 1e-4, "{name}: video error {vid:.3e}");
+}
+
+fn run_case(p: &Pipeline, name: &str) -> Output {
+    let (c, t) = case(name);
+    let out = p.run(&request(&c, &t), &mut Silent).unwrap();
+    check(name, &out, &t);
+    out
+}
+
+#[test]
+fn matches_reference_pipeline_all_cases() {
+    let p = pipeline();
+    assert_eq!(p.image_size(), 16);
+    let default = run_case(&p, "default");
+    // B=3, F=4, S=6, tau=3: inversion 6x5 + main 2x6x12 + reference 4+3+2+1 = 184
+    assert_eq!(default.unet_frame_evals, 184);
+    for name in [
+        "mean",
+        "no_composition",
+        "lambda",
+        "single_variant",
+        "frames1",
+    ] {
+        run_case(&p, name);
+    }
+}
+
+#[test]
+fn composition_off_equals_plain_text_to_video() {
+    // tau < 0: the reference branch never runs; the reference noise only seeds frame 0.
+    let p = pipeline();
+    let (c, t) = case("no_composition");
+    let out = p.run(&request(&c, &t), &mut Silent).unwrap();
+    let b = t["init_noise"].dim(0).unwrap();
+    assert_eq!(out.unet_frame_evals, 6 * 5 + 2 * 6 * b * 4);
+}
+
+#[test]
+fn variants_are_independent() {
+    // variant 1 of a B=3 run equals a B=1 run started from that variant's noise
+    let p = pipeline();
+    let (c, t) = case("default");
+    let three = p.run(&request(&c, &t), &mut Silent).unwrap();
+    let mut one = request(&c, &t);
+    one.init_noise = Some(t["init_noise"].narrow(0, 1, 1).unwrap());
+    let one = p.run(&one, &mut Silent).unwrap();
+    let d = diff(&one.latents, &three.latents.narrow(0, 1, 1).unwrap()) / max_abs(&three.latents);
+    assert!(d <= 1e-5, "variant 1 alone differs by {d:.3e}");
+}
+
+#[test]
+fn lambda_changes_only_composed_steps() {
+    let p = pipeline();
+    let (c, t) = case("mean");
+    let base = p.run(&request(&c, &t), &mut Silent).unwrap();
+    let mut other = request(&c, &t);
+    other.lambda = 2.0;
+    let changed = p.run(&other, &mut Silent).unwrap();
+    assert_eq!(
+        diff(&base.inv_latents, &changed.inv_latents),
+        0.0,
+        "lambda must not touch the inversion"
+    );
+    assert!(
+        diff(&base.latents, &changed.latents) > 1e-2,
+        "lambda must change the composed result"
+    );
+    // with composition off lambda has no effect at all
+    let mut off_a = request(&c, &t);
+    off_a.tau = -1;
+    let mut off_b = off_a.clone();
+    off_b.lambda = 2.0;
+    let (a, b) = (
+        p.run(&off_a, &mut Silent).unwrap(),
+        p.run(&off_b, &mut Silent).unwrap(),
+    );
+    assert_eq!(diff(&a.latents, &b.latents), 0.0);
+}
+
+#[test]
+fn bad_requests_are_errors() {
+    let p = pipeline();
+    let (c, t) = case("mean");
+    let mut r = request(&c, &t);
+    r.image = Tensor::zeros((3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    assert!(p
+        .run(&r, &mut Silent)
+        .unwrap_err()
+        .to_string()
+        .contains("image"));
+    let mut r = request(&c, &t);
+    r.steps = 0;
+    assert!(p
+        .run(&r, &mut Silent)
+        .unwrap_err()
+        .to_string()
+        .contains("steps"));
+    let mut r = request(&c, &t);
+    r.init_noise = Some(Tensor::zeros((1, 4, 2, 5, 5), DType::F32, &Device::Cpu).unwrap());
+    assert!(p
+        .run(&r, &mut Silent)
+        .unwrap_err()
+        .to_string()
+        .contains("init noise"));
+}
+
+#[test]
+fn cancellation_stops_the_run() {
+    struct CancelAfter(usize, usize);
+    impl flipsketch_pipeline::Progress for CancelAfter {
+        fn advance(&mut self, _done: usize) {
+            self.1 += 1;
+        }
+        fn cancelled(&self) -> bool {
+            self.1 >= self.0
+        }
+    }
+    let p = pipeline();
+    let (c, t) = case("mean");
+    let err = p.run(&request(&c, &t), &mut CancelAfter(3, 0)).unwrap_err();
+    assert!(
+        matches!(err, flipsketch_pipeline::PipelineError::Cancelled),
+        "{err}"
+    );
+}
