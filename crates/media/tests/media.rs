@@ -1,0 +1,189 @@
+//! Binarisation against OpenCV (values from tools/reference/make_media_fixtures.py), sketch
+//! loading edge cases, and writer round-trips.
+
+use std::path::PathBuf;
+
+use flipsketch_media::binarize::{binarize, gray};
+use flipsketch_media::sketch::{decode, fit_square, load_sketch, on_white, to_chw_f32, Fit};
+use flipsketch_media::writers::{
+    binarize_frames, resize_frames, write_binary_gif, write_png_frames, write_rgb_gif,
+};
+use flipsketch_media::Frames;
+use image::{DynamicImage, Rgb, RgbImage, Rgba, RgbaImage};
+
+fn golden() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
+}
+
+#[test]
+fn otsu_and_gray_match_opencv() {
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden().join("otsu.json")).unwrap())
+            .unwrap();
+    let cases = j["cases"].as_array().unwrap();
+    assert!(cases.len() >= 5);
+    for c in cases {
+        let file = c["file"].as_str().unwrap();
+        let img = image::open(golden().join(file)).unwrap().to_rgb8();
+        let g = gray(img.as_raw());
+        assert_eq!(
+            g.iter().map(|&v| v as u64).sum::<u64>(),
+            c["gray_sum"].as_u64().unwrap(),
+            "{file}: grey"
+        );
+        let (bin, t) = binarize(&g);
+        assert_eq!(
+            t as u64,
+            c["threshold"].as_u64().unwrap(),
+            "{file}: threshold"
+        );
+        assert_eq!(
+            bin.iter().filter(|&&v| v == 255).count() as u64,
+            c["white_pixels"].as_u64().unwrap(),
+            "{file}"
+        );
+    }
+}
+
+#[test]
+fn transparent_paper_becomes_white() {
+    let mut img = RgbaImage::from_pixel(4, 2, Rgba([0, 0, 0, 0]));
+    img.put_pixel(1, 1, Rgba([0, 0, 0, 255]));
+    img.put_pixel(2, 1, Rgba([0, 0, 0, 128]));
+    let rgb = on_white(&DynamicImage::ImageRgba8(img));
+    assert_eq!(rgb.get_pixel(0, 0), &Rgb([255, 255, 255]));
+    assert_eq!(rgb.get_pixel(1, 1), &Rgb([0, 0, 0]));
+    assert_eq!(rgb.get_pixel(2, 1), &Rgb([127, 127, 127]));
+}
+
+#[test]
+fn pad_keeps_proportions_stretch_does_not() {
+    let mut img = RgbImage::from_pixel(40, 20, Rgb([0, 0, 0]));
+    img.put_pixel(0, 0, Rgb([0, 0, 0]));
+    let padded = fit_square(&img, 16, Fit::Pad);
+    assert_eq!(padded.dimensions(), (16, 16));
+    assert_eq!(
+        padded.get_pixel(8, 0),
+        &Rgb([255, 255, 255]),
+        "white band above"
+    );
+    assert_eq!(padded.get_pixel(8, 8), &Rgb([0, 0, 0]));
+    let stretched = fit_square(&img, 16, Fit::Stretch);
+    assert_eq!(stretched.get_pixel(8, 0), &Rgb([0, 0, 0]));
+    let chw = to_chw_f32(&padded);
+    assert_eq!(chw.len(), 3 * 256);
+    assert_eq!(chw[0], 1.0);
+}
+
+#[test]
+fn bad_images_are_errors_not_panics() {
+    let p = PathBuf::from("x.png");
+    assert!(decode(b"", &p).unwrap_err().to_string().contains("x.png"));
+    assert!(decode(b"hello, this is text", &p)
+        .unwrap_err()
+        .to_string()
+        .contains("not an image"));
+    let png = std::fs::read(golden().join("otsu_1.png")).unwrap();
+    assert!(decode(&png[..png.len() / 2], &p).is_err(), "truncated");
+    // a PNG header claiming 100000 x 100000 pixels: refused before allocating
+    let mut header = png[..33].to_vec();
+    header[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    header[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    assert!(decode(&header, &p).is_err());
+    let dir = tempfile::tempdir().unwrap();
+    assert!(load_sketch(dir.path(), 16, Fit::Pad)
+        .unwrap_err()
+        .to_string()
+        .contains("folder"));
+    assert!(load_sketch(&dir.path().join("missing.png"), 16, Fit::Pad).is_err());
+}
+
+#[test]
+fn gif_first_frame_and_greyscale_jpeg_load() {
+    let dir = tempfile::tempdir().unwrap();
+    // two-frame GIF: black then white; the first frame is used
+    let path = dir.path().join("a.gif");
+    write_binary_gif(&path, 6, 4, &[vec![0; 24], vec![255; 24]], 10).unwrap();
+    let img = load_sketch(&path, 6, Fit::Stretch).unwrap();
+    assert!(
+        img.pixels().all(|p| p == &Rgb([0, 0, 0])),
+        "first frame is black"
+    );
+    let jpg = dir.path().join("g.jpg");
+    image::GrayImage::from_pixel(30, 10, image::Luma([200]))
+        .save(&jpg)
+        .unwrap();
+    let img = load_sketch(&jpg, 12, Fit::Pad).unwrap();
+    assert_eq!(img.dimensions(), (12, 12));
+}
+
+fn decode_gif(path: &std::path::Path) -> (u16, u16, Vec<(u16, Vec<u8>)>, gif::Repeat) {
+    let mut opts = gif::DecodeOptions::new();
+    opts.set_color_output(gif::ColorOutput::RGBA);
+    let mut d = opts.read_info(std::fs::File::open(path).unwrap()).unwrap();
+    let mut frames = Vec::new();
+    while let Some(f) = d.read_next_frame().unwrap() {
+        frames.push((f.delay, f.buffer.to_vec()));
+    }
+    (d.width(), d.height(), frames, d.repeat())
+}
+
+#[test]
+fn binary_gif_round_trips_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = Frames {
+        width: 5,
+        height: 3,
+        frames: (0..4)
+            .map(|k| {
+                (0..15)
+                    .flat_map(|i| {
+                        if (i + k) % 3 == 0 {
+                            [10, 20, 30]
+                        } else {
+                            [240, 250, 245]
+                        }
+                    })
+                    .collect()
+            })
+            .collect(),
+    };
+    let masks = binarize_frames(&frames);
+    let path = dir.path().join("b.gif");
+    write_binary_gif(&path, 5, 3, &masks, 10).unwrap();
+    let (w, h, decoded, repeat) = decode_gif(&path);
+    assert_eq!((w, h, decoded.len()), (5, 3, 4));
+    assert_eq!(repeat, gif::Repeat::Infinite);
+    for (k, (delay, rgba)) in decoded.iter().enumerate() {
+        assert_eq!(*delay, 10, "10 fps");
+        let got: Vec<u8> = rgba.chunks(4).map(|p| p[0]).collect();
+        assert_eq!(got, masks[k], "frame {k}");
+        assert!(got.iter().all(|&v| v == 0 || v == 255));
+    }
+}
+
+#[test]
+fn raw_gif_and_png_frames_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = Frames {
+        width: 8,
+        height: 8,
+        frames: vec![vec![0u8; 192], vec![255u8; 192], vec![128u8; 192]],
+    };
+    let path = dir.path().join("raw.gif");
+    write_rgb_gif(&path, &frames, 10).unwrap();
+    let (w, h, decoded, _) = decode_gif(&path);
+    assert_eq!((w, h, decoded.len()), (8, 8, 3));
+    assert!(decoded[1].1.chunks(4).all(|p| p[0] == 255 && p[1] == 255));
+    let paths = write_png_frames(dir.path(), "v0", &frames).unwrap();
+    assert_eq!(paths.len(), 3);
+    for (p, f) in paths.iter().zip(&frames.frames) {
+        assert_eq!(
+            &image::open(p).unwrap().to_rgb8().into_raw(),
+            f,
+            "lossless PNG"
+        );
+    }
+    let big = resize_frames(&frames, 32).unwrap();
+    assert_eq!((big.width, big.frames[1].len()), (32, 32 * 32 * 3));
+}
