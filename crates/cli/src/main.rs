@@ -1,5 +1,8 @@
 //! `flipsketch`: the command line. Thin: parse, validate, call the library.
 
+mod animate;
+mod model_source;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -21,13 +24,13 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum Precision {
+pub enum Precision {
     F32,
     Bf16,
 }
 
 impl Precision {
-    fn dtype(self) -> DType {
+    pub fn dtype(self) -> DType {
         match self {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
@@ -37,6 +40,8 @@ impl Precision {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Animate a sketch: sketch + prompt -> GIFs (and PNG frames).
+    Animate(Box<animate::AnimateArgs>),
     /// Load every component of a model folder and report what it holds.
     Inspect {
         /// Model folder in the diffusers layout (e.g. checkpoint-2500/).
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { model, dtype } => inspect(model, dtype),
+        Command::Animate(args) => animate::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,374 @@
+//! `flipsketch animate`: sketch + prompt -> GIFs (and PNG frames). Validates everything it can
+//! before loading the model, shows progress per phase, never overwrites files unless asked.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, ValueEnum};
+use flipsketch_media::sketch::{fit_square, on_white, to_chw_f32, Fit};
+use flipsketch_media::writers::{binarize_frames, resize_frames, write_binary_gif, write_png_frames, write_rgb_gif};
+use flipsketch_media::Frames;
+use flipsketch_pipeline::components::Components;
+use flipsketch_pipeline::{Encode, Phase, Pipeline, Progress, Request};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::model_source::{self, DEFAULT_REPO, DEFAULT_SUBFOLDER};
+use crate::Precision;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Binarised GIF: black strokes on white, Otsu threshold per frame.
+    Gif,
+    /// The decoded colours, not binarised.
+    GifRaw,
+    /// Numbered PNG frames.
+    Png,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FitArg {
+    /// Keep the drawing's proportions on a white square.
+    Pad,
+    /// Stretch to a square (what the original app does).
+    Stretch,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum EncodeArg {
+    /// Sample the VAE posterior (the app's behaviour), with noise from the seed.
+    Sample,
+    /// Use the posterior mean (deterministic).
+    Mean,
+}
+
+#[derive(Args, Debug)]
+pub struct AnimateArgs {
+    /// The sketch: PNG, JPEG, WebP, BMP or GIF (first frame), any size.
+    #[arg(long)]
+    pub sketch: PathBuf,
+    /// How it should move, e.g. "the cat stretches and yawns".
+    #[arg(long)]
+    pub prompt: String,
+    /// Output folder (default: a new folder named after the sketch).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Model: a local folder (diffusers layout) or a hub repository id.
+    #[arg(long, default_value = DEFAULT_REPO)]
+    pub model: String,
+    /// Subfolder of a hub repository (or of a local clone) holding the model.
+    #[arg(long, default_value = DEFAULT_SUBFOLDER)]
+    pub subfolder: String,
+    /// Number of animations [default: 3].
+    #[arg(long)]
+    pub variants: Option<usize>,
+    /// Frames per animation [default: 10].
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 25)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 9.0)]
+    pub guidance: f64,
+    /// Fidelity to the sketch: higher keeps closer to it, lower moves more.
+    #[arg(long = "lambda", default_value_t = 0.5)]
+    pub lambda: f64,
+    /// Seed; variant i uses seed + i [default: random, printed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Last step that composes attention with the sketch; negative turns composition off.
+    #[arg(long, default_value_t = 15, allow_negative_numbers = true)]
+    pub tau: i64,
+    /// Compute precision.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Precision,
+    /// How a non-square sketch becomes square.
+    #[arg(long, value_enum, default_value = "pad")]
+    pub fit: FitArg,
+    /// How the sketch is encoded by the VAE.
+    #[arg(long, value_enum, default_value = "sample")]
+    pub encode: EncodeArg,
+    /// Side of the written frames in pixels.
+    #[arg(long, default_value_t = 1024)]
+    pub size: u32,
+    /// Output formats (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "gif")]
+    pub format: Vec<Format>,
+    /// Frames per second of the animations.
+    #[arg(long, default_value_t = 10)]
+    pub fps: u32,
+    /// Start noise: safetensors with `latents` (B, 4, F, h, w); fixes variants and frames.
+    #[arg(long)]
+    pub init_noise: Option<PathBuf>,
+    /// Also write a safetensors file with `inv_latents`, `latents` and `video` (f32).
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
+    /// Replace files that already exist in the output folder.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// No progress display.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Progress bars per phase, hidden when quiet or not on a terminal.
+struct Bars {
+    bar: ProgressBar,
+    quiet: bool,
+}
+
+impl Bars {
+    fn new(quiet: bool) -> Self {
+        let bar = ProgressBar::hidden();
+        Self { bar, quiet }
+    }
+
+    fn start(&mut self, msg: &str, total: u64, unit: &str) {
+        self.bar.finish_and_clear();
+        let target = if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        let style = ProgressStyle::with_template(&format!(
+            "{{msg:>10}} [{{bar:30}}] {unit} {{pos}}/{{len}}  {{elapsed_precise}} elapsed, {{eta}} left"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        self.bar = ProgressBar::with_draw_target(Some(total), target).with_style(style).with_message(msg.to_string());
+        self.bar.enable_steady_tick(Duration::from_millis(250));
+    }
+
+    fn spinner(&mut self, msg: &str) {
+        self.bar.finish_and_clear();
+        let target = if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        self.bar = ProgressBar::with_draw_target(None, target)
+            .with_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").unwrap_or_else(|_| ProgressStyle::default_spinner()))
+            .with_message(msg.to_string());
+        self.bar.enable_steady_tick(Duration::from_millis(120));
+    }
+
+    fn done(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl Progress for Bars {
+    fn phase(&mut self, phase: Phase, total: usize) {
+        let (msg, unit) = match phase {
+            Phase::Encoding => ("encoding", "item"),
+            Phase::Inversion => ("inversion", "step"),
+            Phase::Denoising => ("denoising", "step"),
+            Phase::Decoding => ("decoding", "frame"),
+        };
+        self.start(msg, total as u64, unit);
+    }
+    fn advance(&mut self, done: usize) {
+        self.bar.set_position(done as u64);
+    }
+}
+
+fn validate(a: &AnimateArgs) -> Result<()> {
+    if a.prompt.trim().is_empty() {
+        bail!("--prompt is empty: say how the sketch should move");
+    }
+    if a.steps == 0 || a.steps > 1000 {
+        bail!("--steps must be between 1 and 1000, got {}", a.steps);
+    }
+    for (name, v) in [("--variants", a.variants), ("--frames", a.frames)] {
+        if v == Some(0) {
+            bail!("{name} must be at least 1");
+        }
+    }
+    if a.variants.is_some_and(|v| v > 16) {
+        bail!("--variants must be at most 16");
+    }
+    if a.frames.is_some_and(|f| f > 64) {
+        bail!("--frames must be at most 64");
+    }
+    if !a.guidance.is_finite() || !a.lambda.is_finite() {
+        bail!("--guidance and --lambda must be finite numbers");
+    }
+    if a.size < 16 || a.size > 4096 {
+        bail!("--size must be between 16 and 4096, got {}", a.size);
+    }
+    if a.fps == 0 || a.fps > 100 {
+        bail!("--fps must be between 1 and 100, got {}", a.fps);
+    }
+    Ok(())
+}
+
+/// `<stem>-flipsketch`, `<stem>-flipsketch-2`, ... in the current folder: the first that does not exist.
+fn default_out_dir(sketch: &Path) -> PathBuf {
+    let stem = sketch.file_stem().and_then(|s| s.to_str()).unwrap_or("sketch");
+    let base = format!("{stem}-flipsketch");
+    let mut candidate = PathBuf::from(&base);
+    let mut k = 2;
+    while candidate.exists() {
+        candidate = PathBuf::from(format!("{base}-{k}"));
+        k += 1;
+    }
+    candidate
+}
+
+fn load_init_noise(path: &Path) -> Result<Tensor> {
+    let mut t = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("{}: not a readable safetensors file", path.display()))?;
+    let latents = t.remove("latents").with_context(|| format!("{}: no tensor named `latents`", path.display()))?;
+    if latents.rank() != 5 {
+        bail!("{}: `latents` must be (B, 4, F, h, w), got {:?}", path.display(), latents.dims());
+    }
+    Ok(latents.to_dtype(DType::F32)?)
+}
+
+/// (B, F, H, W, 3) in [0, 1] -> per variant RGB frames.
+fn to_frames(video: &Tensor) -> Result<Vec<Frames>> {
+    let (b, f, h, w, _) = video.dims5()?;
+    let bytes = (video * 255.0)?.round()?.clamp(0f32, 255f32)?.to_dtype(DType::U8)?;
+    let mut out = Vec::with_capacity(b);
+    for v in 0..b {
+        let frames = (0..f)
+            .map(|k| bytes.get(v)?.get(k)?.flatten_all()?.to_vec1::<u8>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        out.push(Frames { width: w as u32, height: h as u32, frames });
+    }
+    Ok(out)
+}
+
+fn check_new(path: &Path, overwrite: bool) -> Result<()> {
+    if path.exists() && !overwrite {
+        bail!("{} already exists (use --overwrite to replace it)", path.display());
+    }
+    Ok(())
+}
+
+pub fn run(a: AnimateArgs) -> Result<()> {
+    let t_start = Instant::now();
+    validate(&a)?;
+    // The sketch first: a bad file fails before any download or model loading.
+    let sketch = flipsketch_media::sketch::read(&a.sketch)?;
+    let init_noise = a.init_noise.as_deref().map(load_init_noise).transpose()?;
+    if let Some(n) = &init_noise {
+        let (b, f) = (n.dim(0)?, n.dim(2)?);
+        if a.variants.is_some_and(|v| v != b) || a.frames.is_some_and(|v| v != f) {
+            bail!("--init-noise holds {b} variants x {f} frames, which contradicts --variants/--frames");
+        }
+    }
+    let out_dir = a.out.clone().unwrap_or_else(|| default_out_dir(&a.sketch));
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create the output folder {}", out_dir.display()))?;
+    if let Some(d) = &a.dump {
+        check_new(d, a.overwrite)?;
+    }
+
+    let mut bars = Bars::new(a.quiet);
+    let model_dir = model_source::resolve(&a.model, &a.subfolder, !a.quiet)?;
+    let t_load = Instant::now();
+    let dtype = a.dtype.dtype();
+    let device = Device::Cpu;
+    let components = Components::load(&model_dir, dtype, &device, |name| bars.spinner(&format!("loading {name}")))
+        .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
+    bars.done();
+    let load_s = t_load.elapsed().as_secs_f64();
+    let pipeline = Pipeline::new(components, device.clone(), dtype);
+
+    let size = pipeline.image_size() as u32;
+    let fit = match a.fit {
+        FitArg::Pad => Fit::Pad,
+        FitArg::Stretch => Fit::Stretch,
+    };
+    let square = fit_square(&on_white(&sketch), size, fit);
+    let image = Tensor::from_vec(to_chw_f32(&square), (3, size as usize, size as usize), &device)?;
+    let seed = a.seed.unwrap_or_else(rand_seed);
+    let variants = init_noise.as_ref().map(|n| n.dim(0)).transpose()?.or(a.variants).unwrap_or(3);
+    let frames = init_noise.as_ref().map(|n| n.dim(2)).transpose()?.or(a.frames).unwrap_or(10);
+    let request = Request {
+        image,
+        prompt: a.prompt.clone(),
+        variants,
+        frames,
+        steps: a.steps,
+        guidance: a.guidance,
+        lambda: a.lambda,
+        tau: a.tau,
+        seed,
+        init_noise,
+        encode: match a.encode {
+            EncodeArg::Mean => Encode::Mean,
+            EncodeArg::Sample => Encode::SampleSeeded,
+        },
+    };
+    if !a.quiet {
+        eprintln!("seed {seed}: {variants} variant(s) x {frames} frames, {} steps, model {}", a.steps, model_dir.display());
+    }
+    let t_run = Instant::now();
+    let output = pipeline.run(&request, &mut bars)?;
+    bars.done();
+    let run_s = t_run.elapsed().as_secs_f64();
+
+    let t_write = Instant::now();
+    bars.start("writing", variants as u64, "variant");
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (k, v) in to_frames(&output.video)?.iter().enumerate() {
+        let sized = resize_frames(v, a.size)?;
+        for fmt in &a.format {
+            match fmt {
+                Format::Gif => {
+                    let p = out_dir.join(format!("variant-{k}.gif"));
+                    check_new(&p, a.overwrite)?;
+                    write_binary_gif(&p, sized.width, sized.height, &binarize_frames(&sized), a.fps)?;
+                    files.push(p);
+                }
+                Format::GifRaw => {
+                    let p = out_dir.join(format!("variant-{k}-raw.gif"));
+                    check_new(&p, a.overwrite)?;
+                    write_rgb_gif(&p, &sized, a.fps)?;
+                    files.push(p);
+                }
+                Format::Png => {
+                    let stem = format!("variant-{k}");
+                    for i in 0..sized.frames.len() {
+                        check_new(&out_dir.join(format!("{stem}-{i:03}.png")), a.overwrite)?;
+                    }
+                    files.extend(write_png_frames(&out_dir, &stem, &sized)?);
+                }
+            }
+        }
+        bars.advance(k + 1);
+    }
+    if let Some(d) = &a.dump {
+        let map: HashMap<String, Tensor> = [
+            ("inv_latents".to_string(), output.inv_latents.to_dtype(DType::F32)?),
+            ("latents".to_string(), output.latents.to_dtype(DType::F32)?),
+            ("video".to_string(), output.video.to_dtype(DType::F32)?),
+        ]
+        .into();
+        candle_core::safetensors::save(&map, d).with_context(|| format!("cannot write {}", d.display()))?;
+        files.push(d.clone());
+    }
+    bars.done();
+    let write_s = t_write.elapsed().as_secs_f64();
+
+    let result = serde_json::json!({
+        "sketch": a.sketch, "prompt": a.prompt, "model": model_dir,
+        "variants": variants, "frames": frames, "steps": a.steps, "guidance": a.guidance,
+        "lambda": a.lambda, "tau": a.tau, "dtype": format!("{:?}", dtype).to_lowercase(),
+        "seed": seed, "seeds": (0..variants).map(|i| seed.wrapping_add(i as u64)).collect::<Vec<_>>(),
+        "unet_frame_evaluations": output.unet_frame_evals,
+        "timings_s": {"load": load_s, "generate": run_s, "write": write_s, "total": t_start.elapsed().as_secs_f64()},
+        "files": files,
+    });
+    let result_path = out_dir.join("result.json");
+    std::fs::write(&result_path, serde_json::to_string_pretty(&result)?)
+        .with_context(|| format!("cannot write {}", result_path.display()))?;
+    if !a.quiet {
+        eprintln!("done in {:.1} s (model {load_s:.1} s, generation {run_s:.1} s)", t_start.elapsed().as_secs_f64());
+    }
+    for f in &files {
+        println!("{}", f.display());
+    }
+    Ok(())
+}
+
+fn rand_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (nanos as u64 ^ (std::process::id() as u64).rotate_left(32)) % 1_000_000_000
+}
