@@ -9,7 +9,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use flipsketch_media::sketch::{fit_square, on_white, to_chw_f32, Fit};
-use flipsketch_media::writers::{binarize_frames, resize_frames, write_binary_gif, write_png_frames, write_rgb_gif};
+use flipsketch_media::writers::{
+    binarize_frames, resize_frames, write_binary_gif, write_png_frames, write_rgb_gif,
+};
 use flipsketch_media::Frames;
 use flipsketch_pipeline::components::Components;
 use flipsketch_pipeline::{Encode, Phase, Pipeline, Progress, Request};
@@ -128,21 +130,34 @@ impl Bars {
 
     fn start(&mut self, msg: &str, total: u64, unit: &str) {
         self.bar.finish_and_clear();
-        let target = if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        let target = if self.quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
         let style = ProgressStyle::with_template(&format!(
             "{{msg:>10}} [{{bar:30}}] {unit} {{pos}}/{{len}}  {{elapsed_precise}} elapsed, {{eta}} left"
         ))
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
-        self.bar = ProgressBar::with_draw_target(Some(total), target).with_style(style).with_message(msg.to_string());
+        self.bar = ProgressBar::with_draw_target(Some(total), target)
+            .with_style(style)
+            .with_message(msg.to_string());
         self.bar.enable_steady_tick(Duration::from_millis(250));
     }
 
     fn spinner(&mut self, msg: &str) {
         self.bar.finish_and_clear();
-        let target = if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        let target = if self.quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
         self.bar = ProgressBar::with_draw_target(None, target)
-            .with_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").unwrap_or_else(|_| ProgressStyle::default_spinner()))
+            .with_style(
+                ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            )
             .with_message(msg.to_string());
         self.bar.enable_steady_tick(Duration::from_millis(120));
     }
@@ -199,7 +214,10 @@ fn validate(a: &AnimateArgs) -> Result<()> {
 
 /// `<stem>-flipsketch`, `<stem>-flipsketch-2`, ... in the current folder: the first that does not exist.
 fn default_out_dir(sketch: &Path) -> PathBuf {
-    let stem = sketch.file_stem().and_then(|s| s.to_str()).unwrap_or("sketch");
+    let stem = sketch
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("sketch");
     let base = format!("{stem}-flipsketch");
     let mut candidate = PathBuf::from(&base);
     let mut k = 2;
@@ -213,9 +231,15 @@ fn default_out_dir(sketch: &Path) -> PathBuf {
 fn load_init_noise(path: &Path) -> Result<Tensor> {
     let mut t = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("{}: not a readable safetensors file", path.display()))?;
-    let latents = t.remove("latents").with_context(|| format!("{}: no tensor named `latents`", path.display()))?;
+    let latents = t
+        .remove("latents")
+        .with_context(|| format!("{}: no tensor named `latents`", path.display()))?;
     if latents.rank() != 5 {
-        bail!("{}: `latents` must be (B, 4, F, h, w), got {:?}", path.display(), latents.dims());
+        bail!(
+            "{}: `latents` must be (B, 4, F, h, w), got {:?}",
+            path.display(),
+            latents.dims()
+        );
     }
     Ok(latents.to_dtype(DType::F32)?)
 }
@@ -223,20 +247,30 @@ fn load_init_noise(path: &Path) -> Result<Tensor> {
 /// (B, F, H, W, 3) in [0, 1] -> per variant RGB frames.
 fn to_frames(video: &Tensor) -> Result<Vec<Frames>> {
     let (b, f, h, w, _) = video.dims5()?;
-    let bytes = (video * 255.0)?.round()?.clamp(0f32, 255f32)?.to_dtype(DType::U8)?;
+    let bytes = (video * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(DType::U8)?;
     let mut out = Vec::with_capacity(b);
     for v in 0..b {
         let frames = (0..f)
             .map(|k| bytes.get(v)?.get(k)?.flatten_all()?.to_vec1::<u8>())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        out.push(Frames { width: w as u32, height: h as u32, frames });
+        out.push(Frames {
+            width: w as u32,
+            height: h as u32,
+            frames,
+        });
     }
     Ok(out)
 }
 
 fn check_new(path: &Path, overwrite: bool) -> Result<()> {
     if path.exists() && !overwrite {
-        bail!("{} already exists (use --overwrite to replace it)", path.display());
+        bail!(
+            "{} already exists (use --overwrite to replace it)",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -254,7 +288,8 @@ pub fn run(a: AnimateArgs) -> Result<()> {
         }
     }
     let out_dir = a.out.clone().unwrap_or_else(|| default_out_dir(&a.sketch));
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create the output folder {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create the output folder {}", out_dir.display()))?;
     if let Some(d) = &a.dump {
         check_new(d, a.overwrite)?;
     }
@@ -264,8 +299,10 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     let t_load = Instant::now();
     let dtype = a.dtype.dtype();
     let device = Device::Cpu;
-    let components = Components::load(&model_dir, dtype, &device, |name| bars.spinner(&format!("loading {name}")))
-        .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
+    let components = Components::load(&model_dir, dtype, &device, |name| {
+        bars.spinner(&format!("loading {name}"))
+    })
+    .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
     bars.done();
     let load_s = t_load.elapsed().as_secs_f64();
     let pipeline = Pipeline::new(components, device.clone(), dtype);
@@ -276,10 +313,24 @@ pub fn run(a: AnimateArgs) -> Result<()> {
         FitArg::Stretch => Fit::Stretch,
     };
     let square = fit_square(&on_white(&sketch), size, fit);
-    let image = Tensor::from_vec(to_chw_f32(&square), (3, size as usize, size as usize), &device)?;
+    let image = Tensor::from_vec(
+        to_chw_f32(&square),
+        (3, size as usize, size as usize),
+        &device,
+    )?;
     let seed = a.seed.unwrap_or_else(rand_seed);
-    let variants = init_noise.as_ref().map(|n| n.dim(0)).transpose()?.or(a.variants).unwrap_or(3);
-    let frames = init_noise.as_ref().map(|n| n.dim(2)).transpose()?.or(a.frames).unwrap_or(10);
+    let variants = init_noise
+        .as_ref()
+        .map(|n| n.dim(0))
+        .transpose()?
+        .or(a.variants)
+        .unwrap_or(3);
+    let frames = init_noise
+        .as_ref()
+        .map(|n| n.dim(2))
+        .transpose()?
+        .or(a.frames)
+        .unwrap_or(10);
     let request = Request {
         image,
         prompt: a.prompt.clone(),
@@ -297,7 +348,11 @@ pub fn run(a: AnimateArgs) -> Result<()> {
         },
     };
     if !a.quiet {
-        eprintln!("seed {seed}: {variants} variant(s) x {frames} frames, {} steps, model {}", a.steps, model_dir.display());
+        eprintln!(
+            "seed {seed}: {variants} variant(s) x {frames} frames, {} steps, model {}",
+            a.steps,
+            model_dir.display()
+        );
     }
     let t_run = Instant::now();
     let output = pipeline.run(&request, &mut bars)?;
@@ -314,7 +369,13 @@ pub fn run(a: AnimateArgs) -> Result<()> {
                 Format::Gif => {
                     let p = out_dir.join(format!("variant-{k}.gif"));
                     check_new(&p, a.overwrite)?;
-                    write_binary_gif(&p, sized.width, sized.height, &binarize_frames(&sized), a.fps)?;
+                    write_binary_gif(
+                        &p,
+                        sized.width,
+                        sized.height,
+                        &binarize_frames(&sized),
+                        a.fps,
+                    )?;
                     files.push(p);
                 }
                 Format::GifRaw => {
@@ -336,12 +397,16 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     }
     if let Some(d) = &a.dump {
         let map: HashMap<String, Tensor> = [
-            ("inv_latents".to_string(), output.inv_latents.to_dtype(DType::F32)?),
+            (
+                "inv_latents".to_string(),
+                output.inv_latents.to_dtype(DType::F32)?,
+            ),
             ("latents".to_string(), output.latents.to_dtype(DType::F32)?),
             ("video".to_string(), output.video.to_dtype(DType::F32)?),
         ]
         .into();
-        candle_core::safetensors::save(&map, d).with_context(|| format!("cannot write {}", d.display()))?;
+        candle_core::safetensors::save(&map, d)
+            .with_context(|| format!("cannot write {}", d.display()))?;
         files.push(d.clone());
     }
     bars.done();
@@ -360,7 +425,10 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     std::fs::write(&result_path, serde_json::to_string_pretty(&result)?)
         .with_context(|| format!("cannot write {}", result_path.display()))?;
     if !a.quiet {
-        eprintln!("done in {:.1} s (model {load_s:.1} s, generation {run_s:.1} s)", t_start.elapsed().as_secs_f64());
+        eprintln!(
+            "done in {:.1} s (model {load_s:.1} s, generation {run_s:.1} s)",
+            t_start.elapsed().as_secs_f64()
+        );
     }
     for f in &files {
         println!("{}", f.display());
@@ -369,6 +437,9 @@ pub fn run(a: AnimateArgs) -> Result<()> {
 }
 
 fn rand_seed() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     (nanos as u64 ^ (std::process::id() as u64).rotate_left(32)) % 1_000_000_000
 }

@@ -23,7 +23,11 @@ const PLAIN_FILES: &[&str] = &[
 ];
 
 fn weight_sets() -> [(&'static str, &'static [&'static str]); 3] {
-    [("text_encoder", TRANSFORMERS_WEIGHTS), ("vae", DIFFUSERS_WEIGHTS), ("unet", DIFFUSERS_WEIGHTS)]
+    [
+        ("text_encoder", TRANSFORMERS_WEIGHTS),
+        ("vae", DIFFUSERS_WEIGHTS),
+        ("unet", DIFFUSERS_WEIGHTS),
+    ]
 }
 
 /// A model folder in the diffusers layout directly, or one with `checkpoint-2500/` inside
@@ -52,12 +56,20 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
 
 /// The model folder of a cached hub snapshot, if every needed file is cached.
 fn from_cache(repo: &hf_hub::CacheRepo, subfolder: &str) -> Option<PathBuf> {
-    let path = |f: &str| if subfolder.is_empty() { f.to_string() } else { format!("{subfolder}/{f}") };
+    let path = |f: &str| {
+        if subfolder.is_empty() {
+            f.to_string()
+        } else {
+            format!("{subfolder}/{f}")
+        }
+    };
     for f in PLAIN_FILES {
         repo.get(&path(f))?;
     }
     for (component, candidates) in weight_sets() {
-        let found = candidates.iter().find_map(|c| repo.get(&path(&format!("{component}/{c}"))).map(|p| (c, p)))?;
+        let found = candidates
+            .iter()
+            .find_map(|c| repo.get(&path(&format!("{component}/{c}"))).map(|p| (c, p)))?;
         if found.0.ends_with(".index.json") {
             for shard in shard_names(&found.1).ok()? {
                 repo.get(&path(&format!("{component}/{shard}")))?;
@@ -69,35 +81,62 @@ fn from_cache(repo: &hf_hub::CacheRepo, subfolder: &str) -> Option<PathBuf> {
 }
 
 fn download(repo_id: &str, subfolder: &str, progress: bool) -> Result<PathBuf> {
-    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(progress).build()?;
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(progress)
+        .build()?;
     let repo = api.model(repo_id.to_string());
-    let info = repo.info().with_context(|| format!("cannot reach the hub for {repo_id}"))?;
-    let path = |f: &str| if subfolder.is_empty() { f.to_string() } else { format!("{subfolder}/{f}") };
-    let have: std::collections::HashSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let info = repo
+        .info()
+        .with_context(|| format!("cannot reach the hub for {repo_id}"))?;
+    let path = |f: &str| {
+        if subfolder.is_empty() {
+            f.to_string()
+        } else {
+            format!("{subfolder}/{f}")
+        }
+    };
+    let have: std::collections::HashSet<&str> =
+        info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let mut last = None;
     for f in PLAIN_FILES {
         let p = path(f);
         if !have.contains(p.as_str()) && f.ends_with("special_tokens_map.json") {
             continue; // optional
         }
-        last = Some(repo.get(&p).with_context(|| format!("downloading {repo_id}/{p}"))?);
+        last = Some(
+            repo.get(&p)
+                .with_context(|| format!("downloading {repo_id}/{p}"))?,
+        );
     }
     for (component, candidates) in weight_sets() {
-        let Some(c) = candidates.iter().find(|c| have.contains(path(&format!("{component}/{c}")).as_str())) else {
-            bail!("{repo_id}: no {component} weights under {subfolder}/{component}/ (looked for {})", candidates.join(", "));
+        let Some(c) = candidates
+            .iter()
+            .find(|c| have.contains(path(&format!("{component}/{c}")).as_str()))
+        else {
+            bail!(
+                "{repo_id}: no {component} weights under {subfolder}/{component}/ (looked for {})",
+                candidates.join(", ")
+            );
         };
         let p = path(&format!("{component}/{c}"));
-        let local = repo.get(&p).with_context(|| format!("downloading {repo_id}/{p}"))?;
+        let local = repo
+            .get(&p)
+            .with_context(|| format!("downloading {repo_id}/{p}"))?;
         if c.ends_with(".index.json") {
             for shard in shard_names(&local)? {
                 let p = path(&format!("{component}/{shard}"));
-                repo.get(&p).with_context(|| format!("downloading {repo_id}/{p}"))?;
+                repo.get(&p)
+                    .with_context(|| format!("downloading {repo_id}/{p}"))?;
             }
         }
     }
     let config = last.context("nothing downloaded")?;
     // .../snapshots/<sha>/<subfolder>/unet/config.json -> .../<subfolder>
-    Ok(config.parent().and_then(Path::parent).context("unexpected cache layout")?.to_path_buf())
+    Ok(config
+        .parent()
+        .and_then(Path::parent)
+        .context("unexpected cache layout")?
+        .to_path_buf())
 }
 
 /// Resolves `--model`: an existing local path, or `owner/name` on the hub (cache first).
@@ -108,7 +147,8 @@ pub fn resolve(spec: &str, subfolder: &str, progress: bool) -> Result<PathBuf> {
             format!("{spec} is not a model folder (no unet/ in it or in {subfolder}/); expected the diffusers layout")
         });
     }
-    let looks_like_repo = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.ends_with('/');
+    let looks_like_repo =
+        spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.ends_with('/');
     if !looks_like_repo {
         bail!("model {spec:?}: no such folder, and not a hub repository id (owner/name)");
     }
@@ -117,13 +157,19 @@ pub fn resolve(spec: &str, subfolder: &str, progress: bool) -> Result<PathBuf> {
         tracing::info!("using the cached {spec} in {}", dir.display());
         return Ok(dir);
     }
-    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| !v.is_empty() && v != "0").unwrap_or(false);
+    let offline = std::env::var("HF_HUB_OFFLINE")
+        .map(|v| !v.is_empty() && v != "0")
+        .unwrap_or(false);
     if offline {
         bail!(
             "model {spec} ({subfolder}) is not in the HuggingFace cache at {} and HF_HUB_OFFLINE is set",
             cache.path().display()
         );
     }
-    download(spec, subfolder, progress)
-        .with_context(|| format!("model {spec} is not cached in {} and could not be downloaded", cache.path().display()))
+    download(spec, subfolder, progress).with_context(|| {
+        format!(
+            "model {spec} is not cached in {} and could not be downloaded",
+            cache.path().display()
+        )
+    })
 }

@@ -1,0 +1,454 @@
+//! `flipsketch animate` through the real binary: parity with the reference pipeline via
+//! --init-noise/--dump, the outputs, the hub cache, and every kind of bad input.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn sketch() -> String {
+    fixtures()
+        .join("golden/pipeline_sketch.png")
+        .to_string_lossy()
+        .into_owned()
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn run_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flipsketch"));
+    cmd.current_dir(dir).arg("animate").args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let r = Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    };
+    assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
+    r
+}
+
+fn tiny() -> String {
+    fixtures().join("tiny").to_string_lossy().into_owned()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn dump_matches_reference_pipeline() {
+    let (sk, tiny) = (sketch(), tiny());
+    let dir = tempfile::tempdir().unwrap();
+    let golden = candle_core::safetensors::load(
+        fixtures().join("golden/pipeline_mean.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let noise: HashMap<String, Tensor> =
+        [("latents".to_string(), golden["init_noise"].clone())].into();
+    let noise_path = dir.path().join("noise.safetensors");
+    candle_core::safetensors::save(&noise, &noise_path).unwrap();
+    let dump = dir.path().join("dump.safetensors");
+    let r = run_in(
+        dir.path(),
+        &[
+            "--sketch",
+            &sk,
+            "--prompt",
+            "a cat jumps",
+            "--model",
+            &tiny,
+            "--steps",
+            "6",
+            "--tau",
+            "3",
+            "--lambda",
+            "0.5",
+            "--guidance",
+            "9",
+            "--encode",
+            "mean",
+            "--init-noise",
+            noise_path.to_str().unwrap(),
+            "--dump",
+            dump.to_str().unwrap(),
+            "--size",
+            "32",
+            "--format",
+            "gif,gif-raw,png",
+            "--out",
+            "out",
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let d = candle_core::safetensors::load(&dump, &Device::Cpu).unwrap();
+    for (name, tol) in [("inv_latents", 1e-4f32), ("latents", 1e-4), ("video", 1e-4)] {
+        let err = max_abs(&(&d[name] - &golden[name]).unwrap()) / max_abs(&golden[name]).max(1.0);
+        assert!(err <= tol, "{name}: error {err:.3e}");
+    }
+    // 2 variants x (binarised gif, raw gif, 4 png frames) + dump, printed one per line
+    assert_eq!(r.stdout.lines().count(), 2 * 6 + 1, "{}", r.stdout);
+    let gif = dir.path().join("out/variant-1.gif");
+    let mut opts = gif::DecodeOptions::new();
+    opts.set_color_output(gif::ColorOutput::RGBA);
+    let mut dec = opts.read_info(std::fs::File::open(&gif).unwrap()).unwrap();
+    assert_eq!((dec.width(), dec.height()), (32, 32));
+    let mut n = 0;
+    while let Some(f) = dec.read_next_frame().unwrap() {
+        assert_eq!(f.delay, 10);
+        assert!(
+            f.buffer.chunks(4).all(|p| p[0] == 0 || p[0] == 255),
+            "binarised"
+        );
+        n += 1;
+    }
+    assert_eq!(n, 4);
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/result.json")).unwrap())
+            .unwrap();
+    assert_eq!(result["variants"], 2);
+    assert_eq!(
+        result["unet_frame_evaluations"],
+        6 * 5 + 2 * 6 * 8 + 4 + 3 + 2 + 1
+    );
+
+    // the same command again refuses to overwrite, and --overwrite replaces
+    let again = [
+        "--sketch",
+        &sk,
+        "--prompt",
+        "x",
+        "--model",
+        &tiny,
+        "--steps",
+        "1",
+        "--frames",
+        "1",
+        "--variants",
+        "1",
+        "--size",
+        "16",
+        "--out",
+        "out",
+        "--quiet",
+    ];
+    let r = run_in(dir.path(), &again, &[]);
+    assert!(!r.ok && r.stderr.contains("already exists"), "{}", r.stderr);
+    let mut with = again.to_vec();
+    with.push("--overwrite");
+    assert!(run_in(dir.path(), &with, &[]).ok);
+}
+
+#[test]
+fn default_output_folder_is_new_and_named_after_the_sketch() {
+    let (sk, tiny) = (sketch(), tiny());
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--sketch",
+        &sk,
+        "--prompt",
+        "a cat",
+        "--model",
+        &tiny,
+        "--steps",
+        "1",
+        "--frames",
+        "2",
+        "--variants",
+        "1",
+        "--size",
+        "16",
+        "--seed",
+        "5",
+        "--dtype",
+        "bf16",
+        "--quiet",
+    ];
+    assert!(run_in(dir.path(), &args, &[]).ok);
+    assert!(run_in(dir.path(), &args, &[]).ok);
+    assert!(dir
+        .path()
+        .join("pipeline_sketch-flipsketch/variant-0.gif")
+        .is_file());
+    assert!(dir
+        .path()
+        .join("pipeline_sketch-flipsketch-2/variant-0.gif")
+        .is_file());
+}
+
+/// A HuggingFace cache laid out as hf-hub writes it, holding the tiny model under
+/// checkpoint-2500/: the default `--model` works offline.
+#[test]
+fn cached_hub_model_is_used_offline() {
+    let sk = sketch();
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--Hmrishav--t2v_sketch-lora");
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), sha).unwrap();
+    let snap = repo.join("snapshots").join(sha).join("checkpoint-2500");
+    for c in ["tokenizer", "scheduler", "text_encoder", "vae", "unet"] {
+        std::fs::create_dir_all(snap.join(c)).unwrap();
+        for e in std::fs::read_dir(fixtures().join("tiny").join(c)).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, snap.join(c).join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let work = tempfile::tempdir().unwrap();
+    let home_s = home.path().to_str().unwrap();
+    let args = [
+        "--sketch",
+        &sk,
+        "--prompt",
+        "a cat",
+        "--steps",
+        "1",
+        "--frames",
+        "1",
+        "--variants",
+        "1",
+        "--size",
+        "16",
+        "--out",
+        "o",
+        "--quiet",
+    ];
+    let r = run_in(
+        work.path(),
+        &args,
+        &[("HF_HOME", home_s), ("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    // without the cache, offline: a clear error naming the model and the cache
+    std::fs::remove_dir_all(repo.join("snapshots")).unwrap();
+    let mut args2 = args.to_vec();
+    let n = args2.len();
+    args2[n - 2] = "o2";
+    let r = run_in(
+        work.path(),
+        &args2,
+        &[("HF_HOME", home_s), ("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(
+        !r.ok
+            && r.stderr.contains("Hmrishav/t2v_sketch-lora")
+            && r.stderr.contains("HF_HUB_OFFLINE"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn bad_inputs_fail_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("notes.txt"), "not an image").unwrap();
+    std::fs::write(d.join("empty.png"), "").unwrap();
+    let png = std::fs::read(sketch()).unwrap();
+    std::fs::write(d.join("cut.png"), &png[..png.len() / 2]).unwrap();
+    std::fs::write(d.join("noise.safetensors"), "garbage").unwrap();
+    let wrong: HashMap<String, Tensor> = [(
+        "latents".to_string(),
+        Tensor::zeros((1, 4, 2, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )]
+    .into();
+    candle_core::safetensors::save(&wrong, d.join("wrong.safetensors")).unwrap();
+    let other: HashMap<String, Tensor> = [(
+        "x".to_string(),
+        Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )]
+    .into();
+    candle_core::safetensors::save(&other, d.join("other.safetensors")).unwrap();
+    let sk = sketch();
+    let sk = sk.as_str();
+    let t = tiny();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--sketch", "missing.png", "--prompt", "a", "--model", &t],
+            "missing.png",
+        ),
+        (
+            vec!["--sketch", "notes.txt", "--prompt", "a", "--model", &t],
+            "not an image",
+        ),
+        (
+            vec!["--sketch", "empty.png", "--prompt", "a", "--model", &t],
+            "empty.png",
+        ),
+        (
+            vec!["--sketch", "cut.png", "--prompt", "a", "--model", &t],
+            "cut.png",
+        ),
+        (
+            vec!["--sketch", ".", "--prompt", "a", "--model", &t],
+            "folder",
+        ),
+        (
+            vec!["--sketch", sk, "--prompt", "  ", "--model", &t],
+            "--prompt",
+        ),
+        (
+            vec![
+                "--sketch", sk, "--prompt", "a", "--model", &t, "--frames", "0",
+            ],
+            "--frames",
+        ),
+        (
+            vec![
+                "--sketch",
+                sk,
+                "--prompt",
+                "a",
+                "--model",
+                &t,
+                "--variants",
+                "99",
+            ],
+            "--variants",
+        ),
+        (
+            vec![
+                "--sketch", sk, "--prompt", "a", "--model", &t, "--steps", "0",
+            ],
+            "--steps",
+        ),
+        (
+            vec![
+                "--sketch", sk, "--prompt", "a", "--model", &t, "--size", "5",
+            ],
+            "--size",
+        ),
+        (
+            vec![
+                "--sketch",
+                sk,
+                "--prompt",
+                "a",
+                "--model",
+                &t,
+                "--guidance",
+                "nan",
+            ],
+            "finite",
+        ),
+        (
+            vec![
+                "--sketch", sk, "--prompt", "a", "--model", &t, "--dtype", "f64",
+            ],
+            "f64",
+        ),
+        (
+            vec![
+                "--sketch", sk, "--prompt", "a", "--model", &t, "--format", "avi",
+            ],
+            "avi",
+        ),
+        (
+            vec![
+                "--sketch",
+                sk,
+                "--prompt",
+                "a",
+                "--model",
+                "./no/such/model",
+            ],
+            "no/such/model",
+        ),
+        (
+            vec![
+                "--sketch",
+                sk,
+                "--prompt",
+                "a",
+                "--model",
+                d.to_str().unwrap(),
+            ],
+            "not a model folder",
+        ),
+        (
+            vec![
+                "--sketch",
+                sk,
+                "--prompt",
+                "a",
+                "--model",
+                &t,
+                "--init-noise",
+                "noise.safetensors",
+            ],
+            "noise.safetensors",
+        ),
+        (
+            vec![
+                "--sketch",
+                sk,
+                "--prompt",
+                "a",
+                "--model",
+                &t,
+                "--init-noise",
+                "other.safetensors",
+            ],
+            "latents",
+        ),
+        (
+            vec![
+                "--sketch",
+                sk,
+                "--prompt",
+                "a",
+                "--model",
+                &t,
+                "--init-noise",
+                "wrong.safetensors",
+                "--steps",
+                "1",
+            ],
+            "init noise",
+        ),
+        (
+            vec![
+                "--sketch",
+                sk,
+                "--prompt",
+                "a",
+                "--model",
+                &t,
+                "--out",
+                "notes.txt",
+            ],
+            "notes.txt",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut a = args.clone();
+        a.push("--quiet");
+        let r = run_in(d, &a, &[]);
+        assert!(!r.ok, "{args:?} should fail");
+        assert!(
+            r.stderr.contains(needle),
+            "{args:?}: expected {needle:?} in:\n{}",
+            r.stderr
+        );
+    }
+}
