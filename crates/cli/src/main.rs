@@ -1,6 +1,7 @@
 //! `flipsketch`: the command line. Thin: parse, validate, call the library.
 
 mod animate;
+mod bench;
 mod model_source;
 
 use std::path::PathBuf;
@@ -40,6 +41,9 @@ impl Precision {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Benchmarks (timings of model parts at real shapes).
+    #[command(subcommand)]
+    Bench(bench::Bench),
     /// Animate a sketch: sketch + prompt -> GIFs (and PNG frames).
     Animate(Box<animate::AnimateArgs>),
     /// Load every component of a model folder and report what it holds.
@@ -63,7 +67,7 @@ fn human(n: usize) -> String {
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), if known.
-fn peak_rss_mib() -> Option<f64> {
+pub(crate) fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect { model, dtype } => inspect(model, dtype),
         Command::Animate(args) => animate::run(*args),
+        Command::Bench(b) => bench::run(b),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,74 @@
+//! `flipsketch bench unet`: times one UNet3D forward at a given shape (random inputs), best of
+//! N after a warm-up, and reports peak memory. The PyTorch side of the comparison is
+//! `tools/reference/bench_unet.py` with the same arguments.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, Subcommand};
+use flipsketch_models::loading::{load_component, DIFFUSERS_WEIGHTS};
+use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
+
+use crate::Precision;
+
+#[derive(Subcommand, Debug)]
+pub enum Bench {
+    /// One UNet3D forward pass.
+    Unet(UnetBench),
+}
+
+#[derive(Args, Debug)]
+pub struct UnetBench {
+    /// Model folder (diffusers layout, with unet/).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    pub frames: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Latent side (32 = 256 px images).
+    #[arg(long, default_value_t = 32)]
+    pub size: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Precision,
+    /// Timed repetitions after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+}
+
+pub fn run(b: Bench) -> Result<()> {
+    let Bench::Unet(a) = b;
+    if a.frames == 0 || a.batch == 0 || a.size == 0 || a.reps == 0 {
+        bail!("--frames, --batch, --size and --reps must be positive");
+    }
+    let dir = a.model.join("unet");
+    let cfg = UNet3DConfig::from_file(&dir.join("config.json"))?;
+    let dtype = a.dtype.dtype();
+    let dev = Device::Cpu;
+    let t0 = Instant::now();
+    let (unet, _) = load_component("unet", &dir, DIFFUSERS_WEIGHTS, dtype, &dev, |vb| UNet3DConditionModel::new(&cfg, vb))
+        .with_context(|| format!("cannot load {}", dir.display()))?;
+    println!("load_s {:.2}", t0.elapsed().as_secs_f64());
+    let sample = Tensor::randn(0f32, 1., (a.batch, cfg.in_channels, a.frames, a.size, a.size), &dev)?;
+    let ehs = Tensor::randn(0f32, 1., (a.batch, 77, cfg.cross_attention_dim), &dev)?.to_dtype(dtype)?;
+    let mut best = f64::INFINITY;
+    for rep in 0..=a.reps {
+        let t = Instant::now();
+        let out = unet.forward(&sample, 500.0, &ehs, None)?;
+        out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        let s = t.elapsed().as_secs_f64();
+        if rep == 0 {
+            println!("warmup_s {s:.3}");
+        } else {
+            println!("rep {rep}: {s:.3} s");
+            best = best.min(s);
+        }
+    }
+    println!("unet_forward_s {best:.3}");
+    if let Some(p) = crate::peak_rss_mib() {
+        println!("peak_memory_mib {p:.0}");
+    }
+    Ok(())
+}
