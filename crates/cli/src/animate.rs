@@ -9,19 +9,16 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use flipsketch_media::sketch::{fit_square, on_white, to_chw_f32, Fit};
-use flipsketch_media::writers::{
-    binarize_frames, resize_frames, write_binary_gif, write_png_frames, write_rgb_gif,
-};
-use flipsketch_media::Frames;
+use flipsketch_media::writers::{write_variant, Format};
 use flipsketch_pipeline::components::Components;
-use flipsketch_pipeline::{Encode, Phase, Pipeline, Progress, Request};
+use flipsketch_pipeline::{video_to_frames, Encode, Phase, Pipeline, Progress, Request};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::model_source::{self, DEFAULT_REPO, DEFAULT_SUBFOLDER};
 use crate::Precision;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Format {
+pub enum FormatArg {
     /// Binarised GIF: black strokes on white, Otsu threshold per frame.
     Gif,
     /// The decoded colours, not binarised.
@@ -98,7 +95,7 @@ pub struct AnimateArgs {
     pub size: u32,
     /// Output formats (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "gif")]
-    pub format: Vec<Format>,
+    pub format: Vec<FormatArg>,
     /// Frames per second of the animations.
     #[arg(long, default_value_t = 10)]
     pub fps: u32,
@@ -244,27 +241,6 @@ fn load_init_noise(path: &Path) -> Result<Tensor> {
     Ok(latents.to_dtype(DType::F32)?)
 }
 
-/// (B, F, H, W, 3) in [0, 1] -> per variant RGB frames.
-fn to_frames(video: &Tensor) -> Result<Vec<Frames>> {
-    let (b, f, h, w, _) = video.dims5()?;
-    let bytes = (video * 255.0)?
-        .round()?
-        .clamp(0f32, 255f32)?
-        .to_dtype(DType::U8)?;
-    let mut out = Vec::with_capacity(b);
-    for v in 0..b {
-        let frames = (0..f)
-            .map(|k| bytes.get(v)?.get(k)?.flatten_all()?.to_vec1::<u8>())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        out.push(Frames {
-            width: w as u32,
-            height: h as u32,
-            frames,
-        });
-    }
-    Ok(out)
-}
-
 fn check_new(path: &Path, overwrite: bool) -> Result<()> {
     if path.exists() && !overwrite {
         bail!(
@@ -362,37 +338,25 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     let t_write = Instant::now();
     bars.start("writing", variants as u64, "variant");
     let mut files: Vec<PathBuf> = Vec::new();
-    for (k, v) in to_frames(&output.video)?.iter().enumerate() {
-        let sized = resize_frames(v, a.size)?;
-        for fmt in &a.format {
-            match fmt {
-                Format::Gif => {
-                    let p = out_dir.join(format!("variant-{k}.gif"));
-                    check_new(&p, a.overwrite)?;
-                    write_binary_gif(
-                        &p,
-                        sized.width,
-                        sized.height,
-                        &binarize_frames(&sized),
-                        a.fps,
-                    )?;
-                    files.push(p);
-                }
-                Format::GifRaw => {
-                    let p = out_dir.join(format!("variant-{k}-raw.gif"));
-                    check_new(&p, a.overwrite)?;
-                    write_rgb_gif(&p, &sized, a.fps)?;
-                    files.push(p);
-                }
-                Format::Png => {
-                    let stem = format!("variant-{k}");
-                    for i in 0..sized.frames.len() {
-                        check_new(&out_dir.join(format!("{stem}-{i:03}.png")), a.overwrite)?;
-                    }
-                    files.extend(write_png_frames(&out_dir, &stem, &sized)?);
-                }
-            }
-        }
+    let formats: Vec<Format> = a
+        .format
+        .iter()
+        .map(|f| match f {
+            FormatArg::Gif => Format::Gif,
+            FormatArg::GifRaw => Format::GifRaw,
+            FormatArg::Png => Format::Png,
+        })
+        .collect();
+    for (k, v) in video_to_frames(&output.video)?.iter().enumerate() {
+        files.extend(write_variant(
+            &out_dir,
+            k,
+            v,
+            &formats,
+            a.size,
+            a.fps,
+            a.overwrite,
+        )?);
         bars.advance(k + 1);
     }
     if let Some(d) = &a.dump {

@@ -48,11 +48,19 @@ pub fn run(b: Bench) -> Result<()> {
     let dtype = a.dtype.dtype();
     let dev = Device::Cpu;
     let t0 = Instant::now();
-    let (unet, _) = load_component("unet", &dir, DIFFUSERS_WEIGHTS, dtype, &dev, |vb| UNet3DConditionModel::new(&cfg, vb))
-        .with_context(|| format!("cannot load {}", dir.display()))?;
+    let (unet, _) = load_component("unet", &dir, DIFFUSERS_WEIGHTS, dtype, &dev, |vb| {
+        UNet3DConditionModel::new(&cfg, vb)
+    })
+    .with_context(|| format!("cannot load {}", dir.display()))?;
     println!("load_s {:.2}", t0.elapsed().as_secs_f64());
-    let sample = Tensor::randn(0f32, 1., (a.batch, cfg.in_channels, a.frames, a.size, a.size), &dev)?;
-    let ehs = Tensor::randn(0f32, 1., (a.batch, 77, cfg.cross_attention_dim), &dev)?.to_dtype(dtype)?;
+    let sample = Tensor::randn(
+        0f32,
+        1.,
+        (a.batch, cfg.in_channels, a.frames, a.size, a.size),
+        &dev,
+    )?;
+    let ehs =
+        Tensor::randn(0f32, 1., (a.batch, 77, cfg.cross_attention_dim), &dev)?.to_dtype(dtype)?;
     let mut best = f64::INFINITY;
     for rep in 0..=a.reps {
         let t = Instant::now();

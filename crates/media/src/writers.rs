@@ -111,3 +111,64 @@ pub fn write_png_frames(dir: &Path, stem: &str, frames: &Frames) -> Result<Vec<P
     }
     Ok(paths)
 }
+
+/// Output formats of one animation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// Binarised GIF: black strokes on white, Otsu threshold per frame.
+    Gif,
+    /// The decoded colours, not binarised.
+    GifRaw,
+    /// Numbered PNG frames.
+    Png,
+}
+
+/// Writes variant `k` in every format into `dir` at `size` x `size`, `fps` frames a second:
+/// `variant-K.gif`, `variant-K-raw.gif`, `variant-K-NNN.png`. Existing files are an error
+/// unless `overwrite`. Returns the paths written.
+pub fn write_variant(
+    dir: &Path,
+    k: usize,
+    frames: &Frames,
+    formats: &[Format],
+    size: u32,
+    fps: u32,
+    overwrite: bool,
+) -> Result<Vec<PathBuf>> {
+    let sized = resize_frames(frames, size)?;
+    let fresh = |p: &Path| {
+        if p.exists() && !overwrite {
+            Err(MediaError::Output {
+                path: p.to_path_buf(),
+                msg: "already exists (use --overwrite to replace it)".into(),
+            })
+        } else {
+            Ok(())
+        }
+    };
+    let mut files = Vec::new();
+    for fmt in formats {
+        match fmt {
+            Format::Gif => {
+                let p = dir.join(format!("variant-{k}.gif"));
+                fresh(&p)?;
+                write_binary_gif(&p, sized.width, sized.height, &binarize_frames(&sized), fps)?;
+                files.push(p);
+            }
+            Format::GifRaw => {
+                let p = dir.join(format!("variant-{k}-raw.gif"));
+                fresh(&p)?;
+                write_rgb_gif(&p, &sized, fps)?;
+                files.push(p);
+            }
+            Format::Png => {
+                let stem = format!("variant-{k}");
+                for i in 0..sized.frames.len() {
+                    fresh(&dir.join(format!("{stem}-{i:03}.png")))?;
+                }
+                files.extend(write_png_frames(dir, &stem, &sized)?);
+            }
+        }
+    }
+    Ok(files)
+}

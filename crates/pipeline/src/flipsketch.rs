@@ -352,3 +352,24 @@ impl Pipeline {
         })
     }
 }
+
+/// (B, F, H, W, 3) in [0, 1] -> per variant RGB byte frames (rounded).
+pub fn video_to_frames(video: &Tensor) -> candle_core::Result<Vec<flipsketch_media::Frames>> {
+    let (b, f, h, w, _) = video.dims5()?;
+    let bytes = (video.to_dtype(DType::F32)? * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(DType::U8)?;
+    (0..b)
+        .map(|v| {
+            let frames = (0..f)
+                .map(|k| bytes.get(v)?.get(k)?.flatten_all()?.to_vec1::<u8>())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(flipsketch_media::Frames {
+                width: w as u32,
+                height: h as u32,
+                frames,
+            })
+        })
+        .collect()
+}

@@ -6,4 +6,6 @@ pub mod composition;
 pub mod flipsketch;
 pub mod text;
 
-pub use flipsketch::{Encode, Output, Phase, Pipeline, PipelineError, Progress, Request, Silent};
+pub use flipsketch::{
+    video_to_frames, Encode, Output, Phase, Pipeline, PipelineError, Progress, Request, Silent,
+};

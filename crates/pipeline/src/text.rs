@@ -223,7 +223,9 @@ impl ClipTokenizer {
                 specials.push(AddedToken::from(t.clone(), true));
             }
         }
-        inner.add_special_tokens(&specials);
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| TokenizerError::Tokenize(e.to_string()))?;
         inner
             .with_truncation(Some(TruncationParams {
                 max_length,
