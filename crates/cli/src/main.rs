@@ -3,6 +3,7 @@
 mod animate;
 mod bench;
 mod model_source;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ impl Precision {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the web app and the HTTP jobs API.
+    Serve(Box<serve::ServeArgs>),
     /// Benchmarks (timings of model parts at real shapes).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -126,6 +129,7 @@ fn main() -> ExitCode {
         Command::Inspect { model, dtype } => inspect(model, dtype),
         Command::Animate(args) => animate::run(*args),
         Command::Bench(b) => bench::run(b),
+        Command::Serve(a) => serve::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,447 @@
+//! The HTTP API through real HTTP on 127.0.0.1 against the tiny random model: a job to done,
+//! every error, a full queue, cancellation mid-run, clients that go away, path traversal.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use flipsketch_engine::{Engine, EngineConfig};
+use flipsketch_pipeline::components::Components;
+use flipsketch_pipeline::Pipeline;
+use reqwest::multipart::{Form, Part};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn sketch_bytes() -> Vec<u8> {
+    std::fs::read(fixtures().join("golden/pipeline_sketch.png")).unwrap()
+}
+
+struct Server {
+    base: String,
+    client: reqwest::Client,
+    _jobs: tempfile::TempDir,
+}
+
+async fn start(tweak: impl FnOnce(&mut EngineConfig), delay: Duration, fail: bool) -> Server {
+    let jobs = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig {
+        jobs_dir: jobs.path().to_path_buf(),
+        output_size: 32,
+        ..EngineConfig::default()
+    };
+    tweak(&mut config);
+    let engine = Engine::start(
+        config,
+        Box::new(move || {
+            std::thread::sleep(delay);
+            if fail {
+                return Err("weights are broken".into());
+            }
+            let c = Components::load(&fixtures().join("tiny"), DType::F32, &Device::Cpu, |_| {})
+                .map_err(|e| e.to_string())?;
+            Ok(Pipeline::new(c, Device::Cpu, DType::F32))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(flipsketch_server::serve(listener, engine));
+    let server = Server {
+        base,
+        client: reqwest::Client::new(),
+        _jobs: jobs,
+    };
+    if !fail {
+        server.wait_ready().await;
+    }
+    server
+}
+
+impl Server {
+    async fn wait_ready(&self) {
+        let t = Instant::now();
+        while self
+            .client
+            .get(format!("{}/healthz", self.base))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            != 200
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "model never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn form(&self, fields: &[(&str, &str)]) -> Form {
+        let mut f = Form::new().part("sketch", Part::bytes(sketch_bytes()).file_name("s.png"));
+        for (k, v) in fields {
+            f = f.text(k.to_string(), v.to_string());
+        }
+        f
+    }
+
+    async fn submit(&self, form: Form) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}/api/jobs", self.base))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn wait_status(&self, id: &str, want: &[&str], timeout: Duration) -> Value {
+        let t = Instant::now();
+        loop {
+            let (code, v) = self.get(&format!("/api/jobs/{id}")).await;
+            assert_eq!(code, 200);
+            if want.contains(&v["status"].as_str().unwrap()) {
+                return v;
+            }
+            assert!(t.elapsed() < timeout, "job {id} stuck in {v}");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+}
+
+const QUICK: &[(&str, &str)] = &[
+    ("prompt", "a cat jumps"),
+    ("variants", "2"),
+    ("frames", "3"),
+    ("steps", "3"),
+    ("seed", "7"),
+];
+const SLOW: &[(&str, &str)] = &[
+    ("prompt", "a cat jumps"),
+    ("variants", "2"),
+    ("frames", "8"),
+    ("steps", "100"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_runs_to_done_with_files_and_events() {
+    let s = start(|_| {}, Duration::ZERO, false).await;
+    let (code, info) = s.get("/api/info").await;
+    assert_eq!(code, 200);
+    assert_eq!(info["image_size"], 16);
+    let (code, v) = s.submit(s.form(QUICK)).await;
+    assert_eq!(code, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    // the event stream ends with the final status
+    let body = s
+        .client
+        .get(format!("{}/api/jobs/{id}/events", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| serde_json::from_str(d.trim()).unwrap())
+        .collect();
+    assert!(!events.is_empty());
+    assert_eq!(events.last().unwrap()["status"], "done", "{body}");
+    let progress: Vec<f64> = events
+        .iter()
+        .map(|e| e["progress"].as_f64().unwrap())
+        .collect();
+    assert!(
+        progress.windows(2).all(|w| w[0] <= w[1]),
+        "progress goes forward: {progress:?}"
+    );
+    let done = s.wait_status(&id, &["done"], Duration::from_secs(30)).await;
+    assert_eq!(done["progress"], 1.0);
+    assert_eq!(done["seed"], 7);
+    let results = done["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for r in results {
+        for key in ["gif", "gif_raw"] {
+            let resp = s
+                .client
+                .get(format!("{}{}", s.base, r[key].as_str().unwrap()))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.headers()["content-type"], "image/gif");
+            let bytes = resp.bytes().await.unwrap();
+            assert!(bytes.starts_with(b"GIF8"));
+        }
+    }
+    // page and assets
+    for (path, ty) in [
+        ("/", "text/html"),
+        ("/assets/app.js", "text/javascript"),
+        ("/assets/app.css", "text/css"),
+    ] {
+        let r = s
+            .client
+            .get(format!("{}{path}", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with(ty));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_the_problem() {
+    let s = start(|c| c.limits.upload_max_bytes = 4096, Duration::ZERO, false).await;
+    let cases: Vec<(Form, u16, &str)> = vec![
+        (s.form(&[]), 400, "prompt is missing"),
+        (s.form(&[("prompt", "   ")]), 400, "prompt is empty"),
+        (
+            s.form(&[("prompt", "x"), ("variants", "abc")]),
+            400,
+            "variants",
+        ),
+        (
+            s.form(&[("prompt", "x"), ("variants", "99")]),
+            400,
+            "variants must be between",
+        ),
+        (s.form(&[("prompt", "x"), ("frames", "0")]), 400, "frames"),
+        (s.form(&[("prompt", "x"), ("steps", "-3")]), 400, "steps"),
+        (s.form(&[("prompt", "x"), ("lambda", "nan")]), 400, "lambda"),
+        (
+            s.form(&[("prompt", "x"), ("colour", "red")]),
+            400,
+            "unknown field",
+        ),
+        (Form::new().text("prompt", "x"), 400, "sketch is missing"),
+        (
+            Form::new()
+                .text("prompt", "x")
+                .part("sketch", Part::bytes(b"hello".to_vec())),
+            400,
+            "not an image",
+        ),
+        (
+            Form::new()
+                .text("prompt", "x")
+                .part("sketch", Part::bytes(vec![7u8; 20000])),
+            413,
+            "too large",
+        ),
+    ];
+    for (form, want, needle) in cases {
+        let (code, v) = s.submit(form).await;
+        assert_eq!(code, want, "{needle}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains(needle),
+            "{needle}: {v}"
+        );
+    }
+    // not multipart at all
+    let r = s
+        .client
+        .post(format!("{}/api/jobs", s.base))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error());
+    let unknown = "0123456789abcdef0123456789abcdef";
+    for path in [
+        format!("/api/jobs/{unknown}"),
+        format!("/api/jobs/{unknown}/events"),
+        format!("/api/jobs/{unknown}/files/variant-0.gif"),
+    ] {
+        let (code, v) = s.get(&path).await;
+        assert_eq!(code, 404, "{path}");
+        assert!(v["error"].is_string());
+    }
+    let r = s
+        .client
+        .delete(format!("{}/api/jobs/{unknown}", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(s.get("/assets/../../Cargo.toml").await.0, 404);
+    assert_eq!(s.get("/assets/secret.txt").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_outside_the_job_are_unreachable() {
+    let s = start(|_| {}, Duration::ZERO, false).await;
+    let (_, v) = s.submit(s.form(QUICK)).await;
+    let id = v["id"].as_str().unwrap().to_string();
+    s.wait_status(&id, &["done"], Duration::from_secs(30)).await;
+    for name in [
+        "..%2F..%2Fetc%2Fpasswd",
+        "%2Fetc%2Fpasswd",
+        "..",
+        ".",
+        "variant-9.gif",
+        "..%2Fvariant-0.gif",
+        "result.json",
+    ] {
+        let code = s
+            .client
+            .get(format!("{}/api/jobs/{id}/files/{name}", s.base))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(code, 404, "{name}");
+    }
+    let other = "ffffffffffffffffffffffffffffffff";
+    let code = s
+        .client
+        .get(format!("{}/api/jobs/{other}/files/variant-0.gif", s.base))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(code, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_429_and_cancel_stops_a_running_job() {
+    let s = start(|c| c.queue_capacity = 1, Duration::ZERO, false).await;
+    let (code, v) = s.submit(s.form(SLOW)).await;
+    assert_eq!(code, 202);
+    let running = v["id"].as_str().unwrap().to_string();
+    s.wait_status(&running, &["running"], Duration::from_secs(10))
+        .await;
+    // one may wait; the rest of a burst is refused
+    let forms: Vec<Form> = (0..4).map(|_| s.form(SLOW)).collect();
+    let codes: Vec<u16> = futures::future::join_all(forms.into_iter().map(|f| s.submit(f)))
+        .await
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(codes.iter().filter(|&&c| c == 202).count(), 1, "{codes:?}");
+    assert_eq!(codes.iter().filter(|&&c| c == 429).count(), 3, "{codes:?}");
+    let (_, listing) = s.get(&format!("/api/jobs/{running}")).await;
+    assert_eq!(listing["queue_position"], Value::Null);
+
+    let r = s
+        .client
+        .delete(format!("{}/api/jobs/{running}", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v = s
+        .wait_status(
+            &running,
+            &["cancelled", "done", "failed"],
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert!(v["progress"].as_f64().unwrap() < 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_of_departed_clients_are_dropped() {
+    let s = start(
+        |c| c.client_timeout = Duration::from_millis(700),
+        Duration::ZERO,
+        false,
+    )
+    .await;
+    let (_, a) = s.submit(s.form(SLOW)).await;
+    let a = a["id"].as_str().unwrap().to_string();
+    s.wait_status(&a, &["running"], Duration::from_secs(10))
+        .await;
+    let (_, b) = s.submit(s.form(QUICK)).await;
+    let b = b["id"].as_str().unwrap().to_string();
+    let (_, v) = s.get(&format!("/api/jobs/{b}")).await;
+    assert_eq!(v["status"], "queued");
+    assert_eq!(v["queue_position"], 0);
+    // nobody asks about b for longer than the timeout
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, v) = s.get(&format!("/api/jobs/{b}")).await;
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("went away"));
+    s.client
+        .delete(format!("{}/api/jobs/{a}", s.base))
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_loading_and_failure() {
+    let s = start(|_| {}, Duration::from_millis(800), false).await;
+    drop(s);
+    let s = start(|_| {}, Duration::ZERO, true).await;
+    let t = Instant::now();
+    loop {
+        let (code, v) = s.get("/healthz").await;
+        assert_eq!(code, 503);
+        if v["status"] == "failed" {
+            assert!(v["error"].as_str().unwrap().contains("weights are broken"));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, v) = s.submit(s.form(QUICK)).await;
+    assert_eq!(code, 503, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loading_is_503_then_ready() {
+    let jobs = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        jobs_dir: jobs.path().to_path_buf(),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(
+        config,
+        Box::new(|| {
+            std::thread::sleep(Duration::from_millis(1500));
+            let c = Components::load(&fixtures().join("tiny"), DType::F32, &Device::Cpu, |_| {})
+                .map_err(|e| e.to_string())?;
+            Ok(Pipeline::new(c, Device::Cpu, DType::F32))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(flipsketch_server::serve(listener, engine));
+    let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "loading");
+    let form = Form::new()
+        .text("prompt", "x")
+        .part("sketch", Part::bytes(sketch_bytes()));
+    let r = reqwest::Client::new()
+        .post(format!("{base}/api/jobs"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+}
