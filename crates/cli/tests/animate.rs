@@ -282,163 +282,27 @@ fn bad_inputs_fail_with_clear_errors() {
     let sk = sketch();
     let sk = sk.as_str();
     let t = tiny();
+    #[rustfmt::skip]
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (
-            vec!["--sketch", "missing.png", "--prompt", "a", "--model", &t],
-            "missing.png",
-        ),
-        (
-            vec!["--sketch", "notes.txt", "--prompt", "a", "--model", &t],
-            "not an image",
-        ),
-        (
-            vec!["--sketch", "empty.png", "--prompt", "a", "--model", &t],
-            "empty.png",
-        ),
-        (
-            vec!["--sketch", "cut.png", "--prompt", "a", "--model", &t],
-            "cut.png",
-        ),
-        (
-            vec!["--sketch", ".", "--prompt", "a", "--model", &t],
-            "folder",
-        ),
-        (
-            vec!["--sketch", sk, "--prompt", "  ", "--model", &t],
-            "--prompt",
-        ),
-        (
-            vec![
-                "--sketch", sk, "--prompt", "a", "--model", &t, "--frames", "0",
-            ],
-            "--frames",
-        ),
-        (
-            vec![
-                "--sketch",
-                sk,
-                "--prompt",
-                "a",
-                "--model",
-                &t,
-                "--variants",
-                "99",
-            ],
-            "--variants",
-        ),
-        (
-            vec![
-                "--sketch", sk, "--prompt", "a", "--model", &t, "--steps", "0",
-            ],
-            "--steps",
-        ),
-        (
-            vec![
-                "--sketch", sk, "--prompt", "a", "--model", &t, "--size", "5",
-            ],
-            "--size",
-        ),
-        (
-            vec![
-                "--sketch",
-                sk,
-                "--prompt",
-                "a",
-                "--model",
-                &t,
-                "--guidance",
-                "nan",
-            ],
-            "finite",
-        ),
-        (
-            vec![
-                "--sketch", sk, "--prompt", "a", "--model", &t, "--dtype", "f64",
-            ],
-            "f64",
-        ),
-        (
-            vec![
-                "--sketch", sk, "--prompt", "a", "--model", &t, "--format", "avi",
-            ],
-            "avi",
-        ),
-        (
-            vec![
-                "--sketch",
-                sk,
-                "--prompt",
-                "a",
-                "--model",
-                "./no/such/model",
-            ],
-            "no/such/model",
-        ),
-        (
-            vec![
-                "--sketch",
-                sk,
-                "--prompt",
-                "a",
-                "--model",
-                d.to_str().unwrap(),
-            ],
-            "not a model folder",
-        ),
-        (
-            vec![
-                "--sketch",
-                sk,
-                "--prompt",
-                "a",
-                "--model",
-                &t,
-                "--init-noise",
-                "noise.safetensors",
-            ],
-            "noise.safetensors",
-        ),
-        (
-            vec![
-                "--sketch",
-                sk,
-                "--prompt",
-                "a",
-                "--model",
-                &t,
-                "--init-noise",
-                "other.safetensors",
-            ],
-            "latents",
-        ),
-        (
-            vec![
-                "--sketch",
-                sk,
-                "--prompt",
-                "a",
-                "--model",
-                &t,
-                "--init-noise",
-                "wrong.safetensors",
-                "--steps",
-                "1",
-            ],
-            "init noise",
-        ),
-        (
-            vec![
-                "--sketch",
-                sk,
-                "--prompt",
-                "a",
-                "--model",
-                &t,
-                "--out",
-                "notes.txt",
-            ],
-            "notes.txt",
-        ),
+        (vec!["--sketch", "missing.png", "--prompt", "a", "--model", &t], "missing.png"),
+        (vec!["--sketch", "notes.txt", "--prompt", "a", "--model", &t], "not an image"),
+        (vec!["--sketch", "empty.png", "--prompt", "a", "--model", &t], "empty.png"),
+        (vec!["--sketch", "cut.png", "--prompt", "a", "--model", &t], "cut.png"),
+        (vec!["--sketch", ".", "--prompt", "a", "--model", &t], "folder"),
+        (vec!["--sketch", sk, "--prompt", "  ", "--model", &t], "--prompt"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--frames", "0"], "--frames"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--variants", "99"], "--variants"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--steps", "0"], "--steps"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--size", "5"], "--size"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--guidance", "nan"], "finite"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--dtype", "f64"], "f64"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--format", "avi"], "avi"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", "./no/such/model"], "no/such/model"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", d.to_str().unwrap()], "not a model folder"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--init-noise", "noise.safetensors"], "noise.safetensors"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--init-noise", "other.safetensors"], "latents"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--init-noise", "wrong.safetensors", "--steps", "1"], "init noise"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--out", "notes.txt"], "notes.txt"),
     ];
     for (args, needle) in cases {
         let mut a = args.clone();

@@ -53,10 +53,14 @@ async fn start(tweak: impl FnOnce(&mut EngineConfig), delay: Duration, fail: boo
         client: reqwest::Client::new(),
         _jobs: jobs,
     };
-    if !fail {
-        server.wait_ready().await;
-    }
     server
+}
+
+/// A server whose model has loaded.
+async fn start_ready(tweak: impl FnOnce(&mut EngineConfig)) -> Server {
+    let s = start(tweak, Duration::ZERO, false).await;
+    s.wait_ready().await;
+    s
 }
 
 impl Server {
@@ -140,7 +144,7 @@ const SLOW: &[(&str, &str)] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_runs_to_done_with_files_and_events() {
-    let s = start(|_| {}, Duration::ZERO, false).await;
+    let s = start_ready(|_| {}).await;
     let (code, info) = s.get("/api/info").await;
     assert_eq!(code, 200);
     assert_eq!(info["image_size"], 16);
@@ -213,7 +217,7 @@ async fn job_runs_to_done_with_files_and_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_name_the_problem() {
-    let s = start(|c| c.limits.upload_max_bytes = 4096, Duration::ZERO, false).await;
+    let s = start_ready(|c| c.limits.upload_max_bytes = 4096).await;
     let cases: Vec<(Form, u16, &str)> = vec![
         (s.form(&[]), 400, "prompt is missing"),
         (s.form(&[("prompt", "   ")]), 400, "prompt is empty"),
@@ -291,7 +295,7 @@ async fn bad_requests_name_the_problem() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_outside_the_job_are_unreachable() {
-    let s = start(|_| {}, Duration::ZERO, false).await;
+    let s = start_ready(|_| {}).await;
     let (_, v) = s.submit(s.form(QUICK)).await;
     let id = v["id"].as_str().unwrap().to_string();
     s.wait_status(&id, &["done"], Duration::from_secs(30)).await;
@@ -326,7 +330,7 @@ async fn files_outside_the_job_are_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_is_429_and_cancel_stops_a_running_job() {
-    let s = start(|c| c.queue_capacity = 1, Duration::ZERO, false).await;
+    let s = start_ready(|c| c.queue_capacity = 1).await;
     let (code, v) = s.submit(s.form(SLOW)).await;
     assert_eq!(code, 202);
     let running = v["id"].as_str().unwrap().to_string();
@@ -364,12 +368,7 @@ async fn full_queue_is_429_and_cancel_stops_a_running_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_jobs_of_departed_clients_are_dropped() {
-    let s = start(
-        |c| c.client_timeout = Duration::from_millis(700),
-        Duration::ZERO,
-        false,
-    )
-    .await;
+    let s = start_ready(|c| c.client_timeout = Duration::from_millis(700)).await;
     let (_, a) = s.submit(s.form(SLOW)).await;
     let a = a["id"].as_str().unwrap().to_string();
     s.wait_status(&a, &["running"], Duration::from_secs(10))
@@ -392,9 +391,7 @@ async fn queued_jobs_of_departed_clients_are_dropped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_reports_loading_and_failure() {
-    let s = start(|_| {}, Duration::from_millis(800), false).await;
-    drop(s);
+async fn health_reports_failure() {
     let s = start(|_| {}, Duration::ZERO, true).await;
     let t = Instant::now();
     loop {
@@ -413,35 +410,14 @@ async fn health_reports_loading_and_failure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loading_is_503_then_ready() {
-    let jobs = tempfile::tempdir().unwrap();
-    let config = EngineConfig {
-        jobs_dir: jobs.path().to_path_buf(),
-        ..EngineConfig::default()
-    };
-    let engine = Engine::start(
-        config,
-        Box::new(|| {
-            std::thread::sleep(Duration::from_millis(1500));
-            let c = Components::load(&fixtures().join("tiny"), DType::F32, &Device::Cpu, |_| {})
-                .map_err(|e| e.to_string())?;
-            Ok(Pipeline::new(c, Device::Cpu, DType::F32))
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(flipsketch_server::serve(listener, engine));
-    let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
-    assert_eq!(r.status(), 503);
-    let v: Value = r.json().await.unwrap();
+    let s = start(|_| {}, Duration::from_millis(1500), false).await;
+    let (code, v) = s.get("/healthz").await;
+    assert_eq!(code, 503);
     assert_eq!(v["status"], "loading");
-    let form = Form::new()
-        .text("prompt", "x")
-        .part("sketch", Part::bytes(sketch_bytes()));
-    let r = reqwest::Client::new()
-        .post(format!("{base}/api/jobs"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
+    let (code, v) = s.submit(s.form(QUICK)).await;
+    assert_eq!(code, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("loading"));
+    s.wait_ready().await;
+    let (code, _) = s.submit(s.form(QUICK)).await;
+    assert_eq!(code, 202);
 }
