@@ -41,7 +41,7 @@
   const ctx = el.canvas.getContext('2d');
   const base = document.createElement('canvas'); // every committed step, drawn
   base.width = base.height = SIZE;
-  const bctx = base.getContext('2d');
+  const bctx = base.getContext('2d', { willReadFrequently: true });
   const INK = '#111111';
   const PAPER = '#ffffff';
   let tool = 'pen';
@@ -96,13 +96,18 @@
     }
   }
 
-  function rebuild() {
-    paint(bctx, PAPER);
+  // Draws a list of steps on white paper, starting from the last one that repaints everything.
+  function replay(c, steps) {
+    paint(c, PAPER);
     let from = 0;
-    for (let i = history.length - 1; i >= 0; i--) {
-      if (history[i].type !== 'stroke') { from = i; break; }
+    for (let i = steps.length - 1; i >= 0; i--) {
+      if (steps[i].type !== 'stroke') { from = i; break; }
     }
-    for (let i = from; i < history.length; i++) applyStep(bctx, history[i]);
+    for (let i = from; i < steps.length; i++) applyStep(c, steps[i]);
+  }
+
+  function rebuild() {
+    replay(bctx, history);
     show();
     afterChange();
   }
@@ -131,7 +136,13 @@
   function commit(step) {
     history.push(step);
     redoStack = [];
-    if (history.length > 300) history = history.slice(-300); // bounded memory; oldest steps go
+    if (history.length > 300) {
+      // Bounded memory: the oldest 100 steps become one picture (they can no longer be undone).
+      const c = document.createElement('canvas');
+      c.width = c.height = SIZE;
+      replay(c.getContext('2d'), history.slice(0, 101));
+      history = [{ type: 'image', image: c }, ...history.slice(101)];
+    }
     if (step.type === 'stroke') {
       applyStep(bctx, step);
       show();
@@ -204,7 +215,7 @@
   el.eraser.addEventListener('click', () => setTool('eraser'));
   el.widths.forEach((b) => b.addEventListener('click', () => {
     penWidth = Number(b.dataset.width);
-    el.widths.forEach((o) => o.setAttribute('aria-checked', String(o === b)));
+    el.widths.forEach((o) => o.setAttribute('aria-pressed', String(o === b)));
   }));
   el.undo.addEventListener('click', undo);
   el.redo.addEventListener('click', redo);
@@ -347,7 +358,7 @@
       ],
     },
     {
-      name: 'Stick figure', prompt: 'a person waving hello',
+      name: 'Person', prompt: 'a person waving hello',
       strokes: [
         circle(50, 20, 9),
         line([50, 29], [50, 61]),
@@ -591,7 +602,13 @@
     }
     const fd = new FormData();
     try {
-      fd.append('sketch', await canvasBlob(), 'sketch.png');
+      const blob = await canvasBlob();
+      const max = info && info.limits && info.limits.upload_max_bytes;
+      if (max && blob.size > max) {
+        showError(`The drawing is too large to send (${Math.ceil(blob.size / 1024)} KB; the server takes up to ${Math.floor(max / 1024)} KB).`);
+        return;
+      }
+      fd.append('sketch', blob, 'sketch.png');
     } catch (err) {
       showError(`Could not read the drawing: ${err.message}`);
       return;
@@ -603,6 +620,7 @@
     const mine = job;
     setBusy(true);
     startProgress();
+    el.resultsSection.classList.add('stale');
     setStatus('uploading', 'Sending your sketch…');
     let res;
     try {
@@ -610,6 +628,7 @@
     } catch (err) {
       if (mine.cancelling) { endJob(mine, 'cancelled'); return; }
       endJob(mine, 'failed');
+      el.progress.hidden = true;
       showError('Could not reach the server. Check that flipsketch serve is still running, then try again.');
       return;
     }
@@ -725,8 +744,8 @@
       el.queue.hidden = true;
       const phase = PHASES[v.phase] || (v.phase ? v.phase : 'Working');
       setStatus('running', j.cancelling ? 'Cancelling…' : phase);
-      setBar(v.progress || 0, false);
-      el.step.textContent = v.phase === 'denoising' && v.step != null && v.steps ? `Step ${v.step} of ${v.steps}` : `${pct}%`;
+      setBar(v.progress || 0, !(v.progress > 0));
+      el.step.textContent = v.phase === 'denoising' && v.step != null && v.steps ? `Step ${v.step} of ${v.steps}` : pct > 0 ? `${pct}%` : '';
       el.eta.textContent = formatEta(v.eta_s);
       document.title = `${pct}% · ${TITLE}`;
     } else if (st === 'done') {
@@ -737,7 +756,9 @@
       endJob(j, 'failed', 'Failed');
       showError(`The animation failed: ${v.error || 'unknown error'}`);
     } else if (st === 'cancelled') {
+      const asked = j.cancelling;
       endJob(j, 'cancelled');
+      if (!asked && v.error) showError(`The job was stopped: ${v.error}`);
     }
   }
 
@@ -751,7 +772,8 @@
     el.step.textContent = '';
     const texts = { done: 'Done!', failed: 'Failed', cancelled: 'Cancelled' };
     setStatus(state, text || texts[state] || state);
-    if (state !== 'done') setBar(0, false);
+    if (el.bar.classList.contains('indeterminate')) setBar(0, false); // a failed or cancelled job keeps its bar where it stopped
+    el.resultsSection.classList.remove('stale');
     document.title = state === 'done' ? `Done · ${TITLE}` : TITLE;
     try {
       if (state === 'done' && j.id) sessionStorage.setItem(JOB_KEY, j.id);
@@ -805,9 +827,10 @@
       name.textContent = `Variation ${i + 1}`;
       const dl = document.createElement('a');
       dl.className = 'download button primary';
+      dl.insertAdjacentHTML('afterbegin', '<svg aria-hidden="true" viewBox="0 0 24 24"><path d="M12 4v11 M7 10l5 5 5-5 M5 20h14"/></svg>');
       dl.href = r.gif;
       dl.download = `flipsketch-${v.seed}-${i + 1}.gif`;
-      dl.textContent = 'Download GIF';
+      dl.append('Download GIF');
       dl.setAttribute('aria-label', `Download animation ${i + 1} as a GIF`);
       const raw = document.createElement('a');
       raw.className = 'raw';
@@ -815,10 +838,10 @@
       raw.download = `flipsketch-${v.seed}-${i + 1}-colour.gif`;
       raw.textContent = 'colour version';
       raw.setAttribute('aria-label', `Download the colour version of animation ${i + 1}`);
-      const links = document.createElement('span');
-      links.className = 'links';
-      links.append(dl, raw);
-      cap.append(name, links);
+      const row = document.createElement('span');
+      row.className = 'caption-row';
+      row.append(name, raw);
+      cap.append(row, dl);
       fig.append(img, cap);
       el.results.append(fig);
     });
