@@ -266,7 +266,9 @@ async fn file(
     } else {
         "application/octet-stream"
     };
-    let disposition = format!("inline; filename=\"{name}\"");
+    // A name unique to the job, so that downloads of several jobs do not collide.
+    let short: String = id.chars().take(8).collect();
+    let disposition = format!("inline; filename=\"flipsketch-{short}-{name}\"");
     Ok((
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(mime)),
