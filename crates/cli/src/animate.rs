@@ -25,6 +25,12 @@ pub enum FormatArg {
     GifRaw,
     /// Numbered PNG frames.
     Png,
+    /// Animated PNG with transparent paper (strokes opaque, soft edges).
+    Apng,
+    /// Sprite sheet PNG plus a JSON of frame rectangles and fps.
+    Sheet,
+    /// Each frame traced to vector paths, plus an animated SVG.
+    Svg,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -345,6 +351,9 @@ pub fn run(a: AnimateArgs) -> Result<()> {
             FormatArg::Gif => Format::Gif,
             FormatArg::GifRaw => Format::GifRaw,
             FormatArg::Png => Format::Png,
+            FormatArg::Apng => Format::Apng,
+            FormatArg::Sheet => Format::Sheet,
+            FormatArg::Svg => Format::Svg,
         })
         .collect();
     for (k, v) in video_to_frames(&output.video)?.iter().enumerate() {

@@ -93,7 +93,7 @@ fn dump_matches_reference_pipeline() {
             "--size",
             "32",
             "--format",
-            "gif,gif-raw,png",
+            "gif,gif-raw,png,apng,sheet,svg",
             "--out",
             "out",
             "--quiet",
@@ -106,8 +106,23 @@ fn dump_matches_reference_pipeline() {
         let err = max_abs(&(&d[name] - &golden[name]).unwrap()) / max_abs(&golden[name]).max(1.0);
         assert!(err <= tol, "{name}: error {err:.3e}");
     }
-    // 2 variants x (binarised gif, raw gif, 4 png frames) + dump, printed one per line
-    assert_eq!(r.stdout.lines().count(), 2 * 6 + 1, "{}", r.stdout);
+    // 2 variants x (binarised gif, raw gif, 4 png frames, apng, sheet png + json,
+    // animated svg + 4 frame svgs) + dump, printed one per line
+    assert_eq!(
+        r.stdout.lines().count(),
+        2 * (1 + 1 + 4 + 1 + 2 + 5) + 1,
+        "{}",
+        r.stdout
+    );
+    for f in [
+        "variant-0.png",
+        "variant-0-sheet.png",
+        "variant-0-sheet.json",
+        "variant-1.svg",
+        "variant-1-003.svg",
+    ] {
+        assert!(dir.path().join("out").join(f).is_file(), "{f}");
+    }
     let gif = dir.path().join("out/variant-1.gif");
     let mut opts = gif::DecodeOptions::new();
     opts.set_color_output(gif::ColorOutput::RGBA);

@@ -56,3 +56,26 @@ pub fn binarize(gray: &[u8]) -> (Vec<u8>, u8) {
         t,
     )
 }
+
+/// An 8-bit ink coverage for transparent output: Otsu splits paper from ink, and the grey
+/// levels between the mean ink and the mean paper level map linearly to alpha 255..0, so the
+/// paper is fully transparent, strokes opaque, and anti-aliased edges stay soft.
+pub fn ink_alpha(gray: &[u8]) -> Vec<u8> {
+    let t = otsu_threshold(gray);
+    let mean = |keep: &dyn Fn(u8) -> bool| {
+        let (s, n) = gray
+            .iter()
+            .filter(|&&v| keep(v))
+            .fold((0u64, 0u64), |(s, n), &v| (s + v as u64, n + 1));
+        (n > 0).then(|| s as f64 / n as f64)
+    };
+    let paper = mean(&|v| v > t).unwrap_or(255.0);
+    let ink = mean(&|v| v <= t).unwrap_or(0.0).min(paper - 1.0);
+    gray.iter()
+        .map(|&g| {
+            ((paper - g as f64) / (paper - ink) * 255.0)
+                .round()
+                .clamp(0.0, 255.0) as u8
+        })
+        .collect()
+}

@@ -187,3 +187,120 @@ fn raw_gif_and_png_frames_round_trip() {
     let big = resize_frames(&frames, 32).unwrap();
     assert_eq!((big.width, big.frames[1].len()), (32, 32 * 32 * 3));
 }
+
+fn test_frames() -> Frames {
+    // a dark disc moving right over light paper, 24x16, 3 frames
+    let (w, h) = (24u32, 16u32);
+    let frames = (0..3)
+        .map(|k| {
+            (0..w * h)
+                .flat_map(|i| {
+                    let (x, y) = ((i % w) as i32, (i / w) as i32);
+                    let d = (x - 6 - 5 * k) * (x - 6 - 5 * k) + (y - 8) * (y - 8);
+                    if d < 16 {
+                        [20u8, 20, 20]
+                    } else {
+                        [235, 235, 235]
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    Frames {
+        width: w,
+        height: h,
+        frames,
+    }
+}
+
+#[test]
+fn apng_round_trips_with_alpha_and_fps() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = test_frames();
+    let path = dir.path().join("a.png");
+    flipsketch_media::writers::write_apng(&path, &frames, 10).unwrap();
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+    let mut r = dec.read_info().unwrap();
+    let actl = r.info().animation_control().unwrap();
+    assert_eq!(
+        (actl.num_frames, actl.num_plays),
+        (3, 0),
+        "3 frames, looping"
+    );
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    for k in 0..3 {
+        let info = r.next_frame(&mut buf).unwrap();
+        assert_eq!(
+            (info.width, info.height, info.color_type),
+            (24, 16, png::ColorType::Rgba)
+        );
+        let fc = r.info().frame_control().unwrap();
+        assert_eq!((fc.delay_num, fc.delay_den), (1, 10), "10 fps");
+        let want = flipsketch_media::binarize::ink_alpha(&gray(&frames.frames[k]));
+        let alpha: Vec<u8> = buf.chunks(4).map(|p| p[3]).collect();
+        assert_eq!(alpha, want, "frame {k} alpha");
+        assert!(buf.chunks(4).all(|p| p[..3] == [0, 0, 0]), "black ink");
+        let g = gray(&frames.frames[k]);
+        for (a, v) in alpha.iter().zip(&g) {
+            match v {
+                v if *v > 200 => assert_eq!(*a, 0, "paper is transparent"),
+                v if *v < 40 => assert_eq!(*a, 255, "strokes are opaque"),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[test]
+fn sprite_sheet_matches_its_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = test_frames();
+    let (p, j) = (dir.path().join("s.png"), dir.path().join("s.json"));
+    flipsketch_media::writers::write_sheet(&p, &j, &frames, 12).unwrap();
+    let sheet = image::open(&p).unwrap().to_luma8();
+    let desc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+    assert_eq!(desc["fps"], 12);
+    assert_eq!(desc["image"], "s.png");
+    let rects = desc["frames"].as_array().unwrap();
+    assert_eq!(rects.len(), 3);
+    let masks = binarize_frames(&frames);
+    for (k, r) in rects.iter().enumerate() {
+        let (x, y, w, h) = (
+            r["x"].as_u64().unwrap() as u32,
+            r["y"].as_u64().unwrap() as u32,
+            r["w"].as_u64().unwrap() as u32,
+            r["h"].as_u64().unwrap() as u32,
+        );
+        assert_eq!((w, h), (24, 16));
+        let tile: Vec<u8> = image::imageops::crop_imm(&sheet, x, y, w, h)
+            .to_image()
+            .into_raw();
+        assert_eq!(tile, masks[k], "frame {k}");
+    }
+}
+
+#[test]
+fn svg_frames_parse_and_have_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = test_frames();
+    let files = flipsketch_media::writers::write_svg(dir.path(), "v", &frames, 10).unwrap();
+    assert_eq!(files.len(), 4, "animated + 3 frames");
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let doc =
+            roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let paths = doc.descendants().filter(|n| n.has_tag_name("path")).count();
+        assert!(paths >= 1, "{}: no paths", f.display());
+        assert_eq!(doc.root_element().attribute("width"), Some("24"));
+    }
+    let anim = std::fs::read_to_string(&files[0]).unwrap();
+    let doc = roxmltree::Document::parse(&anim).unwrap();
+    let anims: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("animate"))
+        .collect();
+    assert_eq!(anims.len(), 3);
+    assert_eq!(anims[0].attribute("dur"), Some("0.300s"));
+    assert_eq!(anims[1].attribute("values"), Some("hidden;visible;hidden"));
+}
