@@ -31,6 +31,8 @@ pub enum FormatArg {
     Sheet,
     /// Each frame traced to vector paths, plus an animated SVG.
     Svg,
+    /// H.264 MP4 (even dimensions).
+    Mp4,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -354,6 +356,7 @@ pub fn run(a: AnimateArgs) -> Result<()> {
             FormatArg::Apng => Format::Apng,
             FormatArg::Sheet => Format::Sheet,
             FormatArg::Svg => Format::Svg,
+            FormatArg::Mp4 => Format::Mp4,
         })
         .collect();
     for (k, v) in video_to_frames(&output.video)?.iter().enumerate() {

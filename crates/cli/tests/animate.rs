@@ -93,7 +93,7 @@ fn dump_matches_reference_pipeline() {
             "--size",
             "32",
             "--format",
-            "gif,gif-raw,png,apng,sheet,svg",
+            "gif,gif-raw,png,apng,sheet,svg,mp4",
             "--out",
             "out",
             "--quiet",

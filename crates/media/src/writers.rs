@@ -127,6 +127,8 @@ pub enum Format {
     Sheet,
     /// Vector frames and an animated SVG.
     Svg,
+    /// H.264 MP4.
+    Mp4,
 }
 
 /// Writes variant `k` in every format into `dir` at `size` x `size`, `fps` frames a second:
@@ -190,6 +192,12 @@ pub fn write_variant(
                 fresh(&j)?;
                 write_sheet(&p, &j, &sized, fps)?;
                 files.extend([p, j]);
+            }
+            Format::Mp4 => {
+                let p = dir.join(format!("variant-{k}.mp4"));
+                fresh(&p)?;
+                write_mp4(&p, &sized, fps)?;
+                files.push(p);
             }
             Format::Svg => {
                 let stem = format!("variant-{k}");
@@ -338,4 +346,107 @@ pub fn write_svg(dir: &Path, stem: &str, frames: &Frames, fps: u32) -> Result<Ve
     std::fs::write(&anim, doc).map_err(|e| out_err(&anim, e))?;
     written.insert(0, anim);
     Ok(written)
+}
+
+/// Splits an Annex B H.264 stream into NAL unit payloads (start codes removed).
+fn annexb_nals(stream: &[u8]) -> Vec<&[u8]> {
+    openh264::nal_units(stream)
+        .map(|n| {
+            let skip = n.iter().take_while(|&&b| b == 0).count();
+            if n.get(skip) == Some(&1) {
+                &n[skip + 1..]
+            } else {
+                n
+            }
+        })
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// An H.264 MP4 that browsers play: OpenH264 (constrained baseline, built from source by the
+/// `openh264` crate), muxed with the `mp4` crate; dimensions cut to even numbers; `fps`
+/// frames a second.
+pub fn write_mp4(path: &Path, frames: &Frames, fps: u32) -> Result<()> {
+    use openh264::encoder::{Encoder, EncoderConfig, FrameRate};
+    use openh264::formats::{RgbSliceU8, YUVBuffer};
+    let (w, h) = (frames.width & !1, frames.height & !1);
+    if w < 2 || h < 2 || frames.frames.is_empty() {
+        return Err(MediaError::Invalid(
+            "an MP4 needs at least one frame of 2x2 pixels".into(),
+        ));
+    }
+    let fps = fps.clamp(1, 120);
+    let config = EncoderConfig::new()
+        .max_frame_rate(FrameRate::from_hz(fps as f32))
+        .skip_frames(false);
+    let mut enc = Encoder::with_api_config(openh264::OpenH264API::from_source(), config)
+        .map_err(|e| out_err(path, e))?;
+    let (mut sps, mut pps) = (None, None);
+    let mut samples = Vec::with_capacity(frames.frames.len());
+    for f in &frames.frames {
+        // crop to even dimensions
+        let rgb: Vec<u8> = if (w, h) == (frames.width, frames.height) {
+            f.clone()
+        } else {
+            (0..h as usize)
+                .flat_map(|y| f[y * frames.width as usize * 3..][..w as usize * 3].to_vec())
+                .collect()
+        };
+        let yuv = YUVBuffer::from_rgb8_source(RgbSliceU8::new(&rgb, (w as usize, h as usize)));
+        let stream = enc.encode(&yuv).map_err(|e| out_err(path, e))?.to_vec();
+        let (mut sample, mut is_sync) = (Vec::new(), false);
+        for nal in annexb_nals(&stream) {
+            match nal[0] & 0x1f {
+                7 => sps = sps.or_else(|| Some(nal.to_vec())),
+                8 => pps = pps.or_else(|| Some(nal.to_vec())),
+                t => {
+                    is_sync |= t == 5;
+                    sample.extend_from_slice(&(nal.len() as u32).to_be_bytes());
+                    sample.extend_from_slice(nal);
+                }
+            }
+        }
+        samples.push((sample, is_sync));
+    }
+    let (Some(sps), Some(pps)) = (sps, pps) else {
+        return Err(out_err(path, "the encoder produced no SPS/PPS"));
+    };
+    let timescale = 90_000u32;
+    let file = File::create(path).map_err(|e| out_err(path, e))?;
+    let config = mp4::Mp4Config {
+        major_brand: "isom".parse().map_err(|e| out_err(path, e))?,
+        minor_version: 512,
+        compatible_brands: ["isom", "iso2", "avc1", "mp41"]
+            .iter()
+            .filter_map(|b| b.parse().ok())
+            .collect(),
+        timescale: 1000,
+    };
+    let mut mux =
+        mp4::Mp4Writer::write_start(BufWriter::new(file), &config).map_err(|e| out_err(path, e))?;
+    let avc = mp4::AvcConfig {
+        width: w as u16,
+        height: h as u16,
+        seq_param_set: sps,
+        pic_param_set: pps,
+    };
+    let track = mp4::TrackConfig {
+        track_type: mp4::TrackType::Video,
+        timescale,
+        language: "und".into(),
+        media_conf: mp4::MediaConfig::AvcConfig(avc),
+    };
+    mux.add_track(&track).map_err(|e| out_err(path, e))?;
+    let duration = timescale / fps;
+    for (i, (bytes, is_sync)) in samples.into_iter().enumerate() {
+        let sample = mp4::Mp4Sample {
+            start_time: i as u64 * duration as u64,
+            duration,
+            rendering_offset: 0,
+            is_sync,
+            bytes: bytes::Bytes::from(bytes),
+        };
+        mux.write_sample(1, &sample).map_err(|e| out_err(path, e))?;
+    }
+    mux.write_end().map_err(|e| out_err(path, e))
 }

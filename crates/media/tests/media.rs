@@ -304,3 +304,57 @@ fn svg_frames_parse_and_have_paths() {
     assert_eq!(anims[0].attribute("dur"), Some("0.300s"));
     assert_eq!(anims[1].attribute("values"), Some("hidden;visible;hidden"));
 }
+
+#[test]
+fn mp4_round_trips_through_a_decoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut frames = test_frames();
+    // odd size: the writer must cut to even dimensions
+    frames = flipsketch_media::writers::resize_frames(&frames, 33).unwrap();
+    let path = dir.path().join("v.mp4");
+    flipsketch_media::writers::write_mp4(&path, &frames, 10).unwrap();
+
+    let f = std::fs::File::open(&path).unwrap();
+    let size = f.metadata().unwrap().len();
+    let mut reader = mp4::Mp4Reader::read_header(std::io::BufReader::new(f), size).unwrap();
+    assert_eq!(reader.tracks().len(), 1);
+    let track = reader.tracks().values().next().unwrap();
+    assert_eq!((track.width(), track.height()), (32, 32), "even dimensions");
+    assert_eq!(track.sample_count(), 3);
+    assert!(
+        (track.frame_rate() - 10.0).abs() < 1e-6,
+        "fps {}",
+        track.frame_rate()
+    );
+    let sps = track.sequence_parameter_set().unwrap().to_vec();
+    let pps = track.picture_parameter_set().unwrap().to_vec();
+    let track_id = track.track_id();
+
+    let mut dec = openh264::decoder::Decoder::new().unwrap();
+    let mut annexb = |nal: &[u8]| [&[0u8, 0, 0, 1][..], nal].concat();
+    dec.decode(&annexb(&sps)).unwrap();
+    dec.decode(&annexb(&pps)).unwrap();
+    for k in 0..3u32 {
+        let s = reader.read_sample(track_id, k + 1).unwrap().unwrap();
+        let mut packet = Vec::new();
+        let mut b = &s.bytes[..];
+        while b.len() >= 4 {
+            let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            packet.extend(annexb(&b[4..4 + n]));
+            b = &b[4 + n..];
+        }
+        let yuv = dec.decode(&packet).unwrap().expect("a decoded frame");
+        let mut rgb = vec![0u8; 32 * 32 * 3];
+        yuv.write_rgb8(&mut rgb);
+        // compare with the source frame cut to 32x32 (lossy: mean error only)
+        let src = &frames.frames[k as usize];
+        let mut err = 0f64;
+        for y in 0..32 {
+            for x in 0..32 * 3 {
+                err += (rgb[y * 96 + x] as f64 - src[y * 33 * 3 + x] as f64).abs();
+            }
+        }
+        let mean = err / (32.0 * 32.0 * 3.0);
+        assert!(mean < 12.0, "frame {k}: mean abs error {mean}");
+    }
+}
