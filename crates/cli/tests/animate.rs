@@ -107,14 +107,15 @@ fn dump_matches_reference_pipeline() {
         assert!(err <= tol, "{name}: error {err:.3e}");
     }
     // 2 variants x (binarised gif, raw gif, 4 png frames, apng, sheet png + json,
-    // animated svg + 4 frame svgs) + dump, printed one per line
+    // animated svg + 4 frame svgs, mp4) + dump, printed one per line
     assert_eq!(
         r.stdout.lines().count(),
-        2 * (1 + 1 + 4 + 1 + 2 + 5) + 1,
+        2 * (1 + 1 + 4 + 1 + 2 + 5 + 1) + 1,
         "{}",
         r.stdout
     );
     for f in [
+        "variant-0.mp4",
         "variant-0.png",
         "variant-0-sheet.png",
         "variant-0-sheet.json",
