@@ -279,7 +279,8 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     }
 
     let mut bars = Bars::new(a.quiet);
-    let model_dir = model_source::resolve(&a.model, &a.subfolder, !a.quiet)?;
+    let model_dir =
+        model_source::resolve(&a.model, &a.subfolder, &model_source::FLIPSKETCH, !a.quiet)?;
     let t_load = Instant::now();
     let dtype = a.dtype.dtype();
     let device = Device::Cpu;

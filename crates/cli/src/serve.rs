@@ -82,8 +82,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let engine = Engine::start(
             config,
             Box::new(move || {
-                let dir = model_source::resolve(&model, &subfolder, true)
-                    .map_err(|e| format!("{e:#}"))?;
+                let dir =
+                    model_source::resolve(&model, &subfolder, &model_source::FLIPSKETCH, true)
+                        .map_err(|e| format!("{e:#}"))?;
                 let components = Components::load(&dir, dtype, &Device::Cpu, |name| {
                     tracing::info!("loading {name}")
                 })

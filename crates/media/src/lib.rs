@@ -2,6 +2,7 @@
 //! decode, fit to a square), Otsu binarisation as OpenCV computes it, and the GIF/PNG writers.
 
 pub mod binarize;
+pub mod clip_preprocess;
 pub mod sketch;
 pub mod writers;
 

@@ -111,6 +111,28 @@ impl ClipTextConfig {
     }
 }
 
+/// The sizes an encoder layer needs; shared by the text and the vision towers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LayerDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub activation: Activation,
+    pub eps: f64,
+}
+
+impl From<&ClipTextConfig> for LayerDims {
+    fn from(c: &ClipTextConfig) -> Self {
+        Self {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            activation: c.activation,
+            eps: c.layer_norm_eps,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct ClipAttention {
     q_proj: Linear,
@@ -122,19 +144,20 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn new(c: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
-        let h = c.hidden_size;
+    fn new(c: LayerDims, vb: VarBuilder) -> Result<Self> {
+        let h = c.hidden;
         Ok(Self {
             q_proj: linear(h, h, true, vb.pp("q_proj"))?,
             k_proj: linear(h, h, true, vb.pp("k_proj"))?,
             v_proj: linear(h, h, true, vb.pp("v_proj"))?,
             out_proj: linear(h, h, true, vb.pp("out_proj"))?,
-            heads: c.num_attention_heads,
-            scale: ((h / c.num_attention_heads) as f64).powf(-0.5),
+            heads: c.heads,
+            scale: ((h / c.heads) as f64).powf(-0.5),
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+    /// `mask`: additive (seq, seq) mask (the text tower's causal one), or none.
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, l, c) = x.dims3()?;
         let split = |t: Tensor| {
             t.reshape((b, l, self.heads, c / self.heads))?
@@ -144,15 +167,20 @@ impl ClipAttention {
         let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let scores = (matmul(&q, &k.t()?)? * self.scale)?.broadcast_add(causal_mask)?;
+        let scores = (matmul(&q, &k.t()?)? * self.scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, l, c))?;
         self.out_proj.forward(&out)
     }
 }
 
+/// transformers `CLIPEncoderLayer`.
 #[derive(Clone, Debug)]
-struct ClipEncoderLayer {
+pub(crate) struct ClipEncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: ClipAttention,
     layer_norm2: LayerNorm,
@@ -162,18 +190,18 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(c: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(c: LayerDims, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            layer_norm1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: layer_norm(c.hidden, c.eps, vb.pp("layer_norm1"))?,
             self_attn: ClipAttention::new(c, vb.pp("self_attn"))?,
-            layer_norm2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(c.hidden_size, c.intermediate_size, true, vb.pp("mlp.fc1"))?,
-            fc2: linear(c.intermediate_size, c.hidden_size, true, vb.pp("mlp.fc2"))?,
+            layer_norm2: layer_norm(c.hidden, c.eps, vb.pp("layer_norm2"))?,
+            fc1: linear(c.hidden, c.intermediate, true, vb.pp("mlp.fc1"))?,
+            fc2: linear(c.intermediate, c.hidden, true, vb.pp("mlp.fc2"))?,
             activation: c.activation,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?;
@@ -212,7 +240,7 @@ impl ClipTextModel {
             "position_embedding.weight",
         )?;
         let layers = (0..c.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(c, vb.pp(format!("encoder.layers.{i}"))))
+            .map(|i| ClipEncoderLayer::new(c.into(), vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<_>>()?;
         Ok(Self {
             token_embedding,
@@ -255,7 +283,7 @@ impl ClipTextModel {
         let mask = causal_mask(l, self.dtype, &self.device)?;
         let mut x = x;
         for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, Some(&mask))?;
         }
         self.final_layer_norm.forward(&x)
     }
