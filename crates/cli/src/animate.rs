@@ -11,6 +11,7 @@ use clap::{Args, ValueEnum};
 use flipsketch_media::sketch::{fit_square, on_white, to_chw_f32, Fit};
 use flipsketch_media::writers::{write_variant, Format};
 use flipsketch_pipeline::components::Components;
+use flipsketch_pipeline::ranking::{ClipRanker, Rgb};
 use flipsketch_pipeline::{video_to_frames, Encode, Phase, Pipeline, Progress, Request};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -33,6 +34,12 @@ pub enum FormatArg {
     Svg,
     /// H.264 MP4 (even dimensions).
     Mp4,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RankArg {
+    /// Mean cosine similarity of CLIP image embeddings (all frames vs the sketch).
+    Clip,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -116,6 +123,15 @@ pub struct AnimateArgs {
     /// Replace files that already exist in the output folder.
     #[arg(long)]
     pub overwrite: bool,
+    /// Rank the variants by CLIP image similarity of all their frames to the sketch.
+    #[arg(long, value_enum)]
+    pub rank: Option<RankArg>,
+    /// CLIP model for `--rank clip`: a local folder or a hub repository.
+    #[arg(long, default_value = "openai/clip-vit-base-patch32")]
+    pub clip_model: String,
+    /// With `--rank`: variants scoring below this are marked (never removed).
+    #[arg(long)]
+    pub min_score: Option<f64>,
     /// No progress display.
     #[arg(long, short)]
     pub quiet: bool,
@@ -360,7 +376,8 @@ pub fn run(a: AnimateArgs) -> Result<()> {
             FormatArg::Mp4 => Format::Mp4,
         })
         .collect();
-    for (k, v) in video_to_frames(&output.video)?.iter().enumerate() {
+    let variant_frames = video_to_frames(&output.video)?;
+    for (k, v) in variant_frames.iter().enumerate() {
         files.extend(write_variant(
             &out_dir,
             k,
@@ -389,13 +406,21 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     bars.done();
     let write_s = t_write.elapsed().as_secs_f64();
 
+    let t_rank = Instant::now();
+    let ranking = match a.rank {
+        None => serde_json::Value::Null,
+        Some(RankArg::Clip) => rank_clip(&a, &on_white(&sketch), &variant_frames),
+    };
+    let rank_s = t_rank.elapsed().as_secs_f64();
+
     let result = serde_json::json!({
         "sketch": a.sketch, "prompt": a.prompt, "model": model_dir,
         "variants": variants, "frames": frames, "steps": a.steps, "guidance": a.guidance,
         "lambda": a.lambda, "tau": a.tau, "dtype": format!("{:?}", dtype).to_lowercase(),
         "seed": seed, "seeds": (0..variants).map(|i| seed.wrapping_add(i as u64)).collect::<Vec<_>>(),
         "unet_frame_evaluations": output.unet_frame_evals,
-        "timings_s": {"load": load_s, "generate": run_s, "write": write_s, "total": t_start.elapsed().as_secs_f64()},
+        "timings_s": {"load": load_s, "generate": run_s, "write": write_s, "rank": rank_s, "total": t_start.elapsed().as_secs_f64()},
+        "ranking": ranking,
         "files": files,
     });
     let result_path = out_dir.join("result.json");
@@ -411,6 +436,50 @@ pub fn run(a: AnimateArgs) -> Result<()> {
         println!("{}", f.display());
     }
     Ok(())
+}
+
+/// Scores every variant with CLIP and orders them; a missing CLIP model skips ranking with a
+/// message instead of failing the run.
+fn rank_clip(
+    a: &AnimateArgs,
+    sketch: &image::RgbImage,
+    variants: &[flipsketch_media::Frames],
+) -> serde_json::Value {
+    let result = (|| -> Result<Vec<f64>> {
+        let dir = model_source::resolve(&a.clip_model, "", &model_source::CLIP, !a.quiet)?;
+        let (ranker, _) = ClipRanker::load(&dir, &Device::Cpu)?;
+        let (w, h) = sketch.dimensions();
+        Ok(ranker.scores(
+            Rgb {
+                data: sketch.as_raw(),
+                width: w as usize,
+                height: h as usize,
+            },
+            variants,
+        )?)
+    })();
+    match result {
+        Err(e) => {
+            eprintln!("ranking skipped: {e:#}");
+            serde_json::json!({"skipped": format!("{e:#}")})
+        }
+        Ok(scores) => {
+            let mut order: Vec<usize> = (0..scores.len()).collect();
+            order.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]));
+            let list: Vec<serde_json::Value> = order
+                .iter()
+                .enumerate()
+                .map(|(rank, &k)| {
+                    let below = a.min_score.is_some_and(|m| scores[k] < m);
+                    if !a.quiet {
+                        eprintln!("rank {}: variant {k}, CLIP similarity {:.4}{}", rank + 1, scores[k], if below { " (below --min-score)" } else { "" });
+                    }
+                    serde_json::json!({"rank": rank + 1, "variant": k, "score": scores[k], "below_min_score": below})
+                })
+                .collect();
+            serde_json::json!({"method": "clip", "model": a.clip_model, "variants": list})
+        }
+    }
 }
 
 fn rand_seed() -> u64 {

@@ -4,6 +4,7 @@
 pub mod components;
 pub mod composition;
 pub mod flipsketch;
+pub mod ranking;
 pub mod text;
 
 pub use flipsketch::{
