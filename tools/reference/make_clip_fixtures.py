@@ -9,7 +9,7 @@ Writes (see tests/fixtures/README.md, section "CLIP image tower"):
                                                 settings, shortest_edge/crop 32 instead of 224)
   golden/clip_vision.safetensors                pixel_values -> last_hidden_state, pooler_output,
                                                 image_embeds
-  golden/clip_img_{0..4}.png                    test images (4 RGB, 1 RGBA)
+  golden/clip_img_{0..6}.png                    test images (k=4 is RGBA, the rest RGB)
   golden/clip_preprocess.safetensors            resized_{k} (u8 HxWx3, after resize, before
                                                 crop), pixel_values_{k} (1,3,32,32), image_embeds
   golden/clip_preprocess.json                   per-image sizes / crop offsets, numeric checks,
@@ -214,6 +214,25 @@ def make_images() -> list[tuple[str, np.ndarray]]:
     imgs.append(("90x70 RGBA: gradient with alpha ramp 0..255 left->right, opaque white ring, "
                  "alpha-0 block over pure green (downsampled 2.19x)", img))
 
+    # 5: 40x100 tall portrait - 100 -> 80 rows is > 2x the 40 -> 32 columns reduction, so
+    #    Pillow 13 runs the VERTICAL pass first (the other images all go horizontal first).
+    h, w = 100, 40
+    y, x = _grid(h, w)
+    img = np.stack([255 * ((x // 4 + y // 6) % 2), 127.5 + 127.5 * np.cos(y / 5.0), x / (w - 1) * 255], -1)
+    img[40:44, :] = (250, 20, 20)
+    img[:, 19] = 0
+    imgs.append(("40x100 tall portrait: checkerboard, cosine rows, red band, black column "
+                 "(downsampled, vertical pass first in Pillow 13)", img))
+
+    # 6: 40x80 - the tie: 80 -> 64 rows is exactly 2x the 40 -> 32 columns reduction, and Pillow
+    #    13 then runs the horizontal pass first.
+    h, w = 80, 40
+    y, x = _grid(h, w)
+    img = np.stack([255 * ((x // 3) % 2), 255 * (np.hypot(x - 20, y - 40) < 14), 255 * ((y // 3) % 2)], -1)
+    img[10:14, 5:35] = (255, 255, 255)
+    imgs.append(("40x80 portrait: stripes, green disc (tie case of the pass-order rule: horizontal "
+                 "first)", img))
+
     return [(d, np.clip(np.rint(a), 0, 255).astype(np.uint8)) for d, a in imgs]
 
 
@@ -244,9 +263,8 @@ def pil_coeffs(in_size: int, out_size: int) -> np.ndarray:
     m = np.zeros((out_size, in_size))
     for xx in range(out_size):
         center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)  # C (int) truncation; argument >= -0.5...
+        xmin = max(int(center - support + 0.5), 0)  # int() truncates toward zero, like C (int)
         xmax = min(int(center + support + 0.5), in_size)
-        # (int) of a value in (-1, 0) is 0 in C and in Python, so max(.., 0) matches exactly.
         j = np.arange(xmin, xmax)
         k = keys_bicubic((j - center + 0.5) * ss)
         ww = k.sum()
@@ -267,20 +285,45 @@ def _clip8(acc: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def pil_bicubic_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bit-exact Pillow Image.resize(BICUBIC, reducing_gap=None) of a uint8 HxWxC image:
-    horizontal pass (only if the width changes) into a uint8 intermediate, then vertical pass
-    (only if the height changes).  acc = 2^21 + sum(pixel * k_fixed); out = clip(acc >> 22)."""
+def pil_vertical_first(h: int, w: int, out_h: int, out_w: int) -> bool:
+    """Pillow 13 pass order (Resample.c ImagingResampleInner, python-pillow/Pillow#9549): the
+    vertical pass runs first iff the height shrinks by more than twice as many pixels as the
+    width does.  Determined empirically on Pillow 13.0.0 (no counter-example in ~1500 random
+    size pairs, ties -> horizontal first); Pillow <= 12 always runs the horizontal pass first."""
+    return out_h < h and (h - out_h) > 2 * (w - out_w)
+
+
+def _h_pass(x: np.ndarray, out_w: int) -> np.ndarray:
+    kh = pil_fixed(pil_coeffs(x.shape[1], out_w))  # (out_w, w)
+    return _clip8((1 << (PRECISION_BITS - 1)) + np.einsum("ow,hwc->hoc", kh, x)).astype(np.int64)
+
+
+def _v_pass(x: np.ndarray, out_h: int) -> np.ndarray:
+    kv = pil_fixed(pil_coeffs(x.shape[0], out_h))  # (out_h, h)
+    return _clip8((1 << (PRECISION_BITS - 1)) + np.einsum("oh,hwc->owc", kv, x)).astype(np.int64)
+
+
+PILLOW13 = int(PIL.__version__.split(".")[0]) >= 13
+
+
+def pil_bicubic_resize(img: np.ndarray, out_h: int, out_w: int, pillow13_order: bool = PILLOW13) -> np.ndarray:
+    """Bit-exact Pillow Image.resize(BICUBIC, reducing_gap=None) of a uint8 HxWxC image: two
+    separable passes (a pass is skipped if its size is unchanged) with a uint8 intermediate;
+    per output sample acc = 2^21 + sum(pixel * k_fixed), out = clip(acc >> 22, 0, 255)."""
     h, w, _ = img.shape
     if (h, w) == (out_h, out_w):
         return img.copy()
     x = img.astype(np.int64)
-    if out_w != w:
-        kh = pil_fixed(pil_coeffs(w, out_w))  # (out_w, w)
-        x = _clip8((1 << (PRECISION_BITS - 1)) + np.einsum("ow,hwc->hoc", kh, x)).astype(np.int64)
-    if out_h != h:
-        kv = pil_fixed(pil_coeffs(h, out_h))  # (out_h, h)
-        x = _clip8((1 << (PRECISION_BITS - 1)) + np.einsum("oh,hwc->owc", kv, x)).astype(np.int64)
+    if pillow13_order and pil_vertical_first(h, w, out_h, out_w):
+        if out_h != h:
+            x = _v_pass(x, out_h)
+        if out_w != w:
+            x = _h_pass(x, out_w)
+    else:
+        if out_w != w:
+            x = _h_pass(x, out_w)
+        if out_h != h:
+            x = _v_pass(x, out_h)
     return x.astype(np.uint8)
 
 
@@ -328,14 +371,22 @@ def clamp_coeffs(in_size: int, out_size: int) -> np.ndarray:
 
 
 def float_resize(img, out_h, out_w, coeffs, dtype, round_between):
+    """Separable float resize in Pillow 13's pass order; round half up + clamp at the end (and
+    between the passes if round_between)."""
     h, w, _ = img.shape
     x = img.astype(dtype)
-    if out_w != w:
-        x = np.einsum("ow,hwc->hoc", coeffs(w, out_w).astype(dtype), x)
-        if round_between:
+    passes = ["h", "v"]
+    if pil_vertical_first(h, w, out_h, out_w):
+        passes.reverse()
+    for i, p in enumerate(passes):
+        if p == "h" and out_w != w:
+            x = np.einsum("ow,hwc->hoc", coeffs(w, out_w).astype(dtype), x)
+        elif p == "v" and out_h != h:
+            x = np.einsum("oh,hwc->owc", coeffs(h, out_h).astype(dtype), x)
+        else:
+            continue
+        if round_between and i == 0:
             x = np.clip(np.floor(x + 0.5), 0, 255)
-    if out_h != h:
-        x = np.einsum("oh,hwc->owc", coeffs(h, out_h).astype(dtype), x)
     return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
 
 
@@ -345,46 +396,59 @@ VARIANTS = {
     "keys_f32_truncated_edges": (pil_coeffs, np.float32, False),
     "keys_f64_truncated_edges_u8_intermediate": (pil_coeffs, np.float64, True),
     "keys_f64_clamped_edges": (clamp_coeffs, np.float64, False),
+    "keys_f64_clamped_edges_u8_intermediate": (clamp_coeffs, np.float64, True),
 }
 
 
 def compare_resamplers(test_images: list[np.ndarray]) -> dict:
+    """Resize (shortest edge 32) the test images plus 60 random-size images with Pillow and with
+    simpler implementations; stats in uint8 levels per content kind."""
     rng = np.random.default_rng(SEED_RESAMPLE_CMP)
-    cases = [img[..., :3] for img in test_images]
-    # plus random sizes 9..257 on each side (down- and up-sampling), noise and smooth content
-    for i in range(40):
+    cases = [("test_images", img[..., :3]) for img in test_images]
+    for i in range(60):
         h, w = (int(v) for v in rng.integers(9, 258, 2))
-        if i % 2 == 0:
-            img = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        if (i // 3) % 3 == 2:  # tall portraits: mostly the vertical-first path
+            w = int(rng.integers(9, 100))
+            h = int(w * rng.uniform(2.05, 4.0))
+        y, x = _grid(h, w)
+        kind = ("noise", "hard_edges", "smooth")[i % 3]
+        if kind == "noise":
+            img = rng.integers(0, 256, (h, w, 3))
+        elif kind == "hard_edges":
+            img = np.stack([255 * ((x // rng.integers(2, 9) + y // rng.integers(2, 9)) % 2),
+                            255 * (np.hypot(x - w / 2, y - h / 2) < min(h, w) / 3),
+                            255 * x / w], -1)
         else:
-            y, x = _grid(h, w)
-            img = np.stack([127.5 + 127.5 * np.sin(x / rng.uniform(2, 20) + y / rng.uniform(2, 20)),
-                            255 * x / w, 255 * ((x // 7 + y // 5) % 2)], -1)
-            img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-        cases.append(img)
-    res = {"n_images": len(cases), "exact_emulation_mismatching_pixels": 0, "variants": {}}
-    stats = {name: {"max_abs_u8": 0, "differing": 0, "total": 0, "max_abs_interior_u8": 0}
-             for name in VARIANTS}
-    for img in cases:
+            img = np.stack([127.5 + 100 * np.sin(x / rng.uniform(8, 30) + y / rng.uniform(8, 30)),
+                            255 * x / w, 255 * y / h], -1)
+        cases.append((kind, np.clip(np.rint(img), 0, 255).astype(np.uint8)))
+    kinds = ["test_images", "noise", "hard_edges", "smooth"]
+    res = {"n_images": {k: sum(c == k for c, _ in cases) for k in kinds},
+           "n_vertical_first": 0, "exact_emulation_mismatching_pixels": 0, "variants": {}}
+    names = ["pillow_fixed_point_always_horizontal_first (Pillow <= 12)", *VARIANTS]
+    stats = {(n, k): [0, 0, 0] for n in names for k in kinds}  # max, differing, total
+    for kind, img in cases:
         h, w, _ = img.shape
         oh, ow = resize_output_size(h, w, SHORTEST_EDGE)
         ref = np.asarray(Image.fromarray(img).resize((ow, oh), resample=Image.Resampling.BICUBIC))
         res["exact_emulation_mismatching_pixels"] += int((pil_bicubic_resize(img, oh, ow) != ref).sum())
-        for name, (co, dt, rb) in VARIANTS.items():
-            d = np.abs(float_resize(img, oh, ow, co, dt, rb).astype(int) - ref.astype(int))
-            s = stats[name]
-            s["max_abs_u8"] = max(s["max_abs_u8"], int(d.max()))
-            s["differing"] += int((d > 0).sum())
-            s["total"] += d.size
-            if oh > 8 and ow > 8:
-                s["max_abs_interior_u8"] = max(s["max_abs_interior_u8"], int(d[4:-4, 4:-4].max()))
-    for name, s in stats.items():
+        res["n_vertical_first"] += int(pil_vertical_first(h, w, oh, ow))
+        for name in names:
+            if name in VARIANTS:
+                got = float_resize(img, oh, ow, *VARIANTS[name])
+            else:
+                got = pil_bicubic_resize(img, oh, ow, pillow13_order=False)
+            d = np.abs(got.astype(int) - ref.astype(int))
+            st = stats[(name, kind)]
+            st[0] = max(st[0], int(d.max()))
+            st[1] += int((d > 0).sum())
+            st[2] += d.size
+    for name in names:
         res["variants"][name] = {
-            "max_abs_u8": s["max_abs_u8"],
-            "max_abs_u8_excluding_4px_border": s["max_abs_interior_u8"],
-            "fraction_differing": round(s["differing"] / s["total"], 5),
-            "max_abs_pixel_values": round(s["max_abs_u8"] / 255 / min(OPENAI_CLIP_STD), 5),
-        }
+            k: {"max_abs_u8": stats[(name, k)][0],
+                "fraction_differing": round(stats[(name, k)][1] / stats[(name, k)][2], 5)}
+            for k in kinds}
+    res["one_u8_level_in_pixel_values"] = [round(1 / 255 / sd, 6) for sd in OPENAI_CLIP_STD]
     return res
 
 
@@ -467,6 +531,10 @@ def main():
         oh, ow = resize_output_size(h, w, SHORTEST_EDGE)
         assert resized.shape == (oh, ow, 3)
         assert np.array_equal(pil_bicubic_resize(rgb_mine, oh, ow), resized), f"resize {k}"
+        if k in (5, 6):  # the pass order must be visible in the golden
+            other = (pil_bicubic_resize(rgb_mine, oh, ow, pillow13_order=False) if k == 5 else
+                     _h_pass(_v_pass(rgb_mine.astype(np.int64), oh), ow).astype(np.uint8))
+            assert not np.array_equal(other, resized), k
         top, left = crop_offsets(oh, ow, CROP, CROP)
         assert np.array_equal(normalise(resized[top:top + CROP, left:left + CROP])[None], pv), k
 
@@ -477,6 +545,8 @@ def main():
         cases.append({
             "k": k, "file": fname, "description": desc, "png_mode": mode,
             "input_hw": [h, w], "resized_hw": [oh, ow], "crop_top_left": [top, left],
+            "pillow13_pass_order": "vertical first" if pil_vertical_first(h, w, oh, ow) else
+            ("horizontal first" if (oh, ow) != (h, w) else "no resize (copy)"),
             "pixel_values_min": float(pv.min()), "pixel_values_max": float(pv.max()),
         })
         print(f"  img {k}: {mode:4s} {h}x{w} -> resized {oh}x{ow}, crop at ({top},{left}), "
@@ -490,11 +560,13 @@ def main():
     pre_tensors["image_embeds"] = run_model(model, batch)["image_embeds"]
     save_st(gold / "clip_preprocess.safetensors", pre_tensors)
 
-    # RGBA: what alpha handling would have changed
+    # RGBA: convert("RGB") drops alpha; compositing on white would have changed these pixels
     rgba = raw[4].astype(np.float64)
     on_white = rgba[..., :3] * rgba[..., 3:] / 255 + 255 * (1 - rgba[..., 3:] / 255)
-    checks["rgba_alpha_dropped"] = bool(np.array_equal(raw[4][..., :3], to_numpy_array(convert_to_rgb(Image.fromarray(raw[4], "RGBA")))))
-    checks["rgba_composited_on_white_would_change_pixels_by_up_to_u8"] = float(np.abs(on_white - rgba[..., :3]).max())
+    checks["rgba_convert_rgb_equals_first_three_channels"] = bool(np.array_equal(
+        raw[4][..., :3], to_numpy_array(convert_to_rgb(Image.fromarray(raw[4], "RGBA")))))
+    checks["rgba_composited_on_white_would_differ_by_up_to_u8"] = float(np.abs(on_white - rgba[..., :3]).max())
+    assert checks["rgba_convert_rgb_equals_first_three_channels"]
 
     cmp = compare_resamplers(raw)
     print("resampler comparison:", json.dumps(cmp, indent=1))

@@ -332,3 +332,77 @@ fn bad_inputs_fail_with_clear_errors() {
         );
     }
 }
+
+#[test]
+fn rank_clip_scores_and_orders_every_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sk, tiny) = (sketch(), tiny());
+    let clip = fixtures().join("clip").to_string_lossy().into_owned();
+    let args = [
+        "--sketch",
+        &sk,
+        "--prompt",
+        "a cat",
+        "--model",
+        &tiny,
+        "--steps",
+        "2",
+        "--frames",
+        "2",
+        "--variants",
+        "3",
+        "--size",
+        "16",
+        "--seed",
+        "1",
+        "--rank",
+        "clip",
+        "--clip-model",
+        &clip,
+        "--min-score",
+        "2",
+        "--out",
+        "o",
+        "--quiet",
+    ];
+    let r = run_in(dir.path(), &args, &[]);
+    assert!(r.ok, "{}", r.stderr);
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("o/result.json")).unwrap())
+            .unwrap();
+    let list = result["ranking"]["variants"].as_array().unwrap();
+    assert_eq!(list.len(), 3, "never returns nothing: {result}");
+    let scores: Vec<f64> = list.iter().map(|v| v["score"].as_f64().unwrap()).collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "ordered: {scores:?}"
+    );
+    assert!(scores.iter().all(|s| (-1.0..=1.0).contains(s)));
+    assert!(
+        list.iter().all(|v| v["below_min_score"] == true),
+        "min-score 2 marks every variant"
+    );
+    let mut variants: Vec<u64> = list
+        .iter()
+        .map(|v| v["variant"].as_u64().unwrap())
+        .collect();
+    variants.sort();
+    assert_eq!(variants, [0, 1, 2]);
+
+    // without CLIP weights ranking is skipped with a message, the run still succeeds
+    let mut args2 = args.to_vec();
+    let i = args2.iter().position(|a| *a == clip.as_str()).unwrap();
+    args2[i] = "./no-clip-here";
+    let n = args2.len();
+    args2[n - 2] = "o2";
+    let r = run_in(dir.path(), &args2, &[]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("ranking skipped"), "{}", r.stderr);
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("o2/result.json")).unwrap())
+            .unwrap();
+    assert!(result["ranking"]["skipped"]
+        .as_str()
+        .unwrap()
+        .contains("no-clip-here"));
+}

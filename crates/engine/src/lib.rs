@@ -123,6 +123,12 @@ impl JobStatus {
 pub struct VariantFiles {
     pub gif: String,
     pub gif_raw: String,
+    /// Animated PNG on transparent paper.
+    pub apng: String,
+    pub mp4: String,
+    /// Sprite sheet and its frame rectangles.
+    pub sheet: String,
+    pub sheet_json: String,
 }
 
 /// What a client sees of a job.
@@ -628,9 +634,16 @@ fn worker_main(shared: Arc<Shared>, load: Loader) {
             Ok(names) => {
                 if let Some(job) = st.jobs.get_mut(&id) {
                     job.view.results = (0..request.variants)
-                        .map(|k| VariantFiles {
-                            gif: format!("/api/jobs/{id}/files/variant-{k}.gif"),
-                            gif_raw: format!("/api/jobs/{id}/files/variant-{k}-raw.gif"),
+                        .map(|k| {
+                            let url = |name: String| format!("/api/jobs/{id}/files/{name}");
+                            VariantFiles {
+                                gif: url(format!("variant-{k}.gif")),
+                                gif_raw: url(format!("variant-{k}-raw.gif")),
+                                apng: url(format!("variant-{k}.png")),
+                                mp4: url(format!("variant-{k}.mp4")),
+                                sheet: url(format!("variant-{k}-sheet.png")),
+                                sheet_json: url(format!("variant-{k}-sheet.json")),
+                            }
                         })
                         .collect();
                     job.files = names;
@@ -662,7 +675,13 @@ fn write_outputs(
             dir,
             k,
             frames,
-            &[Format::Gif, Format::GifRaw],
+            &[
+                Format::Gif,
+                Format::GifRaw,
+                Format::Apng,
+                Format::Mp4,
+                Format::Sheet,
+            ],
             config.output_size,
             config.fps,
             true,

@@ -3,7 +3,7 @@
 //!
 //! The resize reproduces Pillow's `Resample.c` for 8-bit images: Keys cubic with a = -0.5,
 //! support widened by the scale when downsampling, coefficients normalised then rounded to
-//! 22-bit fixed point, a horizontal pass then a vertical pass through an 8-bit intermediate.
+//! 22-bit fixed point, two passes through an 8-bit intermediate (order as Pillow 13 picks it).
 
 /// `CLIPImageProcessor` settings (`preprocessor_config.json`).
 #[derive(Clone, Debug, PartialEq)]
@@ -73,45 +73,54 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// PIL `Image.resize((out_w, out_h), Image.BICUBIC)` on an RGB image (3 bytes a pixel).
-pub fn pil_resize_bicubic(rgb: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
-    // horizontal pass
-    let tmp = if out_w == w {
-        rgb.to_vec()
-    } else {
-        let cx = coeffs(w, out_w);
-        let mut tmp = vec![0u8; out_w * h * 3];
-        for y in 0..h {
-            for (xx, (xmin, k)) in cx.iter().enumerate() {
-                for c in 0..3 {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &kv) in k.iter().enumerate() {
-                        ss += rgb[(y * w + xmin + i) * 3 + c] as i64 * kv as i64;
-                    }
-                    tmp[(y * out_w + xx) * 3 + c] = clip8(ss);
-                }
-            }
-        }
-        tmp
-    };
-    if out_h == h {
-        return tmp;
-    }
-    // vertical pass
-    let cy = coeffs(h, out_h);
-    let mut out = vec![0u8; out_w * out_h * 3];
-    for (yy, (ymin, k)) in cy.iter().enumerate() {
-        for x in 0..out_w {
+fn horizontal(src: &[u8], w: usize, h: usize, out_w: usize) -> Vec<u8> {
+    let cx = coeffs(w, out_w);
+    let mut out = vec![0u8; out_w * h * 3];
+    for y in 0..h {
+        for (xx, (xmin, k)) in cx.iter().enumerate() {
             for c in 0..3 {
                 let mut ss: i64 = 1 << (PRECISION_BITS - 1);
                 for (i, &kv) in k.iter().enumerate() {
-                    ss += tmp[((ymin + i) * out_w + x) * 3 + c] as i64 * kv as i64;
+                    ss += src[(y * w + xmin + i) * 3 + c] as i64 * kv as i64;
                 }
-                out[(yy * out_w + x) * 3 + c] = clip8(ss);
+                out[(y * out_w + xx) * 3 + c] = clip8(ss);
             }
         }
     }
     out
+}
+
+fn vertical(src: &[u8], w: usize, h: usize, out_h: usize) -> Vec<u8> {
+    let cy = coeffs(h, out_h);
+    let mut out = vec![0u8; w * out_h * 3];
+    for (yy, (ymin, k)) in cy.iter().enumerate() {
+        for x in 0..w {
+            for c in 0..3 {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for (i, &kv) in k.iter().enumerate() {
+                    ss += src[((ymin + i) * w + x) * 3 + c] as i64 * kv as i64;
+                }
+                out[(yy * w + x) * 3 + c] = clip8(ss);
+            }
+        }
+    }
+    out
+}
+
+/// PIL `Image.resize((out_w, out_h), Image.BICUBIC)` on an RGB image (3 bytes a pixel), as
+/// Pillow 13 (the pinned reference) computes it: the vertical pass goes first when it shrinks
+/// the height by more than twice what the horizontal pass shrinks the width (the order matters
+/// because the intermediate is clipped to 8 bits); a pass that keeps its size is skipped.
+pub fn pil_resize_bicubic(rgb: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+    let vertical_first = out_h < h && (h - out_h) as i64 > 2 * (w as i64 - out_w as i64);
+    let (need_h, need_v) = (out_w != w, out_h != h);
+    match (need_h, need_v, vertical_first) {
+        (false, false, _) => rgb.to_vec(),
+        (true, false, _) => horizontal(rgb, w, h, out_w),
+        (false, true, _) => vertical(rgb, w, h, out_h),
+        (true, true, false) => vertical(&horizontal(rgb, w, h, out_w), out_w, h, out_h),
+        (true, true, true) => horizontal(&vertical(rgb, w, h, out_h), w, out_h, out_w),
+    }
 }
 
 impl ClipPreprocess {

@@ -841,7 +841,21 @@
       const row = document.createElement('span');
       row.className = 'caption-row';
       row.append(name, raw);
-      cap.append(row, dl);
+      const more = document.createElement('span');
+      more.className = 'more-formats';
+      more.append('Also: ');
+      [['mp4', 'MP4 video', 'mp4'], ['apng', 'transparent PNG', 'png'], ['sheet', 'sprite sheet', 'png'], ['sheet_json', 'sheet JSON', 'json']]
+        .filter(([key]) => r[key])
+        .forEach(([key, label, ext], j) => {
+          if (j > 0) more.append(' · ');
+          const a = document.createElement('a');
+          a.href = r[key];
+          a.download = `flipsketch-${v.seed}-${i + 1}${key === 'sheet' ? '-sheet' : key === 'sheet_json' ? '-sheet' : ''}.${ext}`;
+          a.textContent = label;
+          a.className = `format-${key}`;
+          more.append(a);
+        });
+      cap.append(row, dl, more);
       fig.append(img, cap);
       el.results.append(fig);
     });

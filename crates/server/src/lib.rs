@@ -261,10 +261,12 @@ async fn file(
     let bytes = tokio::fs::read(&path)
         .await
         .map_err(|_| ApiError::NotFound(format!("file {name:?} is gone")))?;
-    let mime = if name.ends_with(".gif") {
-        "image/gif"
-    } else {
-        "application/octet-stream"
+    let mime = match name.rsplit('.').next() {
+        Some("gif") => "image/gif",
+        Some("png") => "image/png",
+        Some("mp4") => "video/mp4",
+        Some("json") => "application/json",
+        _ => "application/octet-stream",
     };
     // A name unique to the job, so that downloads of several jobs do not collide.
     let short: String = id.chars().take(8).collect();

@@ -182,17 +182,28 @@ async fn job_runs_to_done_with_files_and_events() {
     let results = done["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     for r in results {
-        for key in ["gif", "gif_raw"] {
+        let kinds: [(&str, &str, &[u8]); 6] = [
+            ("gif", "image/gif", b"GIF8"),
+            ("gif_raw", "image/gif", b"GIF8"),
+            ("apng", "image/png", b"\x89PNG"),
+            ("sheet", "image/png", b"\x89PNG"),
+            ("sheet_json", "application/json", b"{"),
+            ("mp4", "video/mp4", b"\0\0\0"),
+        ];
+        for (key, mime, magic) in kinds {
             let resp = s
                 .client
                 .get(format!("{}{}", s.base, r[key].as_str().unwrap()))
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(resp.status(), 200);
-            assert_eq!(resp.headers()["content-type"], "image/gif");
+            assert_eq!(resp.status(), 200, "{key}");
+            assert_eq!(resp.headers()["content-type"], mime, "{key}");
             let bytes = resp.bytes().await.unwrap();
-            assert!(bytes.starts_with(b"GIF8"));
+            assert!(bytes.starts_with(magic), "{key}");
+            if key == "mp4" {
+                assert_eq!(&bytes[4..8], b"ftyp");
+            }
         }
     }
     // page and assets
