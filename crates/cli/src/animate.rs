@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use flipsketch_media::sketch::{fit_square, on_white, to_chw_f32, Fit};
-use flipsketch_media::writers::{write_variant, Format};
+use flipsketch_media::writers::{write_variant, Format, Playback};
 use flipsketch_pipeline::components::Components;
 use flipsketch_pipeline::ranking::{ClipRanker, Rgb};
 use flipsketch_pipeline::{video_to_frames, Encode, Phase, Pipeline, Progress, Request};
@@ -114,6 +114,9 @@ pub struct AnimateArgs {
     /// Frames per second of the animations.
     #[arg(long, default_value_t = 10)]
     pub fps: u32,
+    /// Times the GIF/APNG/SVG animations play; 0 = forever.
+    #[arg(long = "loop", default_value_t = 0)]
+    pub loops: u32,
     /// Start noise: safetensors with `latents` (B, 4, F, h, w); fixes variants and frames.
     #[arg(long)]
     pub init_noise: Option<PathBuf>,
@@ -384,7 +387,10 @@ pub fn run(a: AnimateArgs) -> Result<()> {
             v,
             &formats,
             a.size,
-            a.fps,
+            Playback {
+                fps: a.fps,
+                loops: a.loops,
+            },
             a.overwrite,
         )?);
         bars.advance(k + 1);

@@ -94,6 +94,8 @@ fn dump_matches_reference_pipeline() {
             "32",
             "--format",
             "gif,gif-raw,png,apng,sheet,svg,mp4",
+            "--loop",
+            "2",
             "--out",
             "out",
             "--quiet",
@@ -129,6 +131,11 @@ fn dump_matches_reference_pipeline() {
     opts.set_color_output(gif::ColorOutput::RGBA);
     let mut dec = opts.read_info(std::fs::File::open(&gif).unwrap()).unwrap();
     assert_eq!((dec.width(), dec.height()), (32, 32));
+    assert_eq!(
+        dec.repeat(),
+        gif::Repeat::Finite(1),
+        "--loop 2: played twice"
+    );
     let mut n = 0;
     while let Some(f) = dec.read_next_frame().unwrap() {
         assert_eq!(f.delay, 10);

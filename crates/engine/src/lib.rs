@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use flipsketch_media::sketch::{fit_square, on_white, to_chw_f32, Fit};
-use flipsketch_media::writers::{write_variant, Format};
+use flipsketch_media::writers::{write_variant, Format, Playback};
 use flipsketch_pipeline::{
     video_to_frames, Encode, Phase, Pipeline, PipelineError, Progress, Request,
 };
@@ -683,7 +683,7 @@ fn write_outputs(
                 Format::Sheet,
             ],
             config.output_size,
-            config.fps,
+            Playback::forever(config.fps),
             true,
         )
         .map_err(|e| e.to_string())?;

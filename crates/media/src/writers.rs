@@ -18,6 +18,21 @@ fn out_err(path: &Path, e: impl std::fmt::Display) -> MediaError {
     }
 }
 
+/// Frame rate and repetition of an animation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Playback {
+    pub fps: u32,
+    /// Times the animation plays; 0 = forever.
+    pub loops: u32,
+}
+
+impl Playback {
+    /// `fps` frames a second, looping forever.
+    pub fn forever(fps: u32) -> Self {
+        Self { fps, loops: 0 }
+    }
+}
+
 /// GIF delay in hundredths of a second for `fps`.
 fn delay(fps: u32) -> u16 {
     ((100.0 / fps.max(1) as f64).round() as u16).max(1)
@@ -51,6 +66,7 @@ fn gif_encoder(
     w: u32,
     h: u32,
     palette: &[u8],
+    loops: u32,
 ) -> Result<gif::Encoder<BufWriter<File>>> {
     let (w16, h16) = (
         u16::try_from(w).map_err(|e| out_err(path, e))?,
@@ -59,8 +75,16 @@ fn gif_encoder(
     let file = File::create(path).map_err(|e| out_err(path, e))?;
     let mut enc =
         gif::Encoder::new(BufWriter::new(file), w16, h16, palette).map_err(|e| out_err(path, e))?;
-    enc.set_repeat(gif::Repeat::Infinite)
-        .map_err(|e| out_err(path, e))?;
+    // The NETSCAPE loop count is the number of repeats after the first play (0 = forever); a
+    // GIF played once has no loop extension at all.
+    let repeat = match loops {
+        0 => Some(gif::Repeat::Infinite),
+        1 => None,
+        n => Some(gif::Repeat::Finite((n - 1).min(u16::MAX as u32) as u16)),
+    };
+    if let Some(r) = repeat {
+        enc.set_repeat(r).map_err(|e| out_err(path, e))?;
+    }
     Ok(enc)
 }
 
@@ -70,25 +94,25 @@ pub fn write_binary_gif(
     width: u32,
     height: u32,
     masks: &[Vec<u8>],
-    fps: u32,
+    play: Playback,
 ) -> Result<()> {
-    let mut enc = gif_encoder(path, width, height, &[0, 0, 0, 255, 255, 255])?;
+    let mut enc = gif_encoder(path, width, height, &[0, 0, 0, 255, 255, 255], play.loops)?;
     for m in masks {
         let idx: Vec<u8> = m.iter().map(|&v| (v > 127) as u8).collect();
         let mut frame = gif::Frame::from_indexed_pixels(width as u16, height as u16, idx, None);
-        frame.delay = delay(fps);
+        frame.delay = delay(play.fps);
         enc.write_frame(&frame).map_err(|e| out_err(path, e))?;
     }
     Ok(())
 }
 
 /// A looping colour GIF (each frame quantised to 256 colours).
-pub fn write_rgb_gif(path: &Path, frames: &Frames, fps: u32) -> Result<()> {
-    let mut enc = gif_encoder(path, frames.width, frames.height, &[])?;
+pub fn write_rgb_gif(path: &Path, frames: &Frames, play: Playback) -> Result<()> {
+    let mut enc = gif_encoder(path, frames.width, frames.height, &[], play.loops)?;
     for f in &frames.frames {
         let mut frame =
             gif::Frame::from_rgb_speed(frames.width as u16, frames.height as u16, f, 10);
-        frame.delay = delay(fps);
+        frame.delay = delay(play.fps);
         enc.write_frame(&frame).map_err(|e| out_err(path, e))?;
     }
     Ok(())
@@ -141,9 +165,10 @@ pub fn write_variant(
     frames: &Frames,
     formats: &[Format],
     size: u32,
-    fps: u32,
+    play: Playback,
     overwrite: bool,
 ) -> Result<Vec<PathBuf>> {
+    let fps = play.fps;
     let sized = resize_frames(frames, size)?;
     let fresh = |p: &Path| {
         if p.exists() && !overwrite {
@@ -161,13 +186,19 @@ pub fn write_variant(
             Format::Gif => {
                 let p = dir.join(format!("variant-{k}.gif"));
                 fresh(&p)?;
-                write_binary_gif(&p, sized.width, sized.height, &binarize_frames(&sized), fps)?;
+                write_binary_gif(
+                    &p,
+                    sized.width,
+                    sized.height,
+                    &binarize_frames(&sized),
+                    play,
+                )?;
                 files.push(p);
             }
             Format::GifRaw => {
                 let p = dir.join(format!("variant-{k}-raw.gif"));
                 fresh(&p)?;
-                write_rgb_gif(&p, &sized, fps)?;
+                write_rgb_gif(&p, &sized, play)?;
                 files.push(p);
             }
             Format::Png => {
@@ -180,7 +211,7 @@ pub fn write_variant(
             Format::Apng => {
                 let p = dir.join(format!("variant-{k}.png"));
                 fresh(&p)?;
-                write_apng(&p, &sized, fps)?;
+                write_apng(&p, &sized, play)?;
                 files.push(p);
             }
             Format::Sheet => {
@@ -205,7 +236,7 @@ pub fn write_variant(
                 for i in 0..sized.frames.len() {
                     fresh(&dir.join(format!("{stem}-{i:03}.svg")))?;
                 }
-                files.extend(write_svg(dir, &stem, &sized, fps)?);
+                files.extend(write_svg(dir, &stem, &sized, play)?);
             }
         }
     }
@@ -219,15 +250,15 @@ fn apng_delay(fps: u32) -> (u16, u16) {
 
 /// An animated PNG with transparent paper: black ink whose 8-bit alpha is its coverage
 /// ([`ink_alpha`]), so strokes are opaque and their anti-aliased edges stay soft. Loops forever.
-pub fn write_apng(path: &Path, frames: &Frames, fps: u32) -> Result<()> {
+pub fn write_apng(path: &Path, frames: &Frames, play: Playback) -> Result<()> {
     let file = File::create(path).map_err(|e| out_err(path, e))?;
     let mut enc = png::Encoder::new(BufWriter::new(file), frames.width, frames.height);
     enc.set_color(png::ColorType::Rgba);
     enc.set_depth(png::BitDepth::Eight);
     let n = u32::try_from(frames.frames.len()).map_err(|e| out_err(path, e))?;
-    enc.set_animated(n.max(1), 0)
+    enc.set_animated(n.max(1), play.loops)
         .map_err(|e| out_err(path, e))?;
-    let (num, den) = apng_delay(fps);
+    let (num, den) = apng_delay(play.fps);
     enc.set_frame_delay(num, den)
         .map_err(|e| out_err(path, e))?;
     let mut w = enc.write_header().map_err(|e| out_err(path, e))?;
@@ -309,7 +340,13 @@ pub fn trace_frame(mask: &[u8], width: u32, height: u32) -> Result<Vec<String>> 
 
 /// Each binarised frame traced to vector paths: `{stem}-NNN.svg` per frame, and `{stem}.svg`
 /// playing them in a loop (SMIL, discrete visibility) on white paper. Returns the paths.
-pub fn write_svg(dir: &Path, stem: &str, frames: &Frames, fps: u32) -> Result<Vec<PathBuf>> {
+pub fn write_svg(dir: &Path, stem: &str, frames: &Frames, play: Playback) -> Result<Vec<PathBuf>> {
+    let fps = play.fps;
+    let repeat = if play.loops == 0 {
+        "indefinite".to_string()
+    } else {
+        play.loops.to_string()
+    };
     let (w, h) = (frames.width, frames.height);
     let header = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" version="1.1" width="{w}" height="{h}" viewBox="0 0 {w} {h}">"#
@@ -333,7 +370,7 @@ pub fn write_svg(dir: &Path, stem: &str, frames: &Frames, fps: u32) -> Result<Ve
             .map(|k| format!("{:.4}", k as f64 / n as f64))
             .collect();
         groups.push_str(&format!(
-            "<g visibility=\"{}\">\n<animate attributeName=\"visibility\" calcMode=\"discrete\" dur=\"{dur:.3}s\" repeatCount=\"indefinite\" values=\"{}\" keyTimes=\"{}\"/>\n{paths}\n</g>\n",
+            "<g visibility=\"{}\">\n<animate attributeName=\"visibility\" calcMode=\"discrete\" dur=\"{dur:.3}s\" repeatCount=\"{repeat}\" values=\"{}\" keyTimes=\"{}\"/>\n{paths}\n</g>\n",
             if i == 0 { "visible" } else { "hidden" },
             values.join(";"),
             times.join(";"),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use flipsketch_media::binarize::{binarize, gray};
 use flipsketch_media::sketch::{decode, fit_square, load_sketch, on_white, to_chw_f32, Fit};
 use flipsketch_media::writers::{
-    binarize_frames, resize_frames, write_binary_gif, write_png_frames, write_rgb_gif,
+    binarize_frames, resize_frames, write_binary_gif, write_png_frames, write_rgb_gif, Playback,
 };
 use flipsketch_media::Frames;
 use image::{DynamicImage, Rgb, RgbImage, Rgba, RgbaImage};
@@ -103,7 +103,14 @@ fn gif_first_frame_and_greyscale_jpeg_load() {
     let dir = tempfile::tempdir().unwrap();
     // two-frame GIF: black then white; the first frame is used
     let path = dir.path().join("a.gif");
-    write_binary_gif(&path, 6, 4, &[vec![0; 24], vec![255; 24]], 10).unwrap();
+    write_binary_gif(
+        &path,
+        6,
+        4,
+        &[vec![0; 24], vec![255; 24]],
+        Playback::forever(10),
+    )
+    .unwrap();
     let img = load_sketch(&path, 6, Fit::Stretch).unwrap();
     assert!(
         img.pixels().all(|p| p == &Rgb([0, 0, 0])),
@@ -150,7 +157,7 @@ fn binary_gif_round_trips_exactly() {
     };
     let masks = binarize_frames(&frames);
     let path = dir.path().join("b.gif");
-    write_binary_gif(&path, 5, 3, &masks, 10).unwrap();
+    write_binary_gif(&path, 5, 3, &masks, Playback::forever(10)).unwrap();
     let (w, h, decoded, repeat) = decode_gif(&path);
     assert_eq!((w, h, decoded.len()), (5, 3, 4));
     assert_eq!(repeat, gif::Repeat::Infinite);
@@ -171,9 +178,10 @@ fn raw_gif_and_png_frames_round_trip() {
         frames: vec![vec![0u8; 192], vec![255u8; 192], vec![128u8; 192]],
     };
     let path = dir.path().join("raw.gif");
-    write_rgb_gif(&path, &frames, 10).unwrap();
-    let (w, h, decoded, _) = decode_gif(&path);
+    write_rgb_gif(&path, &frames, Playback { fps: 10, loops: 3 }).unwrap();
+    let (w, h, decoded, repeat) = decode_gif(&path);
     assert_eq!((w, h, decoded.len()), (8, 8, 3));
+    assert_eq!(repeat, gif::Repeat::Finite(2), "3 plays = 2 repeats");
     assert!(decoded[1].1.chunks(4).all(|p| p[0] == 255 && p[1] == 255));
     let paths = write_png_frames(dir.path(), "v0", &frames).unwrap();
     assert_eq!(paths.len(), 3);
@@ -218,7 +226,7 @@ fn apng_round_trips_with_alpha_and_fps() {
     let dir = tempfile::tempdir().unwrap();
     let frames = test_frames();
     let path = dir.path().join("a.png");
-    flipsketch_media::writers::write_apng(&path, &frames, 10).unwrap();
+    flipsketch_media::writers::write_apng(&path, &frames, Playback::forever(10)).unwrap();
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
     let mut r = dec.read_info().unwrap();
     let actl = r.info().animation_control().unwrap();
@@ -284,7 +292,9 @@ fn sprite_sheet_matches_its_json() {
 fn svg_frames_parse_and_have_paths() {
     let dir = tempfile::tempdir().unwrap();
     let frames = test_frames();
-    let files = flipsketch_media::writers::write_svg(dir.path(), "v", &frames, 10).unwrap();
+    let files =
+        flipsketch_media::writers::write_svg(dir.path(), "v", &frames, Playback::forever(10))
+            .unwrap();
     assert_eq!(files.len(), 4, "animated + 3 frames");
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
@@ -331,7 +341,7 @@ fn mp4_round_trips_through_a_decoder() {
     let track_id = track.track_id();
 
     let mut dec = openh264::decoder::Decoder::new().unwrap();
-    let mut annexb = |nal: &[u8]| [&[0u8, 0, 0, 1][..], nal].concat();
+    let annexb = |nal: &[u8]| [&[0u8, 0, 0, 1][..], nal].concat();
     dec.decode(&annexb(&sps)).unwrap();
     dec.decode(&annexb(&pps)).unwrap();
     for k in 0..3u32 {
