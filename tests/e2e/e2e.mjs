@@ -257,6 +257,17 @@ try {
     const rawRes = await page.request.get(`${BASE}${raw}`);
     assert.equal(rawRes.status(), 200);
     assert.equal((await rawRes.body()).subarray(0, 4).toString('latin1'), 'GIF8', 'the colour GIF is a GIF');
+    // The other formats offered for download are real files of their kind.
+    const magic = { mp4: [4, 'ftyp'], apng: [1, 'PNG'], svg: [0, '<svg'], sheet: [1, 'PNG'], sheet_json: [0, '{'] };
+    for (const [key, [at, text]] of Object.entries(magic)) {
+      const href = await page.getAttribute(`#results .result >> nth=0 >> a.format-${key}`, 'href');
+      const res = await page.request.get(`${BASE}${href}`);
+      assert.equal(res.status(), 200, `${key} download`);
+      const body = await res.body();
+      assert.equal(body.subarray(at, at + text.length).toString('latin1'), text, `${key} is what it says`);
+    }
+    const frameLinks = await page.locator('#results .result >> nth=0 >> .frame-links a').count();
+    assert.ok(frameLinks >= 1, 'PNG frames are offered');
   });
 
   await test('phone-size layout (375x812) stacks and fits the width', async () => {

@@ -129,6 +129,10 @@ pub struct VariantFiles {
     /// Sprite sheet and its frame rectangles.
     pub sheet: String,
     pub sheet_json: String,
+    /// Animated SVG of the traced frames.
+    pub svg: String,
+    /// Numbered PNG frames.
+    pub frames: Vec<String>,
 }
 
 /// What a client sees of a job.
@@ -643,6 +647,10 @@ fn worker_main(shared: Arc<Shared>, load: Loader) {
                                 mp4: url(format!("variant-{k}.mp4")),
                                 sheet: url(format!("variant-{k}-sheet.png")),
                                 sheet_json: url(format!("variant-{k}-sheet.json")),
+                                svg: url(format!("variant-{k}.svg")),
+                                frames: (0..request.frames)
+                                    .map(|i| url(format!("variant-{k}-{i:03}.png")))
+                                    .collect(),
                             }
                         })
                         .collect();
@@ -658,6 +666,17 @@ fn worker_main(shared: Arc<Shared>, load: Loader) {
         }
     }
 }
+
+/// What every job writes (the page offers each for download).
+const SERVED_FORMATS: &[Format] = &[
+    Format::Gif,
+    Format::GifRaw,
+    Format::Apng,
+    Format::Mp4,
+    Format::Sheet,
+    Format::Svg,
+    Format::Png,
+];
 
 fn write_outputs(
     config: &EngineConfig,
@@ -675,13 +694,7 @@ fn write_outputs(
             dir,
             k,
             frames,
-            &[
-                Format::Gif,
-                Format::GifRaw,
-                Format::Apng,
-                Format::Mp4,
-                Format::Sheet,
-            ],
+            SERVED_FORMATS,
             config.output_size,
             Playback::forever(config.fps),
             true,

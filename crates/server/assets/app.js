@@ -844,7 +844,7 @@
       const more = document.createElement('span');
       more.className = 'more-formats';
       more.append('Also: ');
-      [['mp4', 'MP4 video', 'mp4'], ['apng', 'transparent PNG', 'png'], ['sheet', 'sprite sheet', 'png'], ['sheet_json', 'sheet JSON', 'json']]
+      [['mp4', 'MP4 video', 'mp4'], ['apng', 'transparent PNG', 'png'], ['svg', 'SVG', 'svg'], ['sheet', 'sprite sheet', 'png'], ['sheet_json', 'sheet JSON', 'json']]
         .filter(([key]) => r[key])
         .forEach(([key, label, ext], j) => {
           if (j > 0) more.append(' · ');
@@ -855,7 +855,23 @@
           a.className = `format-${key}`;
           more.append(a);
         });
-      cap.append(row, dl, more);
+      if (Array.isArray(r.frames) && r.frames.length) {
+        const frames = document.createElement('span');
+        frames.className = 'more-formats frame-links';
+        frames.append('PNG frames: ');
+        r.frames.forEach((u, j) => {
+          if (j > 0) frames.append(' ');
+          const a = document.createElement('a');
+          a.href = u;
+          a.download = `flipsketch-${v.seed}-${i + 1}-frame-${String(j + 1).padStart(3, '0')}.png`;
+          a.textContent = String(j + 1);
+          a.setAttribute('aria-label', `Download frame ${j + 1} of animation ${i + 1} as PNG`);
+          frames.append(a);
+        });
+        cap.append(row, dl, more, frames);
+      } else {
+        cap.append(row, dl, more);
+      }
       fig.append(img, cap);
       el.results.append(fig);
     });

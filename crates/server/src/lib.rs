@@ -266,6 +266,7 @@ async fn file(
         Some("png") => "image/png",
         Some("mp4") => "video/mp4",
         Some("json") => "application/json",
+        Some("svg") => "image/svg+xml",
         _ => "application/octet-stream",
     };
     // A name unique to the job, so that downloads of several jobs do not collide.

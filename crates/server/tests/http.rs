@@ -182,7 +182,8 @@ async fn job_runs_to_done_with_files_and_events() {
     let results = done["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     for r in results {
-        let kinds: [(&str, &str, &[u8]); 6] = [
+        let kinds: [(&str, &str, &[u8]); 7] = [
+            ("svg", "image/svg+xml", b"<svg"),
             ("gif", "image/gif", b"GIF8"),
             ("gif_raw", "image/gif", b"GIF8"),
             ("apng", "image/png", b"\x89PNG"),
@@ -201,6 +202,15 @@ async fn job_runs_to_done_with_files_and_events() {
             assert_eq!(resp.headers()["content-type"], mime, "{key}");
             let bytes = resp.bytes().await.unwrap();
             assert!(bytes.starts_with(magic), "{key}");
+            let frames = r["frames"].as_array().unwrap();
+            assert_eq!(frames.len(), 3);
+            let f0 = s
+                .client
+                .get(format!("{}{}", s.base, frames[0].as_str().unwrap()))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(f0.headers()["content-type"], "image/png");
             if key == "mp4" {
                 assert_eq!(&bytes[4..8], b"ftyp");
             }
