@@ -135,3 +135,40 @@ fn ranker_embeds_and_scores() {
     assert!((scores[0] - 1.0).abs() < 1e-5, "{scores:?}");
     assert!(scores[1] < scores[0], "{scores:?}");
 }
+
+#[test]
+fn full_clip_model_config_and_integer_preprocessor_sizes_are_read() {
+    // openai/clip-vit-base-patch32 ships a full CLIPModel config (vision_config nested,
+    // projection_dim at the top) and the older integer size/crop_size form.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    std::fs::write(
+        &path,
+        r#"{"architectures": ["CLIPModel"], "projection_dim": 512, "text_config": {"hidden_size": 512},
+            "vision_config": {"hidden_size": 768, "patch_size": 32, "image_size": 224, "num_hidden_layers": 12}}"#,
+    )
+    .unwrap();
+    let c = ClipVisionConfig::from_file(&path).unwrap();
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.patch_size,
+            c.projection_dim,
+            c.num_attention_heads
+        ),
+        (768, 32, 512, 12)
+    );
+    let pre =
+        ClipPreprocess::from_json(&serde_json::json!({"size": 224, "crop_size": 224})).unwrap();
+    assert_eq!((pre.shortest_edge, pre.crop), (224, (224, 224)));
+    assert!(ClipPreprocess::from_json(&serde_json::json!({"image_std": [1, 0, 1]})).is_err());
+    std::fs::write(
+        &path,
+        r#"{"vision_config": {"image_size": 100, "patch_size": 32}}"#,
+    )
+    .unwrap();
+    assert!(ClipVisionConfig::from_file(&path)
+        .unwrap_err()
+        .to_string()
+        .contains("patch_size"));
+}
