@@ -18,24 +18,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::model_source::{self, DEFAULT_REPO, DEFAULT_SUBFOLDER};
 use crate::Precision;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum FormatArg {
-    /// Binarised GIF: black strokes on white, Otsu threshold per frame.
-    Gif,
-    /// The decoded colours, not binarised.
-    GifRaw,
-    /// Numbered PNG frames.
-    Png,
-    /// Animated PNG with transparent paper (strokes opaque, soft edges).
-    Apng,
-    /// Sprite sheet PNG plus a JSON of frame rectangles and fps.
-    Sheet,
-    /// Each frame traced to vector paths, plus an animated SVG.
-    Svg,
-    /// H.264 MP4 (even dimensions).
-    Mp4,
-}
-
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum RankArg {
     /// Mean cosine similarity of CLIP image embeddings (all frames vs the sketch).
@@ -110,7 +92,7 @@ pub struct AnimateArgs {
     pub size: u32,
     /// Output formats (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "gif")]
-    pub format: Vec<FormatArg>,
+    pub format: Vec<Format>,
     /// Frames per second of the animations.
     #[arg(long, default_value_t = 10)]
     pub fps: u32,
@@ -366,26 +348,13 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     let t_write = Instant::now();
     bars.start("writing", variants as u64, "variant");
     let mut files: Vec<PathBuf> = Vec::new();
-    let formats: Vec<Format> = a
-        .format
-        .iter()
-        .map(|f| match f {
-            FormatArg::Gif => Format::Gif,
-            FormatArg::GifRaw => Format::GifRaw,
-            FormatArg::Png => Format::Png,
-            FormatArg::Apng => Format::Apng,
-            FormatArg::Sheet => Format::Sheet,
-            FormatArg::Svg => Format::Svg,
-            FormatArg::Mp4 => Format::Mp4,
-        })
-        .collect();
     let variant_frames = video_to_frames(&output.video)?;
     for (k, v) in variant_frames.iter().enumerate() {
         files.extend(write_variant(
             &out_dir,
             k,
             v,
-            &formats,
+            &a.format,
             a.size,
             Playback {
                 fps: a.fps,

@@ -138,6 +138,7 @@ pub fn write_png_frames(dir: &Path, stem: &str, frames: &Frames) -> Result<Vec<P
 
 /// Output formats of one animation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Format {
     /// Binarised GIF: black strokes on white, Otsu threshold per frame.
     Gif,
@@ -145,13 +146,13 @@ pub enum Format {
     GifRaw,
     /// Numbered PNG frames.
     Png,
-    /// Animated PNG, transparent paper.
+    /// Animated PNG with transparent paper (strokes opaque, soft edges).
     Apng,
-    /// Sprite sheet PNG + JSON frame rectangles.
+    /// Sprite sheet PNG plus a JSON of frame rectangles and fps.
     Sheet,
-    /// Vector frames and an animated SVG.
+    /// Each frame traced to vector paths, plus an animated SVG.
     Svg,
-    /// H.264 MP4.
+    /// H.264 MP4 (even dimensions).
     Mp4,
 }
 
