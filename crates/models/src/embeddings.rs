@@ -1,6 +1,6 @@
 //! diffusers `embeddings.py`: `Timesteps` (sinusoidal) and `TimestepEmbedding`.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::nn::{linear, Linear};
@@ -60,14 +60,5 @@ impl TimestepEmbedding {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
-    }
-}
-
-/// Casts an f32 tensor to the model dtype (no-op when equal).
-pub fn to_model_dtype(x: Tensor, dtype: DType) -> Result<Tensor> {
-    if x.dtype() == dtype {
-        Ok(x)
-    } else {
-        x.to_dtype(dtype)
     }
 }
