@@ -1,0 +1,73 @@
+//! `cargo bench -p flipsketch-kernels`: GFLOP/s of the kernels at the UNet's shapes.
+
+use std::time::Instant;
+
+use flipsketch_kernels::{conv2d, linear, matmul, ConvGeometry, PackedCols, PackedRows, Precision};
+
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    println!(
+        "isa {:?}, threads {}",
+        flipsketch_kernels::isa(),
+        rayon::current_num_threads()
+    );
+    let fill = |n: usize| {
+        (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
+            .collect::<Vec<f32>>()
+    };
+    for prec in [Precision::F32, Precision::Bf16] {
+        // Linear at the top level of the UNet: 10 frames of 32x32 tokens.
+        for &(m, k, n) in &[
+            (10240, 320, 320),
+            (10240, 320, 2560),
+            (10240, 1280, 320),
+            (2560, 640, 640),
+        ] {
+            let x = fill(m * k);
+            let w = PackedCols::from_transposed(prec, &fill(n * k), n, k);
+            let mut out = vec![0.0; m * n];
+            let s = best_of(3, || linear(&x, m, &w, None, &mut out));
+            println!(
+                "{prec:?} linear {m}x{k}x{n}: {:.1} ms, {:.0} GFLOP/s",
+                s * 1e3,
+                2.0 * (m * k * n) as f64 / s / 1e9
+            );
+        }
+        // 3x3 convolutions of the ResNets at 32x32, 16x16 and 4x4, 10 frames.
+        for &(c, hw, co) in &[(320, 32, 320), (640, 16, 640), (1280, 4, 1280)] {
+            let g = ConvGeometry::new(c, hw, hw, 3, 3, 1, 1).unwrap();
+            let x = fill(10 * c * hw * hw);
+            let w = PackedRows::new(prec, &fill(co * c * 9), co, c * 9);
+            let mut out = vec![0.0; 10 * co * hw * hw];
+            let s = best_of(3, || conv2d(&x, 10, &g, &w, None, &mut out));
+            let flops = 2.0 * (10 * hw * hw * co * c * 9) as f64;
+            println!(
+                "{prec:?} conv3x3 10x{c}x{hw}x{hw} -> {co}: {:.1} ms, {:.0} GFLOP/s",
+                s * 1e3,
+                flops / s / 1e9
+            );
+        }
+        // Attention scores and values at 32x32: 10 frames x 5 heads, 1024 tokens, 64 dims.
+        let (b, l, d) = (50, 1024, 64);
+        let q = fill(b * l * d);
+        let kt = fill(b * d * l);
+        let mut s_out = vec![0.0; b * l * l];
+        let s = best_of(3, || matmul(prec, &q, &kt, b, l, d, l, &mut s_out));
+        println!(
+            "{prec:?} matmul q@kT {b}x{l}x{d}x{l}: {:.1} ms, {:.0} GFLOP/s",
+            s * 1e3,
+            2.0 * (b * l * l * d) as f64 / s / 1e9
+        );
+    }
+}

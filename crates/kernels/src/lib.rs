@@ -1,0 +1,738 @@
+//! CPU matrix kernels for flipsketch's models.
+//!
+//! One blocked GEMM (Goto-style: K blocks of [`KC`] slots, A blocks of [`MC`] rows in L2, B
+//! panels of [`NR`] columns in L1, an [`MR`] x [`NR`] register tile) with two micro-kernels:
+//! AVX-512 f32 FMA and AVX512-BF16 `vdpbf16ps` (bf16 products, f32 accumulation), chosen at
+//! run time, and portable fallbacks for other CPUs. Three front ends:
+//! - [`linear`]: `y = x W^T + b` with W packed once ([`PackedCols`]);
+//! - [`conv2d`]: direct convolution, the image patches packed straight from NCHW into B panels
+//!   (no im2col buffer), the weights packed once ([`PackedRows`]), bias fused;
+//! - [`matmul`]: batched `a @ b` with both operands packed on the fly (attention).
+//!
+//! In [`Precision::Bf16`] the operands are rounded to bf16 (nearest even) and the products are
+//! summed in f32; inputs and outputs stay f32.
+
+mod micro;
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use micro::TileInit;
+pub use micro::{bf16_bits, bf16_pair, bf16_to_f32, isa, Isa};
+
+/// Rows of the register tile.
+pub const MR: usize = 12;
+/// Columns of the register tile (two 16-lane vectors).
+pub const NR: usize = 32;
+/// K slots per block (a slot holds one f32 or two bf16).
+pub const KC: usize = 128;
+/// Rows of A per L2 block.
+pub const MC: usize = MR * 16;
+
+/// Arithmetic of the products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Precision {
+    F32,
+    /// Operands rounded to bf16, products accumulated in f32.
+    Bf16,
+}
+
+impl Precision {
+    /// Number of slots holding `k` values.
+    pub fn slots(self, k: usize) -> usize {
+        match self {
+            Precision::F32 => k,
+            Precision::Bf16 => k.div_ceil(2),
+        }
+    }
+
+    /// Whether this CPU has native (SIMD) kernels for this precision.
+    pub fn is_native(self) -> bool {
+        match (self, isa()) {
+            (_, Isa::Avx512Bf16) => true,
+            (Precision::F32, Isa::Avx512) => true,
+            _ => false,
+        }
+    }
+
+    fn slot(self, row: &[f32], s: usize) -> u32 {
+        match self {
+            Precision::F32 => row.get(s).map_or(0, |v| v.to_bits()),
+            Precision::Bf16 => {
+                let get = |i: usize| row.get(i).copied().unwrap_or(0.0);
+                bf16_pair(get(2 * s), get(2 * s + 1))
+            }
+        }
+    }
+}
+
+/// Fills `dst[..kc]` with the slots `k0..k0 + kc` of a row of `k` values.
+fn pack_row(prec: Precision, row: &[f32], k0: usize, kc: usize, dst: &mut [u32]) {
+    let per = match prec {
+        Precision::F32 => 1,
+        Precision::Bf16 => 2,
+    };
+    let start = (k0 * per).min(row.len());
+    let end = ((k0 + kc) * per).min(row.len());
+    let src = &row[start..end];
+    let dst = &mut dst[..kc];
+    match prec {
+        Precision::F32 => {
+            for (d, v) in dst.iter_mut().zip(src) {
+                *d = v.to_bits();
+            }
+            dst[src.len()..].fill(0);
+        }
+        Precision::Bf16 => {
+            let full = src.len() / 2;
+            #[cfg(target_arch = "x86_64")]
+            let done = if isa() == Isa::Avx512Bf16 {
+                // SAFETY: the CPU has AVX512-BF16; src holds 2 * full values, dst full slots.
+                unsafe { micro::x86::f32_to_pairs(src.as_ptr(), dst.as_mut_ptr(), 2 * full) };
+                full
+            } else {
+                0
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = 0;
+            for (s, d) in dst.iter_mut().enumerate().take(full).skip(done) {
+                *d = bf16_pair(src[2 * s], src[2 * s + 1]);
+            }
+            if src.len() % 2 == 1 {
+                dst[full] = bf16_pair(src[src.len() - 1], 0.0);
+            }
+            let used = src.len().div_ceil(2);
+            dst[used..].fill(0);
+        }
+    }
+}
+
+/// A matrix packed as the A operand (its rows are C's rows): row blocks of [`MR`], each K
+/// block stored as MR rows of [`KC`] slots.
+#[derive(Clone, Debug)]
+pub struct PackedRows {
+    prec: Precision,
+    m: usize,
+    k: usize,
+    kblocks: usize,
+    data: Vec<u32>,
+}
+
+impl PackedRows {
+    /// Packs a row-major `m x k` matrix.
+    pub fn new(prec: Precision, src: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(
+            src.len(),
+            m * k,
+            "PackedRows: {m}x{k} needs {} values",
+            m * k
+        );
+        let kslots = prec.slots(k);
+        let kblocks = kslots.div_ceil(KC).max(1);
+        let rblocks = m.div_ceil(MR);
+        let mut data = vec![0u32; rblocks * kblocks * MR * KC];
+        data.par_chunks_mut(kblocks * MR * KC)
+            .enumerate()
+            .for_each(|(rb, blk)| {
+                for kb in 0..kblocks {
+                    let kc = KC.min(kslots - kb * KC);
+                    for r in 0..MR.min(m - rb * MR) {
+                        let row = &src[(rb * MR + r) * k..][..k];
+                        pack_row(prec, row, kb * KC, kc, &mut blk[(kb * MR + r) * KC..]);
+                    }
+                }
+            });
+        Self {
+            prec,
+            m,
+            k,
+            kblocks,
+            data,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    pub fn depth(&self) -> usize {
+        self.k
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.prec
+    }
+}
+
+/// A matrix packed as the B operand (its columns are C's columns): panels of [`NR`] columns,
+/// slot-major. Built from the rows of `W` (`n x k`), so that `B = W^T` (nn.Linear weights).
+#[derive(Clone, Debug)]
+pub struct PackedCols {
+    prec: Precision,
+    n: usize,
+    k: usize,
+    data: Vec<u32>,
+}
+
+impl PackedCols {
+    /// Packs `B = W^T` from a row-major `n x k` matrix `W`.
+    pub fn from_transposed(prec: Precision, w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "PackedCols: {n}x{k} needs {} values", n * k);
+        let kslots = prec.slots(k);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * kslots * NR];
+        data.par_chunks_mut((kslots * NR).max(1))
+            .enumerate()
+            .for_each(|(pb, panel)| {
+                for j in 0..NR.min(n - pb * NR) {
+                    let row = &w[(pb * NR + j) * k..][..k];
+                    for s in 0..kslots {
+                        panel[s * NR + j] = prec.slot(row, s);
+                    }
+                }
+            });
+        Self { prec, n, k, data }
+    }
+
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
+    pub fn depth(&self) -> usize {
+        self.k
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.prec
+    }
+}
+
+/// Where a block of packed operand comes from.
+trait Source: Sync {
+    /// Makes the blocks covering `[i0, i0 + len)` (rows of A or columns of B; `i0` a multiple
+    /// of the block size) for slots `[k0, k0 + kc)` available. Returns the first block's
+    /// pointer at `k0` and the distance in slots between consecutive blocks.
+    fn block(
+        &self,
+        i0: usize,
+        len: usize,
+        k0: usize,
+        kc: usize,
+        buf: &mut Vec<u32>,
+    ) -> (*const u32, usize);
+}
+
+impl Source for PackedRows {
+    fn block(
+        &self,
+        i0: usize,
+        _: usize,
+        k0: usize,
+        _: usize,
+        _: &mut Vec<u32>,
+    ) -> (*const u32, usize) {
+        let stride = self.kblocks * MR * KC;
+        let off = (i0 / MR) * stride + (k0 / KC) * MR * KC;
+        (self.data[off..].as_ptr(), stride)
+    }
+}
+
+impl Source for PackedCols {
+    fn block(
+        &self,
+        i0: usize,
+        _: usize,
+        k0: usize,
+        _: usize,
+        _: &mut Vec<u32>,
+    ) -> (*const u32, usize) {
+        let kslots = self.prec.slots(self.k);
+        let off = (i0 / NR) * kslots * NR + k0 * NR;
+        (self.data[off..].as_ptr(), kslots * NR)
+    }
+}
+
+/// Rows of a row-major f32 matrix (row stride `ld`, `k` values used), packed as A on the fly.
+struct RowsOnTheFly<'a> {
+    prec: Precision,
+    src: &'a [f32],
+    ld: usize,
+    k: usize,
+}
+
+impl Source for RowsOnTheFly<'_> {
+    fn block(
+        &self,
+        i0: usize,
+        len: usize,
+        k0: usize,
+        kc: usize,
+        buf: &mut Vec<u32>,
+    ) -> (*const u32, usize) {
+        let blocks = len.div_ceil(MR);
+        buf.clear();
+        buf.resize(blocks * MR * KC, 0);
+        for r in 0..len {
+            let row = &self.src[(i0 + r) * self.ld..][..self.k];
+            pack_row(self.prec, row, k0, kc, &mut buf[r * KC..]);
+        }
+        (buf.as_ptr(), MR * KC)
+    }
+}
+
+/// Columns of a row-major `k x n` f32 matrix (row stride `ld`), packed as B on the fly.
+struct ColsOnTheFly<'a> {
+    prec: Precision,
+    src: &'a [f32],
+    ld: usize,
+    k: usize,
+    n: usize,
+}
+
+impl Source for ColsOnTheFly<'_> {
+    fn block(
+        &self,
+        i0: usize,
+        len: usize,
+        k0: usize,
+        kc: usize,
+        buf: &mut Vec<u32>,
+    ) -> (*const u32, usize) {
+        let panels = len.div_ceil(NR);
+        buf.clear();
+        buf.resize(panels * kc * NR, 0);
+        let value = |k: usize, j: usize| {
+            if k < self.k {
+                self.src[k * self.ld + j]
+            } else {
+                0.0
+            }
+        };
+        for p in 0..panels {
+            let cols = NR.min(self.n - i0 - p * NR);
+            for s in 0..kc {
+                let dst = &mut buf[(p * kc + s) * NR..][..cols];
+                let ks = k0 + s;
+                for (j, d) in dst.iter_mut().enumerate() {
+                    let col = i0 + p * NR + j;
+                    *d = match self.prec {
+                        Precision::F32 => value(ks, col).to_bits(),
+                        Precision::Bf16 => bf16_pair(value(2 * ks, col), value(2 * ks + 1, col)),
+                    };
+                }
+            }
+        }
+        (buf.as_ptr(), kc * NR)
+    }
+}
+
+/// B panels of image patches for a convolution, straight from one NCHW image.
+struct Patches<'a> {
+    prec: Precision,
+    image: &'a [f32],
+    geom: &'a ConvGeometry,
+}
+
+impl Source for Patches<'_> {
+    fn block(
+        &self,
+        i0: usize,
+        len: usize,
+        k0: usize,
+        kc: usize,
+        buf: &mut Vec<u32>,
+    ) -> (*const u32, usize) {
+        let g = self.geom;
+        let taps = g.kh * g.kw;
+        let plane = g.h * g.w;
+        let k_total = g.c_in * taps;
+        let panels = len.div_ceil(NR);
+        buf.clear();
+        buf.resize(panels * kc * NR, 0);
+        // Source offset within a channel plane of each (tap, column), or -1 in the padding.
+        let mut offs = vec![-1i64; taps * NR];
+        for p in 0..panels {
+            let cols = NR.min(len - p * NR);
+            for j in 0..cols {
+                let pix = i0 + p * NR + j;
+                let (oy, ox) = (pix / g.w_out, pix % g.w_out);
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let iy = (oy * g.stride + ky) as i64 - g.pad as i64;
+                        let ix = (ox * g.stride + kx) as i64 - g.pad as i64;
+                        offs[(ky * g.kw + kx) * NR + j] =
+                            if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                                iy * g.w as i64 + ix
+                            } else {
+                                -1
+                            };
+                    }
+                }
+            }
+            let value = |k: usize, j: usize| -> f32 {
+                if k >= k_total {
+                    return 0.0;
+                }
+                let (c, t) = (k / taps, k % taps);
+                let o = offs[t * NR + j];
+                if o < 0 {
+                    0.0
+                } else {
+                    self.image[c * plane + o as usize]
+                }
+            };
+            for s in 0..kc {
+                let dst = &mut buf[(p * kc + s) * NR..][..cols];
+                let ks = k0 + s;
+                for (j, d) in dst.iter_mut().enumerate() {
+                    *d = match self.prec {
+                        Precision::F32 => value(ks, j).to_bits(),
+                        Precision::Bf16 => bf16_pair(value(2 * ks, j), value(2 * ks + 1, j)),
+                    };
+                }
+            }
+        }
+        (buf.as_ptr(), kc * NR)
+    }
+}
+
+/// Bias added to every product.
+#[derive(Clone, Copy)]
+enum Bias<'a> {
+    None,
+    /// Indexed by C's row.
+    Rows(&'a [f32]),
+    /// Indexed by C's column.
+    Cols(&'a [f32]),
+}
+
+thread_local! {
+    static BUFFERS: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// A raw output pointer shared by tasks that write disjoint tiles.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint parts of the output.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// `C[m0..m1, n0..n1] = bias + A B` (or `+=` when `accumulate`) with C row-major, stride `ldc`.
+///
+/// # Safety
+/// `c` must be valid for rows `m0..m1` and columns `n0..n1` with stride `ldc`; `m0` must be a
+/// multiple of MR and `n0` of NR when the sources are pre-packed.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_task(
+    prec: Precision,
+    kslots: usize,
+    a: &dyn Source,
+    b: &dyn Source,
+    (m0, m1): (usize, usize),
+    (n0, n1): (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    bias: Bias,
+    accumulate: bool,
+) {
+    let micro = micro::select(prec, isa());
+    BUFFERS.with(|bufs| {
+        let mut bufs = bufs.borrow_mut();
+        let (abuf, bbuf) = &mut *bufs;
+        let n = n1 - n0;
+        let mut k0 = 0;
+        loop {
+            let kc = KC.min(kslots - k0);
+            let (bp, bstride) = b.block(n0, n, k0, kc, bbuf);
+            for i0 in (m0..m1).step_by(MC) {
+                let ilen = MC.min(m1 - i0);
+                let (ap, astride) = a.block(i0, ilen, k0, kc, abuf);
+                for pb in 0..n.div_ceil(NR) {
+                    let cols = NR.min(n - pb * NR);
+                    let col = n0 + pb * NR;
+                    for rb in 0..ilen.div_ceil(MR) {
+                        let rows = MR.min(ilen - rb * MR);
+                        let row = i0 + rb * MR;
+                        let init = if k0 > 0 || accumulate {
+                            TileInit::Accumulate
+                        } else {
+                            match bias {
+                                Bias::None => TileInit::Zero,
+                                Bias::Rows(v) => TileInit::RowBias(v[row..].as_ptr()),
+                                Bias::Cols(v) => TileInit::ColBias(v[col..].as_ptr()),
+                            }
+                        };
+                        micro(
+                            kc,
+                            ap.add(rb * astride),
+                            bp.add(pb * bstride),
+                            c.add(row * ldc + col),
+                            ldc,
+                            rows,
+                            cols,
+                            init,
+                        );
+                    }
+                }
+            }
+            k0 += kc;
+            if k0 >= kslots {
+                break;
+            }
+        }
+    });
+}
+
+fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// Splits `0..len` into about `parts` ranges whose starts are multiples of `align`.
+fn split(len: usize, parts: usize, align: usize) -> Vec<(usize, usize)> {
+    let step = len.div_ceil(parts.max(1)).div_ceil(align).max(1) * align;
+    (0..len)
+        .step_by(step)
+        .map(|s| (s, (s + step).min(len)))
+        .collect()
+}
+
+/// `out (m x n) = x (m x k) W^T + bias`, with `w` packed from W (`n x k`).
+pub fn linear(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (k, n) = (w.k, w.n);
+    assert_eq!(x.len(), m * k, "linear: input is not {m}x{k}");
+    assert_eq!(out.len(), m * n, "linear: output is not {m}x{n}");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "linear: bias is not {n}");
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        match bias {
+            Some(b) => out.chunks_mut(n).for_each(|r| r.copy_from_slice(b)),
+            None => out.fill(0.0),
+        }
+        return;
+    }
+    let a = RowsOnTheFly {
+        prec: w.prec,
+        src: x,
+        ld: k,
+        k,
+    };
+    let t = threads();
+    let m_parts = split(m, t * 2, MR);
+    // Few rows (e.g. a text encoder's 77 tokens): split the columns as well.
+    let n_parts = if m_parts.len() >= t {
+        vec![(0, n)]
+    } else {
+        split(n, t * 2, NR)
+    };
+    let tasks: Vec<_> = m_parts
+        .iter()
+        .flat_map(|&mr| n_parts.iter().map(move |&nr| (mr, nr)))
+        .collect();
+    let c = Out(out.as_mut_ptr());
+    let bias = bias.map_or(Bias::None, Bias::Cols);
+    let kslots = w.prec.slots(k);
+    tasks.par_iter().for_each(|&(mr, nr)| {
+        let c = c;
+        // SAFETY: tasks cover disjoint tiles of `out`, which is m x n.
+        unsafe { run_task(w.prec, kslots, &a, w, mr, nr, c.0, n, bias, false) }
+    });
+}
+
+/// Shape of a 2-D convolution (no groups, no dilation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub h_out: usize,
+    pub w_out: usize,
+}
+
+impl ConvGeometry {
+    pub fn new(
+        c_in: usize,
+        h: usize,
+        w: usize,
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Option<Self> {
+        if stride == 0 || h + 2 * pad < kh || w + 2 * pad < kw {
+            return None;
+        }
+        Some(Self {
+            c_in,
+            h,
+            w,
+            kh,
+            kw,
+            stride,
+            pad,
+            h_out: (h + 2 * pad - kh) / stride + 1,
+            w_out: (w + 2 * pad - kw) / stride + 1,
+        })
+    }
+}
+
+/// NCHW convolution: `out (images, c_out, h_out, w_out)`, weights packed from
+/// `(c_out, c_in * kh * kw)`, bias per output channel.
+pub fn conv2d(
+    x: &[f32],
+    images: usize,
+    geom: &ConvGeometry,
+    w: &PackedRows,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let g = geom;
+    let c_out = w.m;
+    let k = g.c_in * g.kh * g.kw;
+    assert_eq!(w.k, k, "conv2d: weights are not {c_out}x{k}");
+    let in_size = g.c_in * g.h * g.w;
+    let pix = g.h_out * g.w_out;
+    assert_eq!(
+        x.len(),
+        images * in_size,
+        "conv2d: input is not {images}x{in_size}"
+    );
+    assert_eq!(out.len(), images * c_out * pix, "conv2d: output size");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), c_out, "conv2d: bias is not {c_out}");
+    }
+    if images == 0 || c_out == 0 || pix == 0 {
+        return;
+    }
+    let t = threads();
+    // Columns (pixels) per task: whole panels, enough tasks for every thread.
+    let per_image = split(pix, (t * 2).div_ceil(images), NR);
+    let tasks: Vec<_> = (0..images)
+        .flat_map(|i| per_image.iter().map(move |&r| (i, r)))
+        .collect();
+    let c = Out(out.as_mut_ptr());
+    let bias = bias.map_or(Bias::None, Bias::Rows);
+    let kslots = w.prec.slots(k);
+    tasks.par_iter().for_each(|&(img, (p0, p1))| {
+        let c = c;
+        let patches = Patches {
+            prec: w.prec,
+            image: &x[img * in_size..][..in_size],
+            geom: g,
+        };
+        // The task's columns start at p0: shift C so that column p0 is column 0 of the task.
+        let base = unsafe { c.0.add(img * c_out * pix + p0) };
+        let shifted = Shifted {
+            inner: &patches,
+            by: p0,
+        };
+        // SAFETY: each task writes its image's pixels p0..p1 of every channel.
+        unsafe {
+            run_task(
+                w.prec,
+                kslots,
+                w,
+                &shifted,
+                (0, c_out),
+                (0, p1 - p0),
+                base,
+                pix,
+                bias,
+                false,
+            )
+        }
+    });
+}
+
+/// A B source whose columns start at `by`.
+struct Shifted<'a> {
+    inner: &'a dyn Source,
+    by: usize,
+}
+
+impl Source for Shifted<'_> {
+    fn block(
+        &self,
+        i0: usize,
+        len: usize,
+        k0: usize,
+        kc: usize,
+        buf: &mut Vec<u32>,
+    ) -> (*const u32, usize) {
+        self.inner.block(self.by + i0, len, k0, kc, buf)
+    }
+}
+
+/// Batched `out[i] = a[i] (m x k) @ b[i] (k x n)`, all row-major and contiguous, both operands
+/// packed on the fly in `prec`.
+pub fn matmul(
+    prec: Precision,
+    a: &[f32],
+    b: &[f32],
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(a.len(), batch * m * k, "matmul: a is not {batch}x{m}x{k}");
+    assert_eq!(b.len(), batch * k * n, "matmul: b is not {batch}x{k}x{n}");
+    assert_eq!(
+        out.len(),
+        batch * m * n,
+        "matmul: out is not {batch}x{m}x{n}"
+    );
+    if batch == 0 || m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let t = threads();
+    let m_parts = split(m, (t * 2).div_ceil(batch), MR);
+    let tasks: Vec<_> = (0..batch)
+        .flat_map(|i| m_parts.iter().map(move |&r| (i, r)))
+        .collect();
+    let c = Out(out.as_mut_ptr());
+    let kslots = prec.slots(k);
+    tasks.par_iter().for_each(|&(i, mr)| {
+        let c = c;
+        let a = RowsOnTheFly {
+            prec,
+            src: &a[i * m * k..][..m * k],
+            ld: k,
+            k,
+        };
+        let b = ColsOnTheFly {
+            prec,
+            src: &b[i * k * n..][..k * n],
+            ld: n,
+            k,
+            n,
+        };
+        // SAFETY: each task writes rows mr of its batch item.
+        unsafe {
+            run_task(
+                prec,
+                kslots,
+                &a,
+                &b,
+                mr,
+                (0, n),
+                c.0.add(i * m * n),
+                n,
+                Bias::None,
+                false,
+            )
+        }
+    });
+}

@@ -1,0 +1,296 @@
+//! Micro-kernels: one MR x NR tile of C from a packed A row block and a packed B panel.
+//!
+//! A block: MR rows of `KC` slots (row stride KC, only the first `kc` used).
+//! B panel: `kc` slots of NR columns. A slot is one f32, or two bf16 (even k in the low half).
+
+use crate::{Precision, KC, MR, NR};
+
+/// How a tile's accumulators start.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TileInit {
+    Zero,
+    /// C += A B: start from what C holds.
+    Accumulate,
+    /// One value per row of the tile (`rows` values).
+    RowBias(*const f32),
+    /// One value per column of the tile (`cols` values).
+    ColBias(*const f32),
+}
+
+/// Computes one tile. `c` points at the tile's first element, `ldc` is C's row stride; only
+/// `rows` x `cols` elements are read or written.
+pub(crate) type Micro = unsafe fn(
+    kc: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    init: TileInit,
+);
+
+/// What this CPU can run, decided once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F with AVX512-BF16 (`vdpbf16ps`): native f32 and bf16 kernels.
+    Avx512Bf16,
+    /// AVX-512F without BF16 dot products: native f32, portable bf16.
+    Avx512,
+    /// Portable Rust (auto-vectorised).
+    Portable,
+}
+
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw");
+            if f && std::arch::is_x86_feature_detected!("avx512bf16") {
+                return Isa::Avx512Bf16;
+            }
+            if f {
+                return Isa::Avx512;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+pub(crate) fn select(prec: Precision, isa: Isa) -> Micro {
+    match (prec, isa) {
+        #[cfg(target_arch = "x86_64")]
+        (Precision::Bf16, Isa::Avx512Bf16) => x86::micro_bf16,
+        #[cfg(target_arch = "x86_64")]
+        (Precision::F32, Isa::Avx512Bf16 | Isa::Avx512) => x86::micro_f32,
+        (Precision::Bf16, _) => portable_bf16,
+        (Precision::F32, _) => portable_f32,
+    }
+}
+
+/// Round-to-nearest-even f32 -> bf16 bits (NaN stays NaN).
+#[inline]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b.wrapping_add(0x7FFF + ((b >> 16) & 1))) >> 16) as u16
+}
+
+#[inline]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// The slot of two k values.
+#[inline]
+pub fn bf16_pair(lo: f32, hi: f32) -> u32 {
+    bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
+}
+
+#[inline]
+fn unpair(s: u32) -> (f32, f32) {
+    (bf16_to_f32(s as u16), bf16_to_f32((s >> 16) as u16))
+}
+
+unsafe fn portable(
+    kc: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    init: TileInit,
+    fma: impl Fn(&mut [f32; NR], u32, &[u32]),
+) {
+    let mut acc = [[0f32; NR]; MR];
+    for (r, row) in acc.iter_mut().enumerate().take(rows) {
+        for (j, v) in row.iter_mut().enumerate().take(cols) {
+            *v = match init {
+                TileInit::Zero => 0.0,
+                TileInit::Accumulate => *c.add(r * ldc + j),
+                TileInit::RowBias(p) => *p.add(r),
+                TileInit::ColBias(p) => *p.add(j),
+            };
+        }
+    }
+    for s in 0..kc {
+        let bs = std::slice::from_raw_parts(b.add(s * NR), NR);
+        for (r, row) in acc.iter_mut().enumerate() {
+            fma(row, *a.add(r * KC + s), bs);
+        }
+    }
+    for (r, row) in acc.iter().enumerate().take(rows) {
+        for (j, v) in row.iter().enumerate().take(cols) {
+            *c.add(r * ldc + j) = *v;
+        }
+    }
+}
+
+unsafe fn portable_f32(
+    kc: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    init: TileInit,
+) {
+    portable(kc, a, b, c, ldc, rows, cols, init, |row, av, bs| {
+        let x = f32::from_bits(av);
+        for (v, &bv) in row.iter_mut().zip(bs) {
+            *v += x * f32::from_bits(bv);
+        }
+    })
+}
+
+unsafe fn portable_bf16(
+    kc: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    init: TileInit,
+) {
+    portable(kc, a, b, c, ldc, rows, cols, init, |row, av, bs| {
+        let (x0, x1) = unpair(av);
+        for (v, &bv) in row.iter_mut().zip(bs) {
+            let (y0, y1) = unpair(bv);
+            *v += x0 * y0 + x1 * y1;
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use super::TileInit;
+    use crate::{KC, MR, NR};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    fn masks(cols: usize) -> (u16, u16) {
+        let m = |n: usize| {
+            if n >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << n) - 1) as u16
+            }
+        };
+        (m(cols), m(cols.saturating_sub(16)))
+    }
+
+    /// Shared body of the AVX-512 kernels; `$step` adds one slot's products into `acc`.
+    macro_rules! tile {
+        ($kc:expr, $a:expr, $b:expr, $c:expr, $ldc:expr, $rows:expr, $cols:expr, $init:expr, |$x0:ident, $x1:ident, $av:ident, $b0:ident, $b1:ident| $step:block) => {{
+            let (m0, m1) = masks($cols);
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            match $init {
+                TileInit::Zero => {}
+                TileInit::Accumulate => {
+                    for r in 0..MR {
+                        if r < $rows {
+                            acc[r][0] = _mm512_maskz_loadu_ps(m0, $c.add(r * $ldc));
+                            acc[r][1] = _mm512_maskz_loadu_ps(m1, $c.add(r * $ldc + 16));
+                        }
+                    }
+                }
+                TileInit::RowBias(p) => {
+                    for r in 0..MR {
+                        if r < $rows {
+                            let v = _mm512_set1_ps(*p.add(r));
+                            acc[r] = [v, v];
+                        }
+                    }
+                }
+                TileInit::ColBias(p) => {
+                    let v0 = _mm512_maskz_loadu_ps(m0, p);
+                    let v1 = _mm512_maskz_loadu_ps(m1, p.add(16));
+                    for r in 0..MR {
+                        acc[r] = [v0, v1];
+                    }
+                }
+            }
+            for s in 0..$kc {
+                let $b0 = _mm512_loadu_ps($b.add(s * NR) as *const f32);
+                let $b1 = _mm512_loadu_ps($b.add(s * NR + 16) as *const f32);
+                for r in 0..MR {
+                    let $av = *$a.add(r * KC + s);
+                    let $x0 = acc[r][0];
+                    let $x1 = acc[r][1];
+                    let (n0, n1) = $step;
+                    acc[r][0] = n0;
+                    acc[r][1] = n1;
+                }
+            }
+            for r in 0..MR {
+                if r < $rows {
+                    _mm512_mask_storeu_ps($c.add(r * $ldc), m0, acc[r][0]);
+                    _mm512_mask_storeu_ps($c.add(r * $ldc + 16), m1, acc[r][1]);
+                }
+            }
+        }};
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(crate) unsafe fn micro_bf16(
+        kc: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        init: TileInit,
+    ) {
+        tile!(kc, a, b, c, ldc, rows, cols, init, |c0, c1, av, b0, b1| {
+            let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(av as i32));
+            let y0: __m512bh = std::mem::transmute(b0);
+            let y1: __m512bh = std::mem::transmute(b1);
+            (_mm512_dpbf16_ps(c0, x, y0), _mm512_dpbf16_ps(c1, x, y1))
+        })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(crate) unsafe fn micro_f32(
+        kc: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        init: TileInit,
+    ) {
+        tile!(kc, a, b, c, ldc, rows, cols, init, |c0, c1, av, b0, b1| {
+            let x = _mm512_set1_ps(f32::from_bits(av));
+            (_mm512_fmadd_ps(x, b0, c0), _mm512_fmadd_ps(x, b1, c1))
+        })
+    }
+
+    /// Converts `n` f32 (n even) to `n / 2` bf16 pair slots, round to nearest even.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(crate) unsafe fn f32_to_pairs(src: *const f32, dst: *mut u32, n: usize) {
+        let mut i = 0;
+        while i + 32 <= n {
+            let lo = _mm512_loadu_ps(src.add(i));
+            let hi = _mm512_loadu_ps(src.add(i + 16));
+            let v = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_storeu_ps(
+                dst.add(i / 2) as *mut f32,
+                std::mem::transmute::<__m512bh, __m512>(v),
+            );
+            i += 32;
+        }
+        while i + 1 < n {
+            *dst.add(i / 2) = super::bf16_pair(*src.add(i), *src.add(i + 1));
+            i += 2;
+        }
+    }
+}
