@@ -12,12 +12,17 @@
 //! In [`Precision::Bf16`] the operands are rounded to bf16 (nearest even) and the products are
 //! summed in f32; inputs and outputs stay f32.
 
+mod elementwise;
 mod micro;
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+pub use elementwise::{
+    erfc, exp, geglu, gelu_erf, group_norm, silu, silu_slice, softmax_row, softmax_rows,
+    GroupNormShape,
+};
 use micro::TileInit;
 pub use micro::{bf16_bits, bf16_pair, bf16_to_f32, isa, Isa};
 
@@ -110,7 +115,7 @@ fn pack_row(prec: Precision, row: &[f32], k0: usize, kc: usize, dst: &mut [u32])
 
 /// A matrix packed as the A operand (its rows are C's rows): row blocks of [`MR`], each K
 /// block stored as MR rows of [`KC`] slots.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PackedRows {
     prec: Precision,
     m: usize,
@@ -167,7 +172,7 @@ impl PackedRows {
 
 /// A matrix packed as the B operand (its columns are C's columns): panels of [`NR`] columns,
 /// slot-major. Built from the rows of `W` (`n x k`), so that `B = W^T` (nn.Linear weights).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PackedCols {
     prec: Precision,
     n: usize,
@@ -205,6 +210,22 @@ impl PackedCols {
 
     pub fn precision(&self) -> Precision {
         self.prec
+    }
+}
+
+impl std::fmt::Debug for PackedRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedRows({}x{}, {:?})", self.m, self.k, self.prec)
+    }
+}
+
+impl std::fmt::Debug for PackedCols {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PackedCols({}x{} as W^T, {:?})",
+            self.k, self.n, self.prec
+        )
     }
 }
 
@@ -320,6 +341,39 @@ impl Source for ColsOnTheFly<'_> {
                         Precision::F32 => value(ks, col).to_bits(),
                         Precision::Bf16 => bf16_pair(value(2 * ks, col), value(2 * ks + 1, col)),
                     };
+                }
+            }
+        }
+        (buf.as_ptr(), kc * NR)
+    }
+}
+
+/// `B = src^T` for a row-major `n x k` matrix `src` (row stride `ld`), packed on the fly.
+struct ColsOfRows<'a> {
+    prec: Precision,
+    src: &'a [f32],
+    ld: usize,
+    k: usize,
+    n: usize,
+}
+
+impl Source for ColsOfRows<'_> {
+    fn block(
+        &self,
+        i0: usize,
+        len: usize,
+        k0: usize,
+        kc: usize,
+        buf: &mut Vec<u32>,
+    ) -> (*const u32, usize) {
+        let panels = len.div_ceil(NR);
+        buf.clear();
+        buf.resize(panels * kc * NR, 0);
+        for p in 0..panels {
+            for j in 0..NR.min(self.n - i0 - p * NR) {
+                let row = &self.src[(i0 + p * NR + j) * self.ld..][..self.k];
+                for s in 0..kc {
+                    buf[(p * kc + s) * NR + j] = self.prec.slot(row, k0 + s);
                 }
             }
         }
@@ -734,5 +788,144 @@ pub fn matmul(
                 false,
             )
         }
+    });
+}
+
+/// Sizes of a multi-head attention over row-major (batch, seq, heads * dim) tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    /// Query and key/value sequence lengths.
+    pub lq: usize,
+    pub lk: usize,
+    /// Query/key and value dimensions per head.
+    pub d: usize,
+    pub dv: usize,
+}
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out = softmax(q k^T * scale) v` per (batch, head), with q (batch, lq, heads*d), k
+/// (batch, lk, heads*d), v (batch, lk, heads*dv) and out (batch, lq, heads*dv), all row-major:
+/// no head split/merge copies, scores for a block of query rows at a time.
+pub fn attention(
+    prec: Precision,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let AttentionShape {
+        batch,
+        heads,
+        lq,
+        lk,
+        d,
+        dv,
+    } = shape;
+    assert_eq!(q.len(), batch * lq * heads * d, "attention: q size");
+    assert_eq!(k.len(), batch * lk * heads * d, "attention: k size");
+    assert_eq!(v.len(), batch * lk * heads * dv, "attention: v size");
+    assert_eq!(out.len(), batch * lq * heads * dv, "attention: out size");
+    if out.is_empty() {
+        return;
+    }
+    if lk == 0 {
+        // No keys: softmax over nothing is 0/0, as in torch.
+        out.fill(f32::NAN);
+        return;
+    }
+    const ROWS: usize = 240;
+    let items = batch * heads;
+    // Tasks: (first item, item count, first row, row count).
+    let work_per_item = (lq * lk * (d + dv)).max(1);
+    let items_per_task = ((1usize << 20) / work_per_item).clamp(1, items);
+    let mut tasks = Vec::new();
+    if items_per_task > 1 || lq <= ROWS {
+        for i0 in (0..items).step_by(items_per_task) {
+            tasks.push((i0, items_per_task.min(items - i0), 0, lq));
+        }
+    } else {
+        for i in 0..items {
+            for r0 in (0..lq).step_by(ROWS) {
+                tasks.push((i, 1, r0, ROWS.min(lq - r0)));
+            }
+        }
+    }
+    let c = Out(out.as_mut_ptr());
+    let (qld, vld) = (heads * d, heads * dv);
+    tasks.par_iter().for_each(|&(i0, count, r0, rows)| {
+        let c = c;
+        SCORES.with(|scores| {
+            let mut scores = scores.borrow_mut();
+            scores.clear();
+            scores.resize(rows * lk, 0.0);
+            for item in i0..i0 + count {
+                let (b, h) = (item / heads, item % heads);
+                let qs = RowsOnTheFly {
+                    prec,
+                    src: &q[(b * lq + r0) * qld + h * d..],
+                    ld: qld,
+                    k: d,
+                };
+                let ks = ColsOfRows {
+                    prec,
+                    src: &k[b * lk * qld + h * d..],
+                    ld: qld,
+                    k: d,
+                    n: lk,
+                };
+                // SAFETY: `scores` is rows x lk.
+                unsafe {
+                    run_task(
+                        prec,
+                        prec.slots(d),
+                        &qs,
+                        &ks,
+                        (0, rows),
+                        (0, lk),
+                        scores.as_mut_ptr(),
+                        lk,
+                        Bias::None,
+                        false,
+                    )
+                };
+                elementwise::softmax_rows_serial(&mut scores, lk, scale);
+                let ps = RowsOnTheFly {
+                    prec,
+                    src: &scores,
+                    ld: lk,
+                    k: lk,
+                };
+                let vs = ColsOnTheFly {
+                    prec,
+                    src: &v[b * lk * vld + h * dv..],
+                    ld: vld,
+                    k: lk,
+                    n: dv,
+                };
+                // SAFETY: rows r0.. of this item's head h in `out`, which tasks do not share.
+                unsafe {
+                    let dst = c.0.add((b * lq + r0) * vld + h * dv);
+                    run_task(
+                        prec,
+                        prec.slots(lk),
+                        &ps,
+                        &vs,
+                        (0, rows),
+                        (0, dv),
+                        dst,
+                        vld,
+                        Bias::None,
+                        false,
+                    )
+                };
+            }
+        })
     });
 }

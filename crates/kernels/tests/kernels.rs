@@ -200,3 +200,171 @@ fn bf16_rounding_is_nearest_even() {
     assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
     assert_eq!(bf16_bits(f32::INFINITY), 0x7F80);
 }
+
+#[test]
+fn exp_erfc_gelu_silu_are_accurate() {
+    use flipsketch_kernels::{erfc, exp, gelu_erf, silu};
+    let mut worst = [0f64; 4];
+    for i in -200_000..=200_000 {
+        let x = i as f32 * 1e-4; // -20 .. 20
+        let xd = x as f64;
+        let e_ref = xd.exp();
+        worst[0] = worst[0].max(((exp(x) as f64 - e_ref) / e_ref).abs());
+        worst[1] = worst[1].max((erfc(x) as f64 - libm::erfc(xd)).abs());
+        let g_ref = 0.5 * xd * libm::erfc(-xd / std::f64::consts::SQRT_2);
+        worst[2] = worst[2].max((gelu_erf(x) as f64 - g_ref).abs() / xd.abs().max(1.0));
+        let s_ref = xd / (1.0 + (-xd).exp());
+        worst[3] = worst[3].max((silu(x) as f64 - s_ref).abs() / xd.abs().max(1.0));
+    }
+    assert!(worst[0] < 4e-7, "exp relative error {:e}", worst[0]);
+    assert!(worst[1] < 1e-6, "erfc absolute error {:e}", worst[1]);
+    assert!(worst[2] < 5e-7, "gelu error {:e}", worst[2]);
+    assert!(worst[3] < 2e-7, "silu error {:e}", worst[3]);
+    assert_eq!(exp(-200.0), 0.0);
+    assert!(exp(100.0).is_infinite());
+    assert!((exp(-87.0) as f64 - (-87f64).exp()).abs() / (-87f64).exp() < 1e-6);
+}
+
+#[test]
+fn geglu_matches_reference() {
+    let (rows, inner) = (37, 70);
+    let h = random(rows * 2 * inner, 40)
+        .iter()
+        .map(|v| v * 4.0)
+        .collect::<Vec<_>>();
+    let mut out = vec![f32::NAN; rows * inner];
+    flipsketch_kernels::geglu(&h, inner, &mut out);
+    let want: Vec<f64> = (0..rows * inner)
+        .map(|i| {
+            let (r, j) = (i / inner, i % inner);
+            let (a, g) = (
+                h[r * 2 * inner + j] as f64,
+                h[r * 2 * inner + inner + j] as f64,
+            );
+            a * 0.5 * g * libm::erfc(-g / std::f64::consts::SQRT_2)
+        })
+        .collect();
+    let e = rel_err(&out, &want);
+    assert!(e < 1e-6, "geglu rel err {e:e}");
+}
+
+#[test]
+fn group_norm_matches_reference() {
+    use flipsketch_kernels::{group_norm, GroupNormShape};
+    // (items, span, channels, plane, groups): per image, spanning 3 frames, one group.
+    for &(items, span, c, plane, groups) in &[
+        (4, 1, 12, 25, 4),
+        (6, 3, 8, 9, 2),
+        (2, 2, 5, 7, 1),
+        (3, 1, 6, 1, 6),
+    ] {
+        let x = random(items * c * plane, 50)
+            .iter()
+            .map(|v| v * 3.0 + 1.5)
+            .collect::<Vec<_>>();
+        let w = random(c, 51);
+        let b = random(c, 52);
+        for silu_after in [false, true] {
+            let mut out = vec![f32::NAN; x.len()];
+            let shape = GroupNormShape {
+                items,
+                span,
+                channels: c,
+                plane,
+                groups,
+            };
+            group_norm(&x, shape, 1e-5, &w, &b, silu_after, &mut out);
+            let cpg = c / groups;
+            let mut want = vec![0f64; x.len()];
+            for s in 0..items / span {
+                for g in 0..groups {
+                    let idx: Vec<usize> = (0..span)
+                        .flat_map(|f| {
+                            (0..cpg * plane)
+                                .map(move |j| ((s * span + f) * c + g * cpg) * plane + j)
+                        })
+                        .collect();
+                    let n = idx.len() as f64;
+                    let mean = idx.iter().map(|&i| x[i] as f64).sum::<f64>() / n;
+                    let var = idx
+                        .iter()
+                        .map(|&i| (x[i] as f64 - mean).powi(2))
+                        .sum::<f64>()
+                        / n;
+                    for &i in &idx {
+                        let ch = (i / plane) % c;
+                        let y = (x[i] as f64 - mean) / (var + 1e-5).sqrt() * w[ch] as f64
+                            + b[ch] as f64;
+                        want[i] = if silu_after {
+                            y / (1.0 + (-y).exp())
+                        } else {
+                            y
+                        };
+                    }
+                }
+            }
+            let e = rel_err(&out, &want);
+            assert!(
+                e < 1e-6,
+                "group_norm {items}/{span} c{c} p{plane} g{groups} silu {silu_after}: {e:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_matches_reference() {
+    use flipsketch_kernels::{attention, AttentionShape};
+    // Spatial-like (long sequences, split into row blocks), temporal-like (many short items),
+    // cross-attention (lk != lq, dv != d).
+    for &(batch, heads, lq, lk, d, dv) in &[
+        (2, 3, 300, 300, 16, 16),
+        (40, 2, 5, 5, 8, 8),
+        (3, 2, 17, 77, 24, 12),
+    ] {
+        let shape = AttentionShape {
+            batch,
+            heads,
+            lq,
+            lk,
+            d,
+            dv,
+        };
+        let q = random(batch * lq * heads * d, 60);
+        let k = random(batch * lk * heads * d, 61);
+        let v = random(batch * lk * heads * dv, 62);
+        let scale = 1.0 / (d as f32).sqrt() * 3.0;
+        let mut want = vec![0f64; batch * lq * heads * dv];
+        for b in 0..batch {
+            for h in 0..heads {
+                for i in 0..lq {
+                    let s: Vec<f64> = (0..lk)
+                        .map(|j| {
+                            (0..d)
+                                .map(|t| {
+                                    q[(b * lq + i) * heads * d + h * d + t] as f64
+                                        * k[(b * lk + j) * heads * d + h * d + t] as f64
+                                })
+                                .sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for t in 0..dv {
+                        want[(b * lq + i) * heads * dv + h * dv + t] = (0..lk)
+                            .map(|j| e[j] / z * v[(b * lk + j) * heads * dv + h * dv + t] as f64)
+                            .sum();
+                    }
+                }
+            }
+        }
+        for (prec, tol) in [(Precision::F32, 2e-6), (Precision::Bf16, 2e-2)] {
+            let mut out = vec![f32::NAN; want.len()];
+            attention(prec, &q, &k, &v, shape, scale, &mut out);
+            let e = rel_err(&out, &want);
+            assert!(e < tol, "{prec:?} attention {shape:?}: rel err {e:e}");
+        }
+    }
+}

@@ -2,10 +2,11 @@
 //! `BasicTransformerBlock` and `FeedForward` (diffusers `attention.py`), and the self-attention
 //! hook FlipSketch's composition uses.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{LayerNorm, VarBuilder};
+use flipsketch_kernels::{self as kernels, AttentionShape, Precision};
 
-use crate::nn::{layer_norm, linear, Linear};
+use crate::nn::{layer_norm, linear, scoped_precision, with_cpu_f32, Linear};
 
 /// Which kind of self-attention (`attn1`) layer a hook call comes from. Decided by the layer's
 /// place in the model (a `Transformer2DModel` vs a `TransformerTemporalModel`), never by shapes.
@@ -52,6 +53,19 @@ pub fn scaled_dot_product_attention(
     v: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    if fusable(q) {
+        // (b, h, l, d) as b*h items of one head each; f32 products.
+        let (b, h, lq, d) = q.dims4()?;
+        let shape = AttentionShape {
+            batch: b * h,
+            heads: 1,
+            lq,
+            lk: k.dim(2)?,
+            d,
+            dv: v.dim(3)?,
+        };
+        return fused_attention(Precision::F32, q, k, v, shape, scale)?.reshape((b, h, lq, ()));
+    }
     attention_with_scores(q, k, v, scale, |_, s| Ok(s))
 }
 
@@ -117,6 +131,8 @@ pub struct Attention {
     heads: usize,
     scale: f64,
     name: String,
+    /// Precision of the fused CPU attention (that of the model's matrix products).
+    cpu_precision: Precision,
 }
 
 impl Attention {
@@ -138,6 +154,7 @@ impl Attention {
             heads,
             scale: (dim_head as f64).powf(-0.5),
             name: vb.prefix(),
+            cpu_precision: scoped_precision(),
         })
     }
 
@@ -159,29 +176,99 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let ctx = context.unwrap_or(x);
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
+        // (batch, seq, heads*d)
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
         let mut out = None;
         if let Some((kind, num_frames, Some(hook))) = self_attn {
+            let (qs, ks, vs) = (
+                self.split_heads(&q)?,
+                self.split_heads(&k)?,
+                self.split_heads(&v)?,
+            );
             let call = SelfAttnCall {
                 layer: &self.name,
                 kind,
                 num_frames,
-                query: &q,
-                key: &k,
-                value: &v,
+                query: &qs,
+                key: &ks,
+                value: &vs,
                 scale: self.scale,
             };
             out = hook.self_attention(&call)?;
+            if out.is_none() && !fusable(&q) {
+                out = Some(scaled_dot_product_attention(&qs, &ks, &vs, self.scale)?);
+            }
         }
         let out = match out {
-            Some(o) => o,
-            None => scaled_dot_product_attention(&q, &k, &v, self.scale)?,
+            Some(o) => o.transpose(1, 2)?.reshape((b, l, ()))?,
+            None if fusable(&q) => self.fused(&q, &k, &v)?,
+            None => {
+                let (qs, ks, vs) = (
+                    self.split_heads(&q)?,
+                    self.split_heads(&k)?,
+                    self.split_heads(&v)?,
+                );
+                scaled_dot_product_attention(&qs, &ks, &vs, self.scale)?
+                    .transpose(1, 2)?
+                    .reshape((b, l, ()))?
+            }
         };
-        let out = out.transpose(1, 2)?.reshape((b, l, ()))?;
         self.to_out.forward(&out)
     }
+
+    /// softmax(q k^T * scale) v on the CPU in one kernel, reading the heads straight from the
+    /// projections' (batch, seq, heads*d) layout; returns (batch, seq, heads*dv).
+    fn fused(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (batch, lq, inner) = q.dims3()?;
+        let lk = k.dim(1)?;
+        let inner_v = v.dim(2)?;
+        if inner % self.heads != 0 || inner_v % self.heads != 0 || k.dim(2)? != inner {
+            candle_core::bail!(
+                "{}: projections {inner}/{inner_v} do not split into {} heads",
+                self.name,
+                self.heads
+            )
+        }
+        let shape = AttentionShape {
+            batch,
+            heads: self.heads,
+            lq,
+            lk,
+            d: inner / self.heads,
+            dv: inner_v / self.heads,
+        };
+        fused_attention(self.cpu_precision, q, k, v, shape, self.scale)
+    }
+}
+
+/// Whether the fused CPU kernel computes this attention (f32 activations on the CPU).
+fn fusable(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+fn fused_attention(
+    prec: Precision,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: AttentionShape,
+    scale: f64,
+) -> Result<Tensor> {
+    let mut out = vec![0f32; shape.batch * shape.lq * shape.heads * shape.dv];
+    with_cpu_f32(q, |qs| {
+        with_cpu_f32(k, |ks| {
+            with_cpu_f32(v, |vs| {
+                kernels::attention(prec, qs, ks, vs, shape, scale as f32, &mut out)
+            })
+        })
+    })???;
+    Tensor::from_vec(
+        out,
+        (shape.batch, shape.lq, shape.heads * shape.dv),
+        q.device(),
+    )
 }
 
 /// diffusers `GEGLU`: proj to 2*inner, `hidden * gelu(gate)` with exact (erf) GELU.
@@ -194,6 +281,13 @@ impl GeGlu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
         let half = h.dim(D::Minus1)? / 2;
+        if h.device().is_cpu() && h.dtype() == DType::F32 {
+            let mut dims = h.dims().to_vec();
+            *dims.last_mut().expect("non-scalar") = half;
+            let mut out = vec![0f32; h.elem_count() / 2];
+            with_cpu_f32(&h, |hs| kernels::geglu(hs, half, &mut out))?;
+            return Tensor::from_vec(out, dims, h.device());
+        }
         let hidden = h.narrow(D::Minus1, 0, half)?;
         let gate = h.narrow(D::Minus1, half, half)?;
         hidden * gate.gelu_erf()?

@@ -6,12 +6,12 @@
 use std::path::Path;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::attention::scaled_dot_product_attention;
 use crate::error::Error;
-use crate::nn::{conv2d, group_norm, linear, Conv2d, Linear};
+use crate::nn::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear};
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 /// Serde mirror of the VAE's `config.json` with diffusers' defaults.
@@ -332,7 +332,7 @@ impl Encoder {
             x = b.forward(&x)?;
         }
         let x = self.mid_block.forward(&x)?;
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }
@@ -388,7 +388,7 @@ impl Decoder {
         for b in &self.up_blocks {
             x = b.forward(&x)?;
         }
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

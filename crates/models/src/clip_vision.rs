@@ -151,7 +151,7 @@ impl ClipVisionModelWithProjection {
             visual_projection: Linear::new(
                 vb.get((c.projection_dim, h), "visual_projection.weight")?,
                 None,
-            ),
+            )?,
             config: c.clone(),
         })
     }

@@ -394,6 +394,9 @@ impl SimpleBackend for Tracked {
 }
 
 /// Builds a model from a component folder and checks its weights in one go.
+///
+/// `dtype` is the requested compute dtype; how it runs on `device` (on the CPU: f32 activations,
+/// bf16 or f32 matrix products) is [`crate::nn::compute_plan`]'s.
 pub fn load_component<M>(
     component: &str,
     dir: &Path,
@@ -403,7 +406,9 @@ pub fn load_component<M>(
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
 ) -> Result<(M, LoadReport)> {
     let store = WeightStore::open_dir(component, dir, candidates)?;
-    let vb = store.var_builder(dtype, device);
+    let (storage, precision) = crate::nn::compute_plan(dtype, device);
+    let _scope = crate::nn::CpuPrecisionScope::enter(precision);
+    let vb = store.var_builder(storage, device);
     let model = build(vb)?;
     let report = store.finish()?;
     Ok((model, report))

@@ -1,8 +1,56 @@
 //! Small building blocks shared by the model modules: constructors that read checkpoint
 //! tensors under their exact names, and the frame-aware GroupNorm.
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
+use std::cell::Cell;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
+use flipsketch_kernels::{self as kernels, ConvGeometry, PackedCols, PackedRows, Precision};
+
+thread_local! {
+    /// Matrix precision for the CPU weights packed by model constructors on this thread.
+    static CPU_PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
+}
+
+/// While alive, `Linear` and `Conv2d` built on this thread pack their CPU weights for
+/// `precision` (default: f32).
+pub struct CpuPrecisionScope(Precision);
+
+impl CpuPrecisionScope {
+    pub fn enter(precision: Precision) -> Self {
+        Self(CPU_PRECISION.with(|p| p.replace(precision)))
+    }
+}
+
+impl Drop for CpuPrecisionScope {
+    fn drop(&mut self) {
+        CPU_PRECISION.with(|p| p.set(self.0));
+    }
+}
+
+/// The matrix precision of the current [`CpuPrecisionScope`] (f32 outside any).
+pub(crate) fn scoped_precision() -> Precision {
+    CPU_PRECISION.with(|p| p.get())
+}
+
+/// How a requested compute dtype runs on `device`: the dtype of activations and stored
+/// tensors, and the precision of the CPU matrix products.
+///
+/// On the CPU, activations are always f32 (candle's CPU element-wise ops are fast in f32 only);
+/// bf16 means bf16 weights and bf16 products with f32 accumulation where the CPU has
+/// AVX512-BF16, and plain f32 elsewhere. On GPUs the dtype is used as it is.
+pub fn compute_plan(dtype: DType, device: &Device) -> (DType, Precision) {
+    if !device.is_cpu() {
+        return (dtype, Precision::F32);
+    }
+    let prec = if dtype == DType::BF16 && Precision::Bf16.is_native() {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    };
+    (DType::F32, prec)
+}
 
 /// candle's CPU backend has no bf16 GEMM: widen to f32 there. Everywhere else (f32, f16, bf16
 /// on CUDA/Metal) the operands go to candle as they are.
@@ -21,16 +69,63 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Calls `f` with the values of a CPU f32 tensor, in row-major order.
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU tensor, got one on {:?}", t.device())
+    };
+    let values = cpu.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(f(&values[a..b])),
+        None => candle_core::bail!("tensor is not contiguous after contiguous()"),
+    }
+}
+
+/// A CPU weight in the packed layout of the kernels, when they will do the products: f32
+/// tensors on the CPU, with native kernels for this thread's [`CpuPrecisionScope`].
+fn cpu_packing(weight: &Tensor) -> Option<Precision> {
+    let prec = scoped_precision();
+    (weight.device().is_cpu() && weight.dtype() == DType::F32 && prec.is_native()).then_some(prec)
+}
+
+fn cpu_values(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+#[derive(Clone, Debug)]
+enum LinearWeight {
+    /// (out, in), used through candle.
+    Tensor(Tensor),
+    /// Packed for the CPU kernels, with the bias as f32 values.
+    Packed(Arc<PackedCols>, Option<Arc<[f32]>>),
+}
+
 /// `nn.Linear`: y = x W^T + b over the last dimension.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+    out_dim: usize,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        let weight = match cpu_packing(&weight) {
+            Some(prec) => {
+                let w = PackedCols::from_transposed(prec, &cpu_values(&weight)?, out_dim, in_dim);
+                let b = bias.as_ref().map(cpu_values).transpose()?.map(Arc::from);
+                LinearWeight::Packed(Arc::new(w), b)
+            }
+            None => LinearWeight::Tensor(weight),
+        };
+        Ok(Self {
+            weight,
+            bias,
+            out_dim,
+        })
     }
 }
 
@@ -41,43 +136,107 @@ impl Module for Linear {
             Some((k, lead)) => (*k, lead.iter().product::<usize>()),
             None => candle_core::bail!("linear on a scalar"),
         };
-        // One 2-D GEMM over all leading dimensions (a broadcast batched matmul is much slower).
-        let y = matmul(&x.reshape((lead, in_dim))?, &self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
         let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-scalar") = self.weight.dim(0)?;
-        y.reshape(out_dims)
+        *out_dims.last_mut().expect("non-scalar") = self.out_dim;
+        match &self.weight {
+            LinearWeight::Packed(w, bias) => {
+                if w.depth() != in_dim {
+                    candle_core::bail!(
+                        "linear: input has {in_dim} features, weight expects {}",
+                        w.depth()
+                    )
+                }
+                let dtype = x.dtype();
+                let mut out = vec![0f32; lead * self.out_dim];
+                with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
+                    kernels::linear(xs, lead, w, bias.as_deref(), &mut out)
+                })?;
+                Tensor::from_vec(out, out_dims, x.device())?.to_dtype(dtype)
+            }
+            LinearWeight::Tensor(weight) => {
+                // One 2-D GEMM over all leading dimensions (a broadcast batched matmul is much
+                // slower).
+                let y = matmul(&x.reshape((lead, in_dim))?, &weight.t()?)?;
+                let y = match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                y.reshape(out_dims)
+            }
+        }
     }
 }
 
-/// `nn.Conv2d` (square kernel, no groups or dilation).
+#[derive(Clone, Debug)]
+enum ConvWeight {
+    /// (out, in, kh, kw), used through candle.
+    Tensor(Tensor),
+    /// Packed for the CPU kernels (rows = output channels), with the bias as f32 values.
+    Packed(Arc<PackedRows>, Option<Arc<[f32]>>),
+}
+
+/// `nn.Conv2d` (no groups or dilation).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    weight: Tensor,
+    weight: ConvWeight,
     bias: Option<Tensor>,
     config: Conv2dConfig,
+    /// (out, in, kh, kw)
+    dims: (usize, usize, usize, usize),
 }
 
 impl Conv2d {
-    pub fn new(weight: Tensor, bias: Option<Tensor>, config: Conv2dConfig) -> Self {
-        Self {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, config: Conv2dConfig) -> Result<Self> {
+        let dims = weight.dims4()?;
+        let (o, i, kh, kw) = dims;
+        let packable = config.groups == 1 && config.dilation == 1;
+        let weight = match cpu_packing(&weight).filter(|_| packable) {
+            Some(prec) => {
+                let w = PackedRows::new(prec, &cpu_values(&weight)?, o, i * kh * kw);
+                let b = bias.as_ref().map(cpu_values).transpose()?.map(Arc::from);
+                ConvWeight::Packed(Arc::new(w), b)
+            }
+            None => ConvWeight::Tensor(weight),
+        };
+        Ok(Self {
             weight,
             bias,
             config,
-        }
+            dims,
+        })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.config;
+        let weight = match &self.weight {
+            ConvWeight::Packed(w, bias) => {
+                let (n, ci, h, wd) = x.dims4()?;
+                let (o, i, kh, kw) = self.dims;
+                if ci != i {
+                    candle_core::bail!("conv2d: input has {ci} channels, weight expects {i}")
+                }
+                let g =
+                    ConvGeometry::new(ci, h, wd, kh, kw, c.stride, c.padding).ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "conv2d: a {kh}x{kw} kernel does not fit {h}x{wd}"
+                        ))
+                    })?;
+                let dtype = x.dtype();
+                let mut out = vec![0f32; n * o * g.h_out * g.w_out];
+                with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
+                    kernels::conv2d(xs, n, &g, w, bias.as_deref(), &mut out)
+                })?;
+                return Tensor::from_vec(out, (n, o, g.h_out, g.w_out), x.device())?
+                    .to_dtype(dtype);
+            }
+            ConvWeight::Tensor(w) => w,
+        };
         let y = if needs_widening(x) {
             x.to_dtype(DType::F32)?
                 .conv2d(
-                    &self.weight.to_dtype(DType::F32)?,
+                    &weight.to_dtype(DType::F32)?,
                     c.padding,
                     c.stride,
                     c.dilation,
@@ -85,7 +244,7 @@ impl Module for Conv2d {
                 )?
                 .to_dtype(DType::BF16)?
         } else {
-            x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?
+            x.conv2d(weight, c.padding, c.stride, c.dilation, c.groups)?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
@@ -102,7 +261,7 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    Linear::new(weight, bias)
 }
 
 /// `nn.Conv2d(in_c, out_c, kernel, stride, padding)` with bias.
@@ -121,14 +280,12 @@ pub fn conv2d(
         stride,
         ..Default::default()
     };
-    Ok(Conv2d::new(weight, Some(bias), cfg))
+    Conv2d::new(weight, Some(bias), cfg)
 }
 
 /// `nn.GroupNorm(groups, channels, eps, affine=True)`.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    let weight = vb.get(channels, "weight")?;
-    let bias = vb.get(channels, "bias")?;
-    GroupNorm::new(weight, bias, channels, groups, eps)
+    GroupNorm::new(groups, channels, eps, vb)
 }
 
 /// `nn.LayerNorm(dim, eps)` with affine weight and bias.
@@ -138,21 +295,19 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     Ok(LayerNorm::new(weight, bias, eps))
 }
 
-/// A GroupNorm whose statistics span all frames of a sample.
-///
-/// diffusers applies these norms to a (batch, channels, frames, h, w) tensor, so each group's
-/// mean and variance cover channels/groups x frames x h x w values (DESIGN trap 3). We keep the
-/// frames folded into the batch, (batch*frames, channels, h, w), and reduce over the frames
-/// instead of permuting.
+/// `nn.GroupNorm` over (items, channels, ...) tensors, whose statistics may also span several
+/// consecutive items (the frames of a sample), optionally fused with the SiLU that follows it.
 #[derive(Clone, Debug)]
-pub struct FrameGroupNorm {
+pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
+    /// weight and bias as f32 values, for the CPU kernel.
+    values: Option<(Arc<[f32]>, Arc<[f32]>)>,
     groups: usize,
     eps: f64,
 }
 
-impl FrameGroupNorm {
+impl GroupNorm {
     pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         if groups == 0 || channels % groups != 0 {
             candle_core::bail!(
@@ -160,31 +315,113 @@ impl FrameGroupNorm {
                 vb.prefix()
             )
         }
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
+        let values = if weight.device().is_cpu() {
+            let w = cpu_values(&weight.to_dtype(DType::F32)?)?;
+            let b = cpu_values(&bias.to_dtype(DType::F32)?)?;
+            Some((Arc::from(w), Arc::from(b)))
+        } else {
+            None
+        };
         Ok(Self {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
+            weight,
+            bias,
+            values,
             groups,
             eps,
         })
     }
 
-    /// `x`: (batch*frames, channels, h, w), frames of a sample consecutive.
-    pub fn forward(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
-        let (bf, c, h, w) = x.dims4()?;
-        let b = bf / num_frames;
+    /// GroupNorm then SiLU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_spanning(x, 1, true)
+    }
+
+    /// `x`: (items, channels, ...), the statistics of each group spanning `span` consecutive
+    /// items; then SiLU if `silu`.
+    pub fn forward_spanning(&self, x: &Tensor, span: usize, silu: bool) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() < 2 {
+            candle_core::bail!("group_norm: input must be (items, channels, ...), got {dims:?}")
+        }
+        let (items, c) = (dims[0], dims[1]);
+        let plane: usize = dims[2..].iter().product();
+        if c != self.weight.dim(0)? {
+            candle_core::bail!(
+                "group_norm: input has {c} channels, weight {}",
+                self.weight.dim(0)?
+            )
+        }
+        if span == 0 || items % span != 0 {
+            candle_core::bail!("group_norm: {items} items are not spans of {span} frames")
+        }
+        if let (Some((w, b)), true) = (&self.values, x.device().is_cpu()) {
+            let dtype = x.dtype();
+            let mut out = vec![0f32; x.elem_count()];
+            let shape = kernels::GroupNormShape {
+                items,
+                span,
+                channels: c,
+                plane,
+                groups: self.groups,
+            };
+            with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
+                kernels::group_norm(xs, shape, self.eps as f32, w, b, silu, &mut out)
+            })?;
+            return Tensor::from_vec(out, dims, x.device())?.to_dtype(dtype);
+        }
         let dtype = x.dtype();
-        let n = (c / self.groups) * h * w;
+        let n = (c / self.groups) * plane;
         let xs = x
             .to_dtype(DType::F32)?
-            .reshape((b, num_frames, self.groups, n))?;
-        let count = (num_frames * n) as f64;
+            .reshape((items / span, span, self.groups, n))?;
+        let count = (span * n) as f64;
         let mean = (xs.sum_keepdim(D::Minus1)?.sum_keepdim(1)? / count)?;
         let xs = xs.broadcast_sub(&mean)?;
         let var = (xs.sqr()?.sum_keepdim(D::Minus1)?.sum_keepdim(1)? / count)?;
         let xs = xs.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let xs = xs.reshape((bf, c, h, w))?.to_dtype(dtype)?;
-        let weight = self.weight.reshape((1, c, 1, 1))?;
-        let bias = self.bias.reshape((1, c, 1, 1))?;
-        xs.broadcast_mul(&weight)?.broadcast_add(&bias)
+        let xs = xs.reshape(dims)?.to_dtype(dtype)?;
+        let mut affine = vec![1usize; dims.len()];
+        affine[1] = c;
+        let y = xs
+            .broadcast_mul(&self.weight.reshape(affine.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(affine.as_slice())?)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_spanning(x, 1, false)
+    }
+}
+
+/// A GroupNorm whose statistics span all frames of a sample.
+///
+/// diffusers applies these norms to a (batch, channels, frames, h, w) tensor, so each group's
+/// mean and variance cover channels/groups x frames x h x w values (DESIGN trap 3). We keep the
+/// frames folded into the batch, (batch*frames, channels, h, w), and reduce over the frames
+/// instead of permuting.
+#[derive(Clone, Debug)]
+pub struct FrameGroupNorm(GroupNorm);
+
+impl FrameGroupNorm {
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        GroupNorm::new(groups, channels, eps, vb).map(Self)
+    }
+
+    /// `x`: (batch*frames, channels, h, w), frames of a sample consecutive.
+    pub fn forward(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
+        self.0.forward_spanning(x, num_frames, false)
+    }
+
+    /// [`FrameGroupNorm::forward`] then SiLU.
+    pub fn forward_silu(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
+        self.0.forward_spanning(x, num_frames, true)
     }
 }

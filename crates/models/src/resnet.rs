@@ -2,9 +2,9 @@
 //! `Upsample2D` (`downsampling.py`, `upsampling.py`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
-use crate::nn::{conv2d, group_norm, linear, Conv2d, FrameGroupNorm, Linear};
+use crate::nn::{conv2d, group_norm, linear, Conv2d, FrameGroupNorm, GroupNorm, Linear};
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"`, pre-norm, SiLU. Its GroupNorms see
 /// one frame at a time (frames are in the batch).
@@ -59,7 +59,7 @@ impl ResnetBlock2D {
 
     /// `x`: (n, c, h, w); `temb`: (n, temb_channels) when the block has a time projection.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -67,7 +67,7 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -114,7 +114,7 @@ impl TemporalConv {
             .reshape((3 * out_dim, in_dim, 1, 1))?;
         Ok(Self {
             norm: FrameGroupNorm::new(groups, in_dim, 1e-5, vb.pp(0))?,
-            taps: Conv2d::new(taps, None, Default::default()),
+            taps: Conv2d::new(taps, None, Default::default())?,
             bias,
             out_dim,
         })
@@ -124,7 +124,7 @@ impl TemporalConv {
     fn forward(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
         let (bf, _, h, w) = x.dims4()?;
         let b = bf / num_frames;
-        let x = self.norm.forward(x, num_frames)?.silu()?;
+        let x = self.norm.forward_silu(x, num_frames)?;
         let z = self
             .taps
             .forward(&x)?

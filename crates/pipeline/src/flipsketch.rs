@@ -121,7 +121,10 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// `dtype` is the requested compute dtype (the activations' dtype follows
+    /// [`flipsketch_models::nn::compute_plan`]: f32 on the CPU).
     pub fn new(components: Components, device: Device, dtype: DType) -> Self {
+        let dtype = flipsketch_models::nn::compute_plan(dtype, &device).0;
         Self {
             components,
             device,

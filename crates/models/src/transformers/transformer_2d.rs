@@ -4,10 +4,10 @@
 //! `proj_in`/`proj_out` weights applied after the pixels are flattened.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::attention::{reborrow, BasicTransformerBlock, Hook, SelfAttnKind};
-use crate::nn::{group_norm, linear, Linear};
+use crate::nn::{group_norm, linear, GroupNorm, Linear};
 
 #[derive(Clone, Debug)]
 pub struct Transformer2DModel {

@@ -4,13 +4,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::attention::{reborrow, Hook};
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::error::Error;
-use crate::nn::{conv2d, group_norm, Conv2d};
+use crate::nn::{conv2d, group_norm, Conv2d, GroupNorm};
 use crate::transformers::transformer_temporal::TransformerTemporalModel;
 use crate::unets::unet_3d_blocks::{BlockSettings, DownBlock, UNetMidBlock3DCrossAttn, UpBlock};
 
@@ -414,7 +414,7 @@ impl UNet3DConditionModel {
         }
 
         // 6. post-process, back to (b, c, f, h, w)
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         let x = self.conv_out.forward(&x)?;
         let out_c = self.config.out_channels;
         x.reshape((batch, num_frames, out_c, height, width))?
