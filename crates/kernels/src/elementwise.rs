@@ -16,7 +16,7 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     let underflow = x < -104.0;
     let x = x.clamp(-104.0, 88.8);
-    let k = (x * LOG2E).round();
+    let k = (x * LOG2E).round_ties_even();
     let r = (x - k * LN2_HI) - k * LN2_LO;
     // e^r on [-ln2/2, ln2/2]: Taylor polynomial of degree 7 (truncation error < 1e-8).
     let p = 1.0
@@ -67,21 +67,77 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
-/// Runs `f` compiled for AVX-512 when the CPU has it (so that its loops vectorise 16-wide).
-#[inline(always)]
-fn dispatch<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
-        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
-            f()
+/// Defines `fn $name(args)` whose body is compiled twice, for AVX-512 (chosen at run time when
+/// the CPU has it, so that its loops vectorise 16 wide with inlined `exp`) and for the baseline.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn __body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) {
+                    __body($($arg),*)
+                }
+                if crate::isa() != crate::Isa::Portable {
+                    // SAFETY: the CPU has AVX-512F/BW/DQ/VL (checked by isa()).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            __body($($arg),*)
         }
-        if crate::isa() != crate::Isa::Portable {
-            // SAFETY: the CPU has AVX-512F/BW/DQ (checked by isa()).
-            return unsafe { wide(f) };
+    };
+}
+pub(crate) use multiversion;
+
+multiversion! {
+    fn silu_chunk(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = silu(v);
         }
     }
-    f()
+}
+
+multiversion! {
+    fn geglu_rows(h: &[f32], inner: usize, out: &mut [f32]) {
+        for (o, h) in out.chunks_exact_mut(inner).zip(h.chunks_exact(2 * inner)) {
+            let (hidden, gate) = h.split_at(inner);
+            for ((o, &a), &g) in o.iter_mut().zip(hidden).zip(gate) {
+                *o = a * gelu_erf(g);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// [`softmax_row`] over rows on this thread (inside a parallel task).
+    pub(crate) fn softmax_rows_serial(x: &mut [f32], cols: usize, scale: f32) {
+        for row in x.chunks_exact_mut(cols) {
+            softmax_row(row, scale);
+        }
+    }
+}
+
+multiversion! {
+    fn affine_chunk(x: &[f32], mean: f32, a: f32, b: f32, silu_after: bool, out: &mut [f32]) {
+        if silu_after {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = silu((v - mean) * a + b);
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = (v - mean) * a + b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn moments(x: &[f32], mean: f64, out: &mut (f64, f64)) {
+        *out = (sum_f64(x), sq_dev_f64(x, mean));
+    }
 }
 
 /// `out[i] = silu(x[i])`.
@@ -89,13 +145,7 @@ pub fn silu_slice(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len(), "silu: lengths differ");
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| {
-            dispatch(|| {
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = silu(v);
-                }
-            })
-        });
+        .for_each(|(o, x)| silu_chunk(x, o));
 }
 
 /// diffusers GEGLU on rows of `2 * inner` values: `out[r, j] = h[r, j] * gelu(h[r, inner + j])`.
@@ -111,16 +161,7 @@ pub fn geglu(h: &[f32], inner: usize, out: &mut [f32]) {
     let rows_per = (CHUNK / inner).max(1);
     out.par_chunks_mut(rows_per * inner)
         .zip(h.par_chunks(rows_per * 2 * inner))
-        .for_each(|(o, h)| {
-            dispatch(|| {
-                for (o, h) in o.chunks_exact_mut(inner).zip(h.chunks_exact(2 * inner)) {
-                    let (hidden, gate) = h.split_at(inner);
-                    for ((o, &a), &g) in o.iter_mut().zip(hidden).zip(gate) {
-                        *o = a * gelu_erf(g);
-                    }
-                }
-            })
-        });
+        .for_each(|(o, h)| geglu_rows(h, inner, o));
 }
 
 /// In place, row by row: `x = softmax(x * scale)`.
@@ -129,37 +170,44 @@ pub fn softmax_rows(x: &mut [f32], cols: usize, scale: f32) {
         return;
     }
     let rows_per = (CHUNK / cols).max(1);
-    x.par_chunks_mut(rows_per * cols).for_each(|chunk| {
-        dispatch(|| {
-            for row in chunk.chunks_exact_mut(cols) {
-                softmax_row(row, scale);
-            }
-        })
-    });
+    x.par_chunks_mut(rows_per * cols).for_each(|chunk| softmax_rows_serial(chunk, cols, scale));
 }
 
-/// One row of [`softmax_rows`], for callers that already run in parallel.
+/// One row of [`softmax_rows`] (`scale` > 0), for callers that already run in parallel.
+/// Reductions run in 16 lanes so that they vectorise.
 #[inline(always)]
 pub fn softmax_row(row: &mut [f32], scale: f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        for i in 0..L {
+            lanes[i] = lanes[i].max(c[i]);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(lanes.iter())
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sums = [0f32; L];
+    let mut chunks = row.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for i in 0..L {
+            let e = exp((c[i] - max) * scale);
+            c[i] = e;
+            sums[i] += e;
+        }
+    }
     let mut sum = 0f32;
-    for v in row.iter_mut() {
+    for v in chunks.into_remainder() {
         *v = exp((*v - max) * scale);
         sum += *v;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / (sum + sums.iter().sum::<f32>());
     for v in row.iter_mut() {
         *v *= inv;
     }
-}
-
-/// [`softmax_row`] over rows on this thread (inside a parallel task), vectorised where possible.
-pub(crate) fn softmax_rows_serial(x: &mut [f32], cols: usize, scale: f32) {
-    dispatch(|| {
-        for row in x.chunks_exact_mut(cols) {
-            softmax_row(row, scale);
-        }
-    })
 }
 
 /// Shape of a GroupNorm whose statistics can span several consecutive items (frames).
@@ -216,9 +264,16 @@ pub fn group_norm(
             let (s, g) = (sg / groups, sg % groups);
             let parts =
                 (0..span).map(|f| &x[(s * span + f) * item_len + g * group_len..][..group_len]);
-            let sum: f64 = parts.clone().map(|p| dispatch(|| sum_f64(p))).sum();
+            let mut m = (0.0, 0.0);
+            let sum: f64 = parts.clone().map(|p| {
+                moments(p, 0.0, &mut m);
+                m.0
+            }).sum();
             let mean = sum / count;
-            let var: f64 = parts.map(|p| dispatch(|| sq_dev_f64(p, mean))).sum::<f64>() / count;
+            let var: f64 = parts.map(|p| {
+                moments(p, mean, &mut m);
+                m.1
+            }).sum::<f64>() / count;
             (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
         })
         .collect();
@@ -228,19 +283,7 @@ pub fn group_norm(
         .for_each(|(ic, (o, x))| {
             let (item, c) = (ic / channels, ic % channels);
             let (mean, rstd) = stats[(item / span) * groups + c / cpg];
-            let a = rstd * weight[c];
-            let b = bias[c];
-            dispatch(|| {
-                if silu_after {
-                    for (o, &v) in o.iter_mut().zip(x) {
-                        *o = silu((v - mean) * a + b);
-                    }
-                } else {
-                    for (o, &v) in o.iter_mut().zip(x) {
-                        *o = (v - mean) * a + b;
-                    }
-                }
-            })
+            affine_chunk(x, mean, rstd * weight[c], bias[c], silu_after, o);
         });
 }
 

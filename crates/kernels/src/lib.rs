@@ -389,65 +389,76 @@ struct Patches<'a> {
 }
 
 impl Source for Patches<'_> {
-    fn block(
-        &self,
-        i0: usize,
-        len: usize,
-        k0: usize,
-        kc: usize,
-        buf: &mut Vec<u32>,
-    ) -> (*const u32, usize) {
-        let g = self.geom;
-        let taps = g.kh * g.kw;
-        let plane = g.h * g.w;
-        let k_total = g.c_in * taps;
+    fn block(&self, i0: usize, len: usize, k0: usize, kc: usize, buf: &mut Vec<u32>) -> (*const u32, usize) {
         let panels = len.div_ceil(NR);
         buf.clear();
         buf.resize(panels * kc * NR, 0);
-        // Source offset within a channel plane of each (tap, column), or -1 in the padding.
-        let mut offs = vec![-1i64; taps * NR];
+        let taps = self.geom.kh * self.geom.kw;
+        let mut offs = vec![-1i32; taps * NR];
         for p in 0..panels {
-            let cols = NR.min(len - p * NR);
-            for j in 0..cols {
-                let pix = i0 + p * NR + j;
-                let (oy, ox) = (pix / g.w_out, pix % g.w_out);
-                for ky in 0..g.kh {
-                    for kx in 0..g.kw {
-                        let iy = (oy * g.stride + ky) as i64 - g.pad as i64;
-                        let ix = (ox * g.stride + kx) as i64 - g.pad as i64;
-                        offs[(ky * g.kw + kx) * NR + j] =
-                            if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                                iy * g.w as i64 + ix
-                            } else {
-                                -1
-                            };
-                    }
-                }
-            }
-            let value = |k: usize, j: usize| -> f32 {
-                if k >= k_total {
-                    return 0.0;
-                }
-                let (c, t) = (k / taps, k % taps);
-                let o = offs[t * NR + j];
-                if o < 0 {
-                    0.0
-                } else {
-                    self.image[c * plane + o as usize]
-                }
-            };
-            for s in 0..kc {
-                let dst = &mut buf[(p * kc + s) * NR..][..cols];
-                let ks = k0 + s;
-                for (j, d) in dst.iter_mut().enumerate() {
-                    *d = match self.prec {
-                        Precision::F32 => value(ks, j).to_bits(),
-                        Precision::Bf16 => bf16_pair(value(2 * ks, j), value(2 * ks + 1, j)),
-                    };
+            let first = i0 + p * NR;
+            patch_offsets(self.geom, first, NR.min(len - p * NR), &mut offs);
+            let dst = &mut buf[p * kc * NR..][..kc * NR];
+            pack_patches(self.prec == Precision::Bf16, self.image, self.geom, &offs, k0, dst);
+        }
+        (buf.as_ptr(), kc * NR)
+    }
+}
+
+/// For each tap and each of the NR columns (output pixels `first..first + cols`), the offset
+/// of the input value within a channel plane, or -1 in the padding (and past `cols`).
+fn patch_offsets(g: &ConvGeometry, first: usize, cols: usize, offs: &mut [i32]) {
+    offs.fill(-1);
+    for j in 0..cols {
+        let pix = first + j;
+        let (oy, ox) = ((pix / g.w_out) * g.stride, (pix % g.w_out) * g.stride);
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let iy = (oy + ky).wrapping_sub(g.pad);
+                let ix = (ox + kx).wrapping_sub(g.pad);
+                if iy < g.h && ix < g.w {
+                    offs[(ky * g.kw + kx) * NR + j] = (iy * g.w + ix) as i32;
                 }
             }
         }
-        (buf.as_ptr(), kc * NR)
+    }
+}
+
+elementwise::multiversion! {
+    /// One B panel of patches: `dst` holds `dst.len() / NR` slots from slot `k0`.
+    fn pack_patches(bf16: bool, image: &[f32], g: &ConvGeometry, offs: &[i32], k0: usize, dst: &mut [u32]) {
+        let taps = g.kh * g.kw;
+        let plane = g.h * g.w;
+        let k_total = g.c_in * taps;
+        // The NR values of patch row k (zeros past the end of K).
+        let row = |k: usize, out: &mut [f32; NR]| {
+            if k >= k_total {
+                *out = [0.0; NR];
+                return;
+            }
+            let src = &image[(k / taps) * plane..][..plane];
+            let o = &offs[(k % taps) * NR..][..NR];
+            for j in 0..NR {
+                // SAFETY: offsets are -1 or inside the plane (patch_offsets).
+                let v = unsafe { *src.get_unchecked(o[j].max(0) as usize) };
+                out[j] = if o[j] >= 0 { v } else { 0.0 };
+            }
+        };
+        let (mut a, mut b) = ([0f32; NR], [0f32; NR]);
+        for (s, slot) in dst.chunks_exact_mut(NR).enumerate() {
+            if bf16 {
+                row(2 * (k0 + s), &mut a);
+                row(2 * (k0 + s) + 1, &mut b);
+                for j in 0..NR {
+                    slot[j] = bf16_pair(a[j], b[j]);
+                }
+            } else {
+                row(k0 + s, &mut a);
+                for j in 0..NR {
+                    slot[j] = a[j].to_bits();
+                }
+            }
+        }
     }
 }
 
