@@ -36,6 +36,9 @@ pub struct UnetBench {
     /// Timed repetitions after one warm-up.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
+    /// Also print the time spent in each CPU kernel family during the last repetition.
+    #[arg(long)]
+    pub breakdown: bool,
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -63,6 +66,9 @@ pub fn run(b: Bench) -> Result<()> {
         Tensor::randn(0f32, 1., (a.batch, 77, cfg.cross_attention_dim), &dev)?.to_dtype(dtype)?;
     let mut best = f64::INFINITY;
     for rep in 0..=a.reps {
+        if a.breakdown {
+            flipsketch_kernels::stats::enable();
+        }
         let t = Instant::now();
         let out = unet.forward(&sample, 500.0, &ehs, None)?;
         out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
@@ -72,6 +78,17 @@ pub fn run(b: Bench) -> Result<()> {
         } else {
             println!("rep {rep}: {s:.3} s");
             best = best.min(s);
+        }
+    }
+    if a.breakdown {
+        println!("last repetition by kernel (wall time; GFLOP/s where the kernel multiplies):");
+        for (kernel, calls, secs, gflop) in flipsketch_kernels::stats::snapshot() {
+            let rate = if gflop > 0.0 && secs > 0.0 {
+                format!(", {:.0} GFLOP/s", gflop / secs)
+            } else {
+                String::new()
+            };
+            println!("  {kernel:?}: {calls} calls, {secs:.3} s{rate}");
         }
     }
     println!("unet_forward_s {best:.3}");

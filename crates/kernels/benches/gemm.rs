@@ -2,7 +2,10 @@
 
 use std::time::Instant;
 
-use flipsketch_kernels::{conv2d, linear, matmul, ConvGeometry, PackedCols, PackedRows, Precision};
+use flipsketch_kernels::{
+    attention, conv2d, linear, matmul, AttentionShape, ConvGeometry, PackedCols, PackedRows,
+    Precision,
+};
 
 fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -64,6 +67,29 @@ fn main() {
         let kt = fill(b * d * l);
         let mut s_out = vec![0.0; b * l * l];
         let s = best_of(3, || matmul(prec, &q, &kt, b, l, d, l, &mut s_out));
+        // Attention at 32x32: spatial self (10 frames x 5 heads x 1024 tokens), cross (77
+        // text tokens), temporal (1024 pixels x 5 heads x 10 frames).
+        for &(batch, heads, lq, lk) in &[(10, 5, 1024, 1024), (10, 5, 1024, 77), (1024, 5, 10, 10)]
+        {
+            let shape = AttentionShape {
+                batch,
+                heads,
+                lq,
+                lk,
+                d: 64,
+                dv: 64,
+            };
+            let q = fill(batch * lq * heads * 64);
+            let kv = fill(batch * lk * heads * 64);
+            let mut o = vec![0.0; batch * lq * heads * 64];
+            let s = best_of(3, || attention(prec, &q, &kv, &kv, shape, 0.125, &mut o));
+            let flops = 4.0 * (batch * heads * lq * lk * 64) as f64;
+            println!(
+                "{prec:?} attention {batch}x{heads} {lq}x{lk}: {:.1} ms, {:.0} GFLOP/s",
+                s * 1e3,
+                flops / s / 1e9
+            );
+        }
         println!(
             "{prec:?} matmul q@kT {b}x{l}x{d}x{l}: {:.1} ms, {:.0} GFLOP/s",
             s * 1e3,

@@ -159,6 +159,7 @@ pub fn geglu(h: &[f32], inner: usize, out: &mut [f32]) {
     );
     assert_eq!(out.len() * 2, h.len(), "geglu: output size");
     let rows_per = (CHUNK / inner).max(1);
+    let _t = crate::stats::Timer::start(crate::stats::Kernel::Geglu, 0);
     out.par_chunks_mut(rows_per * inner)
         .zip(h.par_chunks(rows_per * 2 * inner))
         .for_each(|(o, h)| geglu_rows(h, inner, o));
@@ -170,7 +171,8 @@ pub fn softmax_rows(x: &mut [f32], cols: usize, scale: f32) {
         return;
     }
     let rows_per = (CHUNK / cols).max(1);
-    x.par_chunks_mut(rows_per * cols).for_each(|chunk| softmax_rows_serial(chunk, cols, scale));
+    x.par_chunks_mut(rows_per * cols)
+        .for_each(|chunk| softmax_rows_serial(chunk, cols, scale));
 }
 
 /// One row of [`softmax_rows`] (`scale` > 0), for callers that already run in parallel.
@@ -253,6 +255,7 @@ pub fn group_norm(
     assert_eq!(out.len(), x.len(), "group_norm: output size");
     assert_eq!(weight.len(), channels, "group_norm: weight size");
     assert_eq!(bias.len(), channels, "group_norm: bias size");
+    let _t = crate::stats::Timer::start(crate::stats::Kernel::GroupNorm, 0);
     let cpg = channels / groups;
     let item_len = channels * plane;
     let group_len = cpg * plane;
@@ -265,15 +268,21 @@ pub fn group_norm(
             let parts =
                 (0..span).map(|f| &x[(s * span + f) * item_len + g * group_len..][..group_len]);
             let mut m = (0.0, 0.0);
-            let sum: f64 = parts.clone().map(|p| {
-                moments(p, 0.0, &mut m);
-                m.0
-            }).sum();
+            let sum: f64 = parts
+                .clone()
+                .map(|p| {
+                    moments(p, 0.0, &mut m);
+                    m.0
+                })
+                .sum();
             let mean = sum / count;
-            let var: f64 = parts.map(|p| {
-                moments(p, mean, &mut m);
-                m.1
-            }).sum::<f64>() / count;
+            let var: f64 = parts
+                .map(|p| {
+                    moments(p, mean, &mut m);
+                    m.1
+                })
+                .sum::<f64>()
+                / count;
             (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
         })
         .collect();

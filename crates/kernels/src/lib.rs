@@ -14,6 +14,7 @@
 
 mod elementwise;
 mod micro;
+pub mod stats;
 
 use std::cell::RefCell;
 
@@ -198,6 +199,24 @@ impl PackedCols {
                 }
             });
         Self { prec, n, k, data }
+    }
+
+    /// Packs all of a B operand (`n` columns, depth `k`) from an on-the-fly source.
+    fn from_source(
+        prec: Precision,
+        src: &dyn Source,
+        n: usize,
+        k: usize,
+        buf: &mut Vec<u32>,
+    ) -> Self {
+        let kslots = prec.slots(k);
+        src.block(0, n, 0, kslots, buf);
+        Self {
+            prec,
+            n,
+            k,
+            data: std::mem::take(buf),
+        }
     }
 
     pub fn cols(&self) -> usize {
@@ -389,7 +408,14 @@ struct Patches<'a> {
 }
 
 impl Source for Patches<'_> {
-    fn block(&self, i0: usize, len: usize, k0: usize, kc: usize, buf: &mut Vec<u32>) -> (*const u32, usize) {
+    fn block(
+        &self,
+        i0: usize,
+        len: usize,
+        k0: usize,
+        kc: usize,
+        buf: &mut Vec<u32>,
+    ) -> (*const u32, usize) {
         let panels = len.div_ceil(NR);
         buf.clear();
         buf.resize(panels * kc * NR, 0);
@@ -399,7 +425,14 @@ impl Source for Patches<'_> {
             let first = i0 + p * NR;
             patch_offsets(self.geom, first, NR.min(len - p * NR), &mut offs);
             let dst = &mut buf[p * kc * NR..][..kc * NR];
-            pack_patches(self.prec == Precision::Bf16, self.image, self.geom, &offs, k0, dst);
+            pack_patches(
+                self.prec == Precision::Bf16,
+                self.image,
+                self.geom,
+                &offs,
+                k0,
+                dst,
+            );
         }
         (buf.as_ptr(), kc * NR)
     }
@@ -601,10 +634,12 @@ pub fn linear(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, out: &m
     let c = Out(out.as_mut_ptr());
     let bias = bias.map_or(Bias::None, Bias::Cols);
     let kslots = w.prec.slots(k);
-    tasks.par_iter().for_each(|&(mr, nr)| {
-        let c = c;
-        // SAFETY: tasks cover disjoint tiles of `out`, which is m x n.
-        unsafe { run_task(w.prec, kslots, &a, w, mr, nr, c.0, n, bias, false) }
+    stats::timed(stats::Kernel::Linear, 2 * (m * n * k) as u64, || {
+        tasks.par_iter().for_each(|&(mr, nr)| {
+            let c = c;
+            // SAFETY: tasks cover disjoint tiles of `out`, which is m x n.
+            unsafe { run_task(w.prec, kslots, &a, w, mr, nr, c.0, n, bias, false) }
+        })
     });
 }
 
@@ -686,35 +721,41 @@ pub fn conv2d(
     let c = Out(out.as_mut_ptr());
     let bias = bias.map_or(Bias::None, Bias::Rows);
     let kslots = w.prec.slots(k);
-    tasks.par_iter().for_each(|&(img, (p0, p1))| {
-        let c = c;
-        let patches = Patches {
-            prec: w.prec,
-            image: &x[img * in_size..][..in_size],
-            geom: g,
-        };
-        // The task's columns start at p0: shift C so that column p0 is column 0 of the task.
-        let base = unsafe { c.0.add(img * c_out * pix + p0) };
-        let shifted = Shifted {
-            inner: &patches,
-            by: p0,
-        };
-        // SAFETY: each task writes its image's pixels p0..p1 of every channel.
-        unsafe {
-            run_task(
-                w.prec,
-                kslots,
-                w,
-                &shifted,
-                (0, c_out),
-                (0, p1 - p0),
-                base,
-                pix,
-                bias,
-                false,
-            )
-        }
-    });
+    stats::timed(
+        stats::Kernel::Conv2d,
+        2 * (images * c_out * pix * k) as u64,
+        || {
+            tasks.par_iter().for_each(|&(img, (p0, p1))| {
+                let c = c;
+                let patches = Patches {
+                    prec: w.prec,
+                    image: &x[img * in_size..][..in_size],
+                    geom: g,
+                };
+                // The task's columns start at p0: shift C so that column p0 is column 0 of the task.
+                let base = unsafe { c.0.add(img * c_out * pix + p0) };
+                let shifted = Shifted {
+                    inner: &patches,
+                    by: p0,
+                };
+                // SAFETY: each task writes its image's pixels p0..p1 of every channel.
+                unsafe {
+                    run_task(
+                        w.prec,
+                        kslots,
+                        w,
+                        &shifted,
+                        (0, c_out),
+                        (0, p1 - p0),
+                        base,
+                        pix,
+                        bias,
+                        false,
+                    )
+                }
+            })
+        },
+    );
 }
 
 /// A B source whose columns start at `by`.
@@ -851,45 +892,67 @@ pub fn attention(
         out.fill(f32::NAN);
         return;
     }
-    const ROWS: usize = 240;
     let items = batch * heads;
-    // Tasks: (first item, item count, first row, row count).
-    let work_per_item = (lq * lk * (d + dv)).max(1);
-    let items_per_task = ((1usize << 20) / work_per_item).clamp(1, items);
-    let mut tasks = Vec::new();
-    if items_per_task > 1 || lq <= ROWS {
-        for i0 in (0..items).step_by(items_per_task) {
-            tasks.push((i0, items_per_task.min(items - i0), 0, lq));
-        }
-    } else {
-        for i in 0..items {
-            for r0 in (0..lq).step_by(ROWS) {
-                tasks.push((i, 1, r0, ROWS.min(lq - r0)));
-            }
-        }
-    }
+    let flops = 2 * (items * lq * lk * (d + dv)) as u64;
+    let _t = stats::Timer::start(stats::Kernel::Attention, flops);
     let c = Out(out.as_mut_ptr());
     let (qld, vld) = (heads * d, heads * dv);
-    tasks.par_iter().for_each(|&(i0, count, r0, rows)| {
+    if lq <= SMALL_SEQ && lk <= SMALL_SEQ {
+        // Short sequences (the temporal attention over frames): direct f32 per item.
+        let per_task = (4096 / (lq * lk).max(1)).max(1);
+        let tasks: Vec<usize> = (0..items).step_by(per_task).collect();
+        tasks.par_iter().for_each(|&i0| {
+            let c = c;
+            for item in i0..(i0 + per_task).min(items) {
+                let (b, h) = (item / heads, item % heads);
+                let q = &q[(b * lq) * qld + h * d..];
+                let k = &k[(b * lk) * qld + h * d..];
+                let v = &v[(b * lk) * vld + h * dv..];
+                // SAFETY: this item's head h of rows b*lq.. of `out`, which no other task writes.
+                let dst = Out(unsafe { c.0.add(b * lq * vld + h * dv) });
+                small_attention(q, k, v, shape, scale, dst);
+            }
+        });
+        return;
+    }
+    const ROWS: usize = 240;
+    // One task per item (head of a batch element): K and V are packed once per item.
+    let row_split = if items >= 2 * threads() { lq } else { ROWS };
+    let tasks: Vec<(usize, usize)> = (0..items)
+        .flat_map(|i| (0..lq).step_by(row_split).map(move |r| (i, r)))
+        .collect();
+    tasks.par_iter().for_each(|&(item, r_start)| {
         let c = c;
+        let (b, h) = (item / heads, item % heads);
+        let mut buf = Vec::new();
+        let keys = ColsOfRows {
+            prec,
+            src: &k[b * lk * qld + h * d..],
+            ld: qld,
+            k: d,
+            n: lk,
+        };
+        let keys = PackedCols::from_source(prec, &keys, lk, d, &mut buf);
+        let values = ColsOnTheFly {
+            prec,
+            src: &v[b * lk * vld + h * dv..],
+            ld: vld,
+            k: lk,
+            n: dv,
+        };
+        let values = PackedCols::from_source(prec, &values, dv, lk, &mut buf);
         SCORES.with(|scores| {
             let mut scores = scores.borrow_mut();
-            scores.clear();
-            scores.resize(rows * lk, 0.0);
-            for item in i0..i0 + count {
-                let (b, h) = (item / heads, item % heads);
+            let r_end = (r_start + row_split).min(lq);
+            for r0 in (r_start..r_end).step_by(ROWS) {
+                let rows = ROWS.min(r_end - r0);
+                scores.clear();
+                scores.resize(rows * lk, 0.0);
                 let qs = RowsOnTheFly {
                     prec,
                     src: &q[(b * lq + r0) * qld + h * d..],
                     ld: qld,
                     k: d,
-                };
-                let ks = ColsOfRows {
-                    prec,
-                    src: &k[b * lk * qld + h * d..],
-                    ld: qld,
-                    k: d,
-                    n: lk,
                 };
                 // SAFETY: `scores` is rows x lk.
                 unsafe {
@@ -897,7 +960,7 @@ pub fn attention(
                         prec,
                         prec.slots(d),
                         &qs,
-                        &ks,
+                        &keys,
                         (0, rows),
                         (0, lk),
                         scores.as_mut_ptr(),
@@ -913,13 +976,6 @@ pub fn attention(
                     ld: lk,
                     k: lk,
                 };
-                let vs = ColsOnTheFly {
-                    prec,
-                    src: &v[b * lk * vld + h * dv..],
-                    ld: vld,
-                    k: lk,
-                    n: dv,
-                };
                 // SAFETY: rows r0.. of this item's head h in `out`, which tasks do not share.
                 unsafe {
                     let dst = c.0.add((b * lq + r0) * vld + h * dv);
@@ -927,7 +983,7 @@ pub fn attention(
                         prec,
                         prec.slots(lk),
                         &ps,
-                        &vs,
+                        &values,
                         (0, rows),
                         (0, dv),
                         dst,
@@ -939,4 +995,58 @@ pub fn attention(
             }
         })
     });
+}
+
+/// Sequences up to this length take the direct path of [`attention`].
+const SMALL_SEQ: usize = 16;
+
+elementwise::multiversion! {
+    /// One (batch, head) item of a short attention, in f32: `q`, `k`, `v` start at the item's
+    /// first row and head; `out` likewise (row stride heads * dv). The caller guarantees that
+    /// `out` is valid for this item's rows and that no other thread writes them.
+    fn small_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, scale: f32, out: Out) {
+        let AttentionShape { heads, lq, lk, d, dv, .. } = shape;
+        let (qld, vld) = (heads * d, heads * dv);
+        let mut s = [0f32; SMALL_SEQ];
+        let mut acc = [0f32; 128];
+        for i in 0..lq {
+            let qi = &q[i * qld..][..d];
+            for (j, sj) in s.iter_mut().enumerate().take(lk) {
+                *sj = dot(qi, &k[j * qld..][..d]);
+            }
+            softmax_row(&mut s[..lk], scale);
+            // SAFETY: see above; row i of the item.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * vld), dv) };
+            for c0 in (0..dv).step_by(128) {
+                let w = 128.min(dv - c0);
+                let acc = &mut acc[..w];
+                acc.fill(0.0);
+                for (j, &p) in s.iter().enumerate().take(lk) {
+                    for (a, &x) in acc.iter_mut().zip(&v[j * vld + c0..][..w]) {
+                        *a += p * x;
+                    }
+                }
+                o[c0..c0 + w].copy_from_slice(acc);
+            }
+        }
+    }
+}
+
+/// Dot product in 16 lanes (vectorisable).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    tail + lanes.iter().sum::<f32>()
 }

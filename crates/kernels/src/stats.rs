@@ -1,0 +1,92 @@
+//! Optional per-kernel wall time and FLOP counters (for `flipsketch bench --breakdown`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+/// The kernel families counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Linear,
+    Conv2d,
+    Attention,
+    GroupNorm,
+    Geglu,
+}
+
+pub const KERNELS: [Kernel; 5] = [
+    Kernel::Linear,
+    Kernel::Conv2d,
+    Kernel::Attention,
+    Kernel::GroupNorm,
+    Kernel::Geglu,
+];
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static NANOS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static FLOPS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static CALLS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+
+/// Starts counting (from zero).
+pub fn enable() {
+    for k in 0..KERNELS.len() {
+        NANOS[k].store(0, Ordering::Relaxed);
+        FLOPS[k].store(0, Ordering::Relaxed);
+        CALLS[k].store(0, Ordering::Relaxed);
+    }
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// (kernel, calls, seconds, GFLOP) since [`enable`].
+pub fn snapshot() -> Vec<(Kernel, u64, f64, f64)> {
+    KERNELS
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| {
+            (
+                k,
+                CALLS[i].load(Ordering::Relaxed),
+                NANOS[i].load(Ordering::Relaxed) as f64 * 1e-9,
+                FLOPS[i].load(Ordering::Relaxed) as f64 * 1e-9,
+            )
+        })
+        .collect()
+}
+
+/// Times `f` as one call of `kernel` doing `flops` floating-point operations.
+#[inline]
+pub(crate) fn timed<R>(kernel: Kernel, flops: u64, f: impl FnOnce() -> R) -> R {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return f();
+    }
+    let t = Instant::now();
+    let r = f();
+    let i = kernel as usize;
+    NANOS[i].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    FLOPS[i].fetch_add(flops, Ordering::Relaxed);
+    CALLS[i].fetch_add(1, Ordering::Relaxed);
+    r
+}
+
+/// Counts the time until it is dropped as one call (for kernels with early returns).
+pub(crate) struct Timer(Option<(Kernel, u64, Instant)>);
+
+impl Timer {
+    pub(crate) fn start(kernel: Kernel, flops: u64) -> Self {
+        Self(
+            ENABLED
+                .load(Ordering::Relaxed)
+                .then(|| (kernel, flops, Instant::now())),
+        )
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        if let Some((kernel, flops, t)) = self.0 {
+            let i = kernel as usize;
+            NANOS[i].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            FLOPS[i].fetch_add(flops, Ordering::Relaxed);
+            CALLS[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
