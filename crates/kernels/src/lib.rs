@@ -32,9 +32,21 @@ pub const MR: usize = 12;
 /// Columns of the register tile (two 16-lane vectors).
 pub const NR: usize = 32;
 /// K slots per block (a slot holds one f32 or two bf16).
-pub const KC: usize = 128;
+pub const KC: usize = 256;
+/// Longest K block when K needs several (B panel + A micro-panel about one L1).
+const KC_SPLIT: usize = 192;
+/// The K block length for `kslots` slots: blocks of at most [`KC`] slots, as even as possible
+/// (a short last block would cost a full pass of tile loads and stores for little work).
+pub fn k_block(kslots: usize) -> usize {
+    if kslots <= KC {
+        // One pass: C is written once instead of read and written per block.
+        return kslots.max(1);
+    }
+    kslots.div_ceil(kslots.div_ceil(KC_SPLIT))
+}
+
 /// Rows of A per L2 block.
-pub const MC: usize = MR * 16;
+pub const MC: usize = MR * 32;
 
 /// Arithmetic of the products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -135,17 +147,18 @@ impl PackedRows {
             m * k
         );
         let kslots = prec.slots(k);
-        let kblocks = kslots.div_ceil(KC).max(1);
+        let kb_len = k_block(kslots);
+        let kblocks = kslots.div_ceil(kb_len).max(1);
         let rblocks = m.div_ceil(MR);
         let mut data = vec![0u32; rblocks * kblocks * MR * KC];
         data.par_chunks_mut(kblocks * MR * KC)
             .enumerate()
             .for_each(|(rb, blk)| {
                 for kb in 0..kblocks {
-                    let kc = KC.min(kslots - kb * KC);
+                    let kc = kb_len.min(kslots - kb * kb_len);
                     for r in 0..MR.min(m - rb * MR) {
                         let row = &src[(rb * MR + r) * k..][..k];
-                        pack_row(prec, row, kb * KC, kc, &mut blk[(kb * MR + r) * KC..]);
+                        pack_row(prec, row, kb * kb_len, kc, &mut blk[(kb * MR + r) * KC..]);
                     }
                 }
             });
@@ -273,7 +286,7 @@ impl Source for PackedRows {
         _: &mut Vec<u32>,
     ) -> (*const u32, usize) {
         let stride = self.kblocks * MR * KC;
-        let off = (i0 / MR) * stride + (k0 / KC) * MR * KC;
+        let off = (i0 / MR) * stride + (k0 / k_block(self.prec.slots(self.k))) * MR * KC;
         (self.data[off..].as_ptr(), stride)
     }
 }
@@ -403,8 +416,11 @@ impl Source for ColsOfRows<'_> {
 /// B panels of image patches for a convolution, straight from one NCHW image.
 struct Patches<'a> {
     prec: Precision,
+    /// One image, or all of them when `batched`.
     image: &'a [f32],
     geom: &'a ConvGeometry,
+    /// Columns run over the pixels of all images in turn: (pixels, values) per image.
+    batched: Option<(usize, usize)>,
 }
 
 impl Source for Patches<'_> {
@@ -421,15 +437,17 @@ impl Source for Patches<'_> {
         buf.resize(panels * kc * NR, 0);
         let taps = self.geom.kh * self.geom.kw;
         let mut offs = vec![-1i32; taps * NR];
+        let mut runs = Vec::new();
         for p in 0..panels {
             let first = i0 + p * NR;
-            patch_offsets(self.geom, first, NR.min(len - p * NR), &mut offs);
+            patch_offsets(self.geom, first, NR.min(len - p * NR), self.batched, &mut offs);
+            contiguous_runs(&offs, taps, &mut runs);
             let dst = &mut buf[p * kc * NR..][..kc * NR];
             pack_patches(
                 self.prec == Precision::Bf16,
                 self.image,
                 self.geom,
-                &offs,
+                &runs,
                 k0,
                 dst,
             );
@@ -439,27 +457,74 @@ impl Source for Patches<'_> {
 }
 
 /// For each tap and each of the NR columns (output pixels `first..first + cols`), the offset
-/// of the input value within a channel plane, or -1 in the padding (and past `cols`).
-fn patch_offsets(g: &ConvGeometry, first: usize, cols: usize, offs: &mut [i32]) {
+/// of the input value within a channel plane (plus the image's start when `batched`), or -1 in
+/// the padding (and past `cols`).
+fn patch_offsets(
+    g: &ConvGeometry,
+    first: usize,
+    cols: usize,
+    batched: Option<(usize, usize)>,
+    offs: &mut [i32],
+) {
     offs.fill(-1);
     for j in 0..cols {
-        let pix = first + j;
+        let (base, pix) = match batched {
+            Some((pixels, values)) => (((first + j) / pixels) * values, (first + j) % pixels),
+            None => (0, first + j),
+        };
         let (oy, ox) = ((pix / g.w_out) * g.stride, (pix % g.w_out) * g.stride);
         for ky in 0..g.kh {
             for kx in 0..g.kw {
                 let iy = (oy + ky).wrapping_sub(g.pad);
                 let ix = (ox + kx).wrapping_sub(g.pad);
                 if iy < g.h && ix < g.w {
-                    offs[(ky * g.kw + kx) * NR + j] = (iy * g.w + ix) as i32;
+                    offs[(ky * g.kw + kx) * NR + j] = (base + iy * g.w + ix) as i32;
                 }
             }
         }
     }
 }
 
+/// A run of panel columns `j0..j1` of one tap reading consecutive input values from `start`.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    tap: u16,
+    j0: u8,
+    j1: u8,
+    start: u32,
+}
+
+/// Splits each tap's offsets into maximal runs of consecutive values (padding excluded), so
+/// that packing copies slices instead of gathering single values.
+fn contiguous_runs(offs: &[i32], taps: usize, runs: &mut Vec<Run>) {
+    runs.clear();
+    for t in 0..taps {
+        let o = &offs[t * NR..][..NR];
+        let mut j = 0;
+        while j < NR {
+            if o[j] < 0 {
+                j += 1;
+                continue;
+            }
+            let j0 = j;
+            while j + 1 < NR && o[j + 1] == o[j] + 1 {
+                j += 1;
+            }
+            j += 1;
+            runs.push(Run {
+                tap: t as u16,
+                j0: j0 as u8,
+                j1: j as u8,
+                start: o[j0] as u32,
+            });
+        }
+    }
+}
+
 elementwise::multiversion! {
-    /// One B panel of patches: `dst` holds `dst.len() / NR` slots from slot `k0`.
-    fn pack_patches(bf16: bool, image: &[f32], g: &ConvGeometry, offs: &[i32], k0: usize, dst: &mut [u32]) {
+    /// One B panel of patches: `dst` holds `dst.len() / NR` slots from slot `k0`; `runs` (by
+    /// tap, in order) say where each tap's values are.
+    fn pack_patches(bf16: bool, image: &[f32], g: &ConvGeometry, runs: &[Run], k0: usize, dst: &mut [u32]) {
         let taps = g.kh * g.kw;
         let plane = g.h * g.w;
         let k_total = g.c_in * taps;
@@ -469,12 +534,13 @@ elementwise::multiversion! {
                 *out = [0.0; NR];
                 return;
             }
-            let src = &image[(k / taps) * plane..][..plane];
-            let o = &offs[(k % taps) * NR..][..NR];
-            for j in 0..NR {
-                // SAFETY: offsets are -1 or inside the plane (patch_offsets).
-                let v = unsafe { *src.get_unchecked(o[j].max(0) as usize) };
-                out[j] = if o[j] >= 0 { v } else { 0.0 };
+            let src = &image[(k / taps) * plane..];
+            let t = (k % taps) as u16;
+            *out = [0.0; NR];
+            let first = runs.partition_point(|r| r.tap < t);
+            for r in runs[first..].iter().take_while(|r| r.tap == t) {
+                let (j0, j1) = (r.j0 as usize, r.j1 as usize);
+                out[j0..j1].copy_from_slice(&src[r.start as usize..][..j1 - j0]);
             }
         };
         let (mut a, mut b) = ([0f32; NR], [0f32; NR]);
@@ -541,7 +607,7 @@ unsafe fn run_task(
         let n = n1 - n0;
         let mut k0 = 0;
         loop {
-            let kc = KC.min(kslots - k0);
+            let kc = k_block(kslots).min(kslots - k0);
             let (bp, bstride) = b.block(n0, n, k0, kc, bbuf);
             for i0 in (m0..m1).step_by(MC) {
                 let ilen = MC.min(m1 - i0);
@@ -713,6 +779,35 @@ pub fn conv2d(
         return;
     }
     let t = threads();
+    let kslots = w.prec.slots(k);
+    if pix < NR && images > 1 && images * in_size < i32::MAX as usize {
+        // Small images (4x4 latents): a panel of NR columns would be mostly padding, so the
+        // columns run over the pixels of all images, into a (c_out, images * pix) buffer.
+        let total = images * pix;
+        let mut tmp = vec![0f32; c_out * total];
+        let c = Out(tmp.as_mut_ptr());
+        let bias = bias.map_or(Bias::None, Bias::Rows);
+        let patches = Patches {
+            prec: w.prec,
+            image: x,
+            geom: g,
+            batched: Some((pix, in_size)),
+        };
+        stats::timed(stats::Kernel::Conv2d, 2 * (images * c_out * pix * k) as u64, || {
+            // Few columns: split the output channels between the threads instead.
+            split(c_out, t, MR).par_iter().for_each(|&(m0, m1)| {
+                let c = c;
+                // SAFETY: each task writes rows m0..m1 of the c_out x total buffer.
+                unsafe { run_task(w.prec, kslots, w, &patches, (m0, m1), (0, total), c.0, total, bias, false) }
+            });
+            for (img, o) in out.chunks_exact_mut(c_out * pix).enumerate() {
+                for (m, o) in o.chunks_exact_mut(pix).enumerate() {
+                    o.copy_from_slice(&tmp[m * total + img * pix..][..pix]);
+                }
+            }
+        });
+        return;
+    }
     // Columns (pixels) per task: whole panels, enough tasks for every thread.
     let per_image = split(pix, (t * 2).div_ceil(images), NR);
     let tasks: Vec<_> = (0..images)
@@ -720,7 +815,6 @@ pub fn conv2d(
         .collect();
     let c = Out(out.as_mut_ptr());
     let bias = bias.map_or(Bias::None, Bias::Rows);
-    let kslots = w.prec.slots(k);
     stats::timed(
         stats::Kernel::Conv2d,
         2 * (images * c_out * pix * k) as u64,
@@ -731,6 +825,7 @@ pub fn conv2d(
                     prec: w.prec,
                     image: &x[img * in_size..][..in_size],
                     geom: g,
+                    batched: None,
                 };
                 // The task's columns start at p0: shift C so that column p0 is column 0 of the task.
                 let base = unsafe { c.0.add(img * c_out * pix + p0) };

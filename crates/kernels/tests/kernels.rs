@@ -112,6 +112,10 @@ fn conv2d_matches_reference() {
             (2, 7, 33, 35, 3, 3, 3, 1, 1),
             (1, 40, 6, 6, 25, 3, 3, 2, 0),
             (4, 6, 10, 1, 8, 3, 1, 1, 1),
+            // Small images: columns run over all images (3x3 and 1x1, stride 2).
+            (5, 9, 4, 4, 13, 3, 3, 1, 1),
+            (7, 4, 3, 5, 6, 1, 1, 1, 0),
+            (3, 5, 7, 7, 4, 3, 3, 2, 1),
         ] {
             let g = ConvGeometry::new(ci, h, w, kh, kw, st, pad).expect("valid geometry");
             let k = ci * kh * kw;
