@@ -440,7 +440,13 @@ impl Source for Patches<'_> {
         let mut runs = Vec::new();
         for p in 0..panels {
             let first = i0 + p * NR;
-            patch_offsets(self.geom, first, NR.min(len - p * NR), self.batched, &mut offs);
+            patch_offsets(
+                self.geom,
+                first,
+                NR.min(len - p * NR),
+                self.batched,
+                &mut offs,
+            );
             contiguous_runs(&offs, taps, &mut runs);
             let dst = &mut buf[p * kc * NR..][..kc * NR];
             pack_patches(
@@ -584,6 +590,10 @@ unsafe impl Sync for Out {}
 
 /// `C[m0..m1, n0..n1] = bias + A B` (or `+=` when `accumulate`) with C row-major, stride `ldc`.
 ///
+/// Loop order: with `rows_first = Some(mc)` (B pre-packed, so re-reading it is free) each block
+/// of `mc` rows goes through all of K before the next, keeping its part of C in L2; otherwise
+/// each K block of B is packed once and all rows go through it.
+///
 /// # Safety
 /// `c` must be valid for rows `m0..m1` and columns `n0..n1` with stride `ldc`; `m0` must be a
 /// multiple of MR and `n0` of NR when the sources are pre-packed.
@@ -599,50 +609,74 @@ unsafe fn run_task(
     ldc: usize,
     bias: Bias,
     accumulate: bool,
+    rows_first: Option<usize>,
 ) {
     let micro = micro::select(prec, isa());
+    let n = n1 - n0;
+    let kb = k_block(kslots);
+    // C[i0.., n0..n1] += A[i0..i0+ilen, k0..k0+kc] B[k0..k0+kc, n0..n1]
+    let block = |k0: usize,
+                 kc: usize,
+                 i0: usize,
+                 ilen: usize,
+                 bp: *const u32,
+                 bstride: usize,
+                 abuf: &mut Vec<u32>| {
+        let (ap, astride) = a.block(i0, ilen, k0, kc, abuf);
+        for pb in 0..n.div_ceil(NR) {
+            let cols = NR.min(n - pb * NR);
+            let col = n0 + pb * NR;
+            for rb in 0..ilen.div_ceil(MR) {
+                let rows = MR.min(ilen - rb * MR);
+                let row = i0 + rb * MR;
+                let init = if k0 > 0 || accumulate {
+                    TileInit::Accumulate
+                } else {
+                    match bias {
+                        Bias::None => TileInit::Zero,
+                        Bias::Rows(v) => TileInit::RowBias(v[row..].as_ptr()),
+                        Bias::Cols(v) => TileInit::ColBias(v[col..].as_ptr()),
+                    }
+                };
+                // SAFETY: the caller's contract; tiles stay inside rows m0..m1, cols n0..n1.
+                unsafe {
+                    micro(
+                        kc,
+                        ap.add(rb * astride),
+                        bp.add(pb * bstride),
+                        c.add(row * ldc + col),
+                        ldc,
+                        rows,
+                        cols,
+                        init,
+                    )
+                };
+            }
+        }
+    };
     BUFFERS.with(|bufs| {
         let mut bufs = bufs.borrow_mut();
         let (abuf, bbuf) = &mut *bufs;
-        let n = n1 - n0;
-        let mut k0 = 0;
-        loop {
-            let kc = k_block(kslots).min(kslots - k0);
-            let (bp, bstride) = b.block(n0, n, k0, kc, bbuf);
-            for i0 in (m0..m1).step_by(MC) {
-                let ilen = MC.min(m1 - i0);
-                let (ap, astride) = a.block(i0, ilen, k0, kc, abuf);
-                for pb in 0..n.div_ceil(NR) {
-                    let cols = NR.min(n - pb * NR);
-                    let col = n0 + pb * NR;
-                    for rb in 0..ilen.div_ceil(MR) {
-                        let rows = MR.min(ilen - rb * MR);
-                        let row = i0 + rb * MR;
-                        let init = if k0 > 0 || accumulate {
-                            TileInit::Accumulate
-                        } else {
-                            match bias {
-                                Bias::None => TileInit::Zero,
-                                Bias::Rows(v) => TileInit::RowBias(v[row..].as_ptr()),
-                                Bias::Cols(v) => TileInit::ColBias(v[col..].as_ptr()),
-                            }
-                        };
-                        micro(
-                            kc,
-                            ap.add(rb * astride),
-                            bp.add(pb * bstride),
-                            c.add(row * ldc + col),
-                            ldc,
-                            rows,
-                            cols,
-                            init,
-                        );
+        let k_starts = (0..kslots.max(1)).step_by(kb);
+        match rows_first {
+            Some(mc) => {
+                for i0 in (m0..m1).step_by(mc) {
+                    let ilen = mc.min(m1 - i0);
+                    for k0 in k_starts.clone() {
+                        let kc = kb.min(kslots - k0);
+                        let (bp, bstride) = b.block(n0, n, k0, kc, bbuf);
+                        block(k0, kc, i0, ilen, bp, bstride, abuf);
                     }
                 }
             }
-            k0 += kc;
-            if k0 >= kslots {
-                break;
+            None => {
+                for k0 in k_starts {
+                    let kc = kb.min(kslots - k0);
+                    let (bp, bstride) = b.block(n0, n, k0, kc, bbuf);
+                    for i0 in (m0..m1).step_by(MC) {
+                        block(k0, kc, i0, MC.min(m1 - i0), bp, bstride, abuf);
+                    }
+                }
             }
         }
     });
@@ -700,11 +734,27 @@ pub fn linear(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, out: &m
     let c = Out(out.as_mut_ptr());
     let bias = bias.map_or(Bias::None, Bias::Cols);
     let kslots = w.prec.slots(k);
+    // Rows per pass through K: their part of C (rows x n floats) stays within about 512 KiB.
+    let rows_first = ((512 << 10) / (4 * n.max(1)) / MR).clamp(4, 32) * MR;
     stats::timed(stats::Kernel::Linear, 2 * (m * n * k) as u64, || {
         tasks.par_iter().for_each(|&(mr, nr)| {
             let c = c;
             // SAFETY: tasks cover disjoint tiles of `out`, which is m x n.
-            unsafe { run_task(w.prec, kslots, &a, w, mr, nr, c.0, n, bias, false) }
+            unsafe {
+                run_task(
+                    w.prec,
+                    kslots,
+                    &a,
+                    w,
+                    mr,
+                    nr,
+                    c.0,
+                    n,
+                    bias,
+                    false,
+                    Some(rows_first),
+                )
+            }
         })
     });
 }
@@ -793,19 +843,37 @@ pub fn conv2d(
             geom: g,
             batched: Some((pix, in_size)),
         };
-        stats::timed(stats::Kernel::Conv2d, 2 * (images * c_out * pix * k) as u64, || {
-            // Few columns: split the output channels between the threads instead.
-            split(c_out, t, MR).par_iter().for_each(|&(m0, m1)| {
-                let c = c;
-                // SAFETY: each task writes rows m0..m1 of the c_out x total buffer.
-                unsafe { run_task(w.prec, kslots, w, &patches, (m0, m1), (0, total), c.0, total, bias, false) }
-            });
-            for (img, o) in out.chunks_exact_mut(c_out * pix).enumerate() {
-                for (m, o) in o.chunks_exact_mut(pix).enumerate() {
-                    o.copy_from_slice(&tmp[m * total + img * pix..][..pix]);
+        stats::timed(
+            stats::Kernel::Conv2d,
+            2 * (images * c_out * pix * k) as u64,
+            || {
+                // Few columns: split the output channels between the threads instead.
+                split(c_out, t, MR).par_iter().for_each(|&(m0, m1)| {
+                    let c = c;
+                    // SAFETY: each task writes rows m0..m1 of the c_out x total buffer.
+                    unsafe {
+                        run_task(
+                            w.prec,
+                            kslots,
+                            w,
+                            &patches,
+                            (m0, m1),
+                            (0, total),
+                            c.0,
+                            total,
+                            bias,
+                            false,
+                            None,
+                        )
+                    }
+                });
+                for (img, o) in out.chunks_exact_mut(c_out * pix).enumerate() {
+                    for (m, o) in o.chunks_exact_mut(pix).enumerate() {
+                        o.copy_from_slice(&tmp[m * total + img * pix..][..pix]);
+                    }
                 }
-            }
-        });
+            },
+        );
         return;
     }
     // Columns (pixels) per task: whole panels, enough tasks for every thread.
@@ -846,6 +914,7 @@ pub fn conv2d(
                         pix,
                         bias,
                         false,
+                        None,
                     )
                 }
             })
@@ -933,6 +1002,7 @@ pub fn matmul(
                 n,
                 Bias::None,
                 false,
+                None,
             )
         }
     });
@@ -1062,6 +1132,7 @@ pub fn attention(
                         lk,
                         Bias::None,
                         false,
+                        None,
                     )
                 };
                 elementwise::softmax_rows_serial(&mut scores, lk, scale);
@@ -1085,6 +1156,7 @@ pub fn attention(
                         vld,
                         Bias::None,
                         false,
+                        None,
                     )
                 };
             }
