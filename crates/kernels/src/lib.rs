@@ -876,8 +876,11 @@ pub fn conv2d(
         );
         return;
     }
-    // Columns (pixels) per task: whole panels, enough tasks for every thread.
-    let per_image = split(pix, (t * 2).div_ceil(images), NR);
+    // Columns (pixels) per task: whole panels, enough tasks for every thread, and few enough
+    // that the task's part of C (c_out x columns) stays in L2 through all K blocks.
+    let l2_cols = ((512 << 10) / (4 * c_out)).max(NR) / NR * NR;
+    let parts = (t * 2).div_ceil(images).max(pix.div_ceil(l2_cols));
+    let per_image = split(pix, parts, NR);
     let tasks: Vec<_> = (0..images)
         .flat_map(|i| per_image.iter().map(move |&r| (i, r)))
         .collect();
