@@ -251,7 +251,14 @@ impl WeightStore {
         };
         let path = &self.files[entry.source];
         let t = match &self.sources[entry.source] {
-            Source::Safetensors(st) => st.load(name, device),
+            Source::Safetensors(st) => st.get(name).and_then(|view| {
+                use candle_core::safetensors::Load;
+                let t = view.load(device)?;
+                // The values are copied out: let the kernel drop the mapped pages, so that a
+                // whole checkpoint never sits in memory next to the loaded model.
+                release_pages(view.data());
+                Ok(t)
+            }),
             Source::Pickle(p) => p
                 .get(name)
                 .map(|t| t.expect("indexed"))
@@ -390,6 +397,22 @@ impl SimpleBackend for Tracked {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.0.index.contains_key(name)
+    }
+}
+
+/// Tells the kernel that the mapped file pages under `bytes` are not needed any more (they
+/// are read again from the file if touched). Partial pages at both ends are kept.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        const PAGE: usize = 4096;
+        let start = (bytes.as_ptr() as usize).div_ceil(PAGE) * PAGE;
+        let end = (bytes.as_ptr() as usize + bytes.len()) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the range lies inside a read-only file mapping that stays mapped;
+            // MADV_DONTNEED on it only drops pages that the kernel can read back from the file.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
     }
 }
 
