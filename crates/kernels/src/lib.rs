@@ -810,6 +810,23 @@ pub fn conv2d(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    conv2d_impl(x, images, geom, w, bias, out, false)
+}
+
+/// [`conv2d`] without bias, adding into `out` instead of overwriting it.
+pub fn conv2d_accumulate(x: &[f32], images: usize, geom: &ConvGeometry, w: &PackedRows, out: &mut [f32]) {
+    conv2d_impl(x, images, geom, w, None, out, true)
+}
+
+fn conv2d_impl(
+    x: &[f32],
+    images: usize,
+    geom: &ConvGeometry,
+    w: &PackedRows,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    accumulate: bool,
+) {
     let g = geom;
     let c_out = w.m;
     let k = g.c_in * g.kh * g.kw;
@@ -830,7 +847,8 @@ pub fn conv2d(
     }
     let t = threads();
     let kslots = w.prec.slots(k);
-    if pix < NR && images > 1 && images * in_size < i32::MAX as usize {
+    let batched_tmp = pix < NR && images > 1 && images * in_size < i32::MAX as usize;
+    if batched_tmp {
         // Small images (4x4 latents): a panel of NR columns would be mostly padding, so the
         // columns run over the pixels of all images, into a (c_out, images * pix) buffer.
         let total = images * pix;
@@ -869,7 +887,12 @@ pub fn conv2d(
                 });
                 for (img, o) in out.chunks_exact_mut(c_out * pix).enumerate() {
                     for (m, o) in o.chunks_exact_mut(pix).enumerate() {
-                        o.copy_from_slice(&tmp[m * total + img * pix..][..pix]);
+                        let t = &tmp[m * total + img * pix..][..pix];
+                        if accumulate {
+                            o.iter_mut().zip(t).for_each(|(o, t)| *o += t);
+                        } else {
+                            o.copy_from_slice(t);
+                        }
                     }
                 }
             },
@@ -916,7 +939,7 @@ pub fn conv2d(
                         base,
                         pix,
                         bias,
-                        false,
+                        accumulate,
                         None,
                     )
                 }

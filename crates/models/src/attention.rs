@@ -294,6 +294,9 @@ impl GeGlu {
     }
 }
 
+/// Rows of a [`FeedForward`] pass at a time.
+pub const FF_ROWS: usize = 4096;
+
 /// diffusers `FeedForward` with `activation_fn="geglu"`: net.0 (GEGLU), net.1 (dropout), net.2.
 #[derive(Clone, Debug)]
 pub struct FeedForward {
@@ -312,8 +315,24 @@ impl FeedForward {
         })
     }
 
+    /// Rows are processed [`FF_ROWS`] at a time: the GEGLU's input is 8x the width of `x`, and
+    /// rows are independent, so chunking bounds memory without changing any value.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&self.geglu.forward(x)?)
+        let dims = x.dims();
+        let width = *dims.last().unwrap_or(&1);
+        let rows = x.elem_count() / width.max(1);
+        if rows <= FF_ROWS {
+            return self.out.forward(&self.geglu.forward(x)?);
+        }
+        let flat = x.reshape((rows, width))?;
+        let parts = (0..rows)
+            .step_by(FF_ROWS)
+            .map(|start| {
+                let chunk = flat.narrow(0, start, FF_ROWS.min(rows - start))?;
+                self.out.forward(&self.geglu.forward(&chunk)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?.reshape(dims)
     }
 }
 

@@ -253,6 +253,62 @@ impl Module for Conv2d {
     }
 }
 
+/// `out[f] = taps[0] x[f-1] + taps[1] x[f] + taps[2] x[f+1]` over the frames of each sample
+/// (zero beyond both ends), `x`: (batch*frames, in, h, w), frames of a sample consecutive.
+/// On the CPU the neighbours' products are added straight into the output.
+pub fn temporal_conv(taps: &[Conv2d; 3], x: &Tensor, num_frames: usize) -> Result<Tensor> {
+    let (bf, c, h, w) = x.dims4()?;
+    if num_frames == 0 || bf % num_frames != 0 {
+        candle_core::bail!("temporal conv: {bf} images are not samples of {num_frames} frames")
+    }
+    let samples = bf / num_frames;
+    if let [ConvWeight::Packed(w0, None), ConvWeight::Packed(w1, bias), ConvWeight::Packed(w2, None)] =
+        [&taps[0].weight, &taps[1].weight, &taps[2].weight]
+    {
+        if x.device().is_cpu() && taps.iter().all(|t| t.dims == (t.dims.0, c, 1, 1)) {
+            let o = taps[1].dims.0;
+            let g = ConvGeometry::new(c, h, w, 1, 1, 1, 0).expect("1x1 fits");
+            let (isz, osz) = (c * h * w, o * h * w);
+            let f = num_frames;
+            let mut out = vec![0f32; bf * osz];
+            let dtype = x.dtype();
+            with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
+                kernels::conv2d(xs, bf, &g, w1, bias.as_deref(), &mut out);
+                for s in (0..samples).filter(|_| f > 1) {
+                    let (x0, y0) = (s * f, s * f);
+                    // out[f] += W0 x[f-1] for f >= 1; out[f] += W2 x[f+1] for f < F-1
+                    kernels::conv2d_accumulate(
+                        &xs[x0 * isz..(x0 + f - 1) * isz],
+                        f - 1,
+                        &g,
+                        w0,
+                        &mut out[(y0 + 1) * osz..(y0 + f) * osz],
+                    );
+                    kernels::conv2d_accumulate(
+                        &xs[(x0 + 1) * isz..(x0 + f) * isz],
+                        f - 1,
+                        &g,
+                        w2,
+                        &mut out[y0 * osz..(y0 + f - 1) * osz],
+                    );
+                }
+            })?;
+            return Tensor::from_vec(out, (bf, o, h, w), x.device())?.to_dtype(dtype);
+        }
+    }
+    let out_dim = taps[1].dims.0;
+    let z = |k: usize| -> Result<Tensor> {
+        taps[k].forward(x)?.reshape((samples, num_frames, out_dim, h, w))
+    };
+    let mut y = z(1)?;
+    if num_frames > 1 {
+        let prev = z(0)?.narrow(1, 0, num_frames - 1)?.pad_with_zeros(1, 1, 0)?;
+        let next = z(2)?.narrow(1, 1, num_frames - 1)?.pad_with_zeros(1, 0, 1)?;
+        y = ((y + prev)? + next)?;
+    }
+    y.reshape((bf, out_dim, h, w))
+}
+
 /// `nn.Linear(in_dim, out_dim, bias=bias)`.
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;

@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{conv2d, group_norm, linear, Conv2d, FrameGroupNorm, GroupNorm, Linear};
+use crate::nn::{conv2d, group_norm, linear, temporal_conv, Conv2d, FrameGroupNorm, GroupNorm, Linear};
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"`, pre-norm, SiLU. Its GroupNorms see
 /// one frame at a time (frames are in the batch).
@@ -82,16 +82,14 @@ impl ResnetBlock2D {
 }
 
 /// One `nn.Sequential(GroupNorm, SiLU, [Dropout,] Conv3d(k=(3,1,1), padding=(1,0,0)))` of
-/// `TemporalConvLayer`. The Conv3d is run as a 1-D convolution over frames (DESIGN trap 2): the
-/// three kernel taps are stacked into one 1x1 convolution, whose per-tap outputs are shifted by
-/// one frame and summed. The GroupNorm spans all frames of a sample (trap 3).
+/// `TemporalConvLayer`. The Conv3d is run as a 1-D convolution over frames (DESIGN trap 2):
+/// its three kernel taps are 1x1 convolutions of the previous, current and next frame, summed
+/// (zero-padded at both ends). The GroupNorm spans all frames of a sample (trap 3).
 #[derive(Clone, Debug)]
 struct TemporalConv {
     norm: FrameGroupNorm,
-    /// (3*out, in, 1, 1): tap k of the Conv3d kernel in rows k*out..(k+1)*out.
-    taps: Conv2d,
-    bias: Tensor,
-    out_dim: usize,
+    /// Tap k of the Conv3d kernel as an (out, in, 1, 1) convolution; the Conv3d bias on tap 1.
+    taps: [Conv2d; 3],
 }
 
 impl TemporalConv {
@@ -105,44 +103,21 @@ impl TemporalConv {
         let conv_vb = vb.pp(conv_index);
         let w = conv_vb.get((out_dim, in_dim, 3, 1, 1), "weight")?;
         let bias = conv_vb.get(out_dim, "bias")?;
-        // (out, in, 3, 1, 1) -> (3, out, in) -> (3*out, in, 1, 1)
-        let taps = w
-            .squeeze(4)?
-            .squeeze(3)?
-            .permute((2, 0, 1))?
-            .contiguous()?
-            .reshape((3 * out_dim, in_dim, 1, 1))?;
+        let tap = |k: usize, bias: Option<Tensor>| -> Result<Conv2d> {
+            // (out, in, 3, 1, 1) -> (out, in, 1, 1) of tap k
+            let t = w.narrow(2, k, 1)?.squeeze(4)?.contiguous()?;
+            Conv2d::new(t, bias, Default::default())
+        };
         Ok(Self {
             norm: FrameGroupNorm::new(groups, in_dim, 1e-5, vb.pp(0))?,
-            taps: Conv2d::new(taps, None, Default::default())?,
-            bias,
-            out_dim,
+            taps: [tap(0, None)?, tap(1, Some(bias))?, tap(2, None)?],
         })
     }
 
     /// `x`: (batch*frames, in, h, w) -> (batch*frames, out, h, w)
     fn forward(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
-        let (bf, _, h, w) = x.dims4()?;
-        let b = bf / num_frames;
         let x = self.norm.forward_silu(x, num_frames)?;
-        let z = self
-            .taps
-            .forward(&x)?
-            .reshape((b, num_frames, 3, self.out_dim, h, w))?;
-        let tap = |k: usize| z.narrow(2, k, 1)?.squeeze(2);
-        // out[f] = W0 x[f-1] + W1 x[f] + W2 x[f+1], zero-padded at both ends
-        let mut y = tap(1)?;
-        if num_frames > 1 {
-            let prev = tap(0)?
-                .narrow(1, 0, num_frames - 1)?
-                .pad_with_zeros(1, 1, 0)?;
-            let next = tap(2)?
-                .narrow(1, 1, num_frames - 1)?
-                .pad_with_zeros(1, 0, 1)?;
-            y = ((y + prev)? + next)?;
-        }
-        let y = y.reshape((bf, self.out_dim, h, w))?;
-        y.broadcast_add(&self.bias.reshape((1, self.out_dim, 1, 1))?)
+        temporal_conv(&self.taps, &x, num_frames)
     }
 }
 
