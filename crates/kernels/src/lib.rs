@@ -814,7 +814,13 @@ pub fn conv2d(
 }
 
 /// [`conv2d`] without bias, adding into `out` instead of overwriting it.
-pub fn conv2d_accumulate(x: &[f32], images: usize, geom: &ConvGeometry, w: &PackedRows, out: &mut [f32]) {
+pub fn conv2d_accumulate(
+    x: &[f32],
+    images: usize,
+    geom: &ConvGeometry,
+    w: &PackedRows,
+    out: &mut [f32],
+) {
     conv2d_impl(x, images, geom, w, None, out, true)
 }
 
@@ -1063,6 +1069,59 @@ pub fn attention(
     scale: f32,
     out: &mut [f32],
 ) {
+    attention_impl(prec, q, k, v, shape, scale, None, out)
+}
+
+/// A replacement for the scores on key 0: for query row j of item i (= batch * heads + head)
+/// the unscaled score is `q_j . key0[i] * weight[j]` instead of `q_j . k_0` (FlipSketch's
+/// temporal composition: the reference's frame-0 key, weighted by frame).
+#[derive(Clone, Copy, Debug)]
+pub struct FirstKey<'a> {
+    /// items x d
+    pub key0: &'a [f32],
+    /// lq
+    pub weight: &'a [f32],
+}
+
+/// [`attention`] with the scores on key 0 replaced as [`FirstKey`] says.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_first_key(
+    prec: Precision,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    scale: f32,
+    first: FirstKey,
+    out: &mut [f32],
+) {
+    let items = shape.batch * shape.heads;
+    assert_eq!(
+        first.key0.len(),
+        items * shape.d,
+        "attention: key0 is not {items}x{}",
+        shape.d
+    );
+    assert_eq!(
+        first.weight.len(),
+        shape.lq,
+        "attention: {} frame weights",
+        shape.lq
+    );
+    attention_impl(prec, q, k, v, shape, scale, Some(first), out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_impl(
+    prec: Precision,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    scale: f32,
+    first: Option<FirstKey>,
+    out: &mut [f32],
+) {
     let AttentionShape {
         batch,
         heads,
@@ -1101,7 +1160,8 @@ pub fn attention(
                 let v = &v[(b * lk) * vld + h * dv..];
                 // SAFETY: this item's head h of rows b*lq.. of `out`, which no other task writes.
                 let dst = Out(unsafe { c.0.add(b * lq * vld + h * dv) });
-                small_attention(q, k, v, shape, scale, dst);
+                let first = first.map(|f| (&f.key0[item * d..][..d], f.weight));
+                small_attention(q, k, v, shape, scale, first, dst);
             }
         });
         return;
@@ -1161,6 +1221,13 @@ pub fn attention(
                         None,
                     )
                 };
+                if let Some(f) = first {
+                    let key0 = &f.key0[item * d..][..d];
+                    for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
+                        let qr = &q[(b * lq + r0 + r) * qld + h * d..][..d];
+                        row[0] = dot(qr, key0) * f.weight[r0 + r];
+                    }
+                }
                 elementwise::softmax_rows_serial(&mut scores, lk, scale);
                 let ps = RowsOnTheFly {
                     prec,
@@ -1197,7 +1264,15 @@ elementwise::multiversion! {
     /// One (batch, head) item of a short attention, in f32: `q`, `k`, `v` start at the item's
     /// first row and head; `out` likewise (row stride heads * dv). The caller guarantees that
     /// `out` is valid for this item's rows and that no other thread writes them.
-    fn small_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, scale: f32, out: Out) {
+    fn small_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: AttentionShape,
+        scale: f32,
+        first: Option<(&[f32], &[f32])>,
+        out: Out,
+    ) {
         let AttentionShape { heads, lq, lk, d, dv, .. } = shape;
         let (qld, vld) = (heads * d, heads * dv);
         let mut s = [0f32; SMALL_SEQ];
@@ -1206,6 +1281,9 @@ elementwise::multiversion! {
             let qi = &q[i * qld..][..d];
             for (j, sj) in s.iter_mut().enumerate().take(lk) {
                 *sj = dot(qi, &k[j * qld..][..d]);
+            }
+            if let Some((key0, weight)) = first {
+                s[0] = dot(qi, key0) * weight[i];
             }
             softmax_row(&mut s[..lk], scale);
             // SAFETY: see above; row i of the item.

@@ -387,9 +387,75 @@ fn conv2d_accumulate_adds() {
             conv2d(&x, imgs, &g, &w, None, &mut plain);
             let mut acc = start.clone();
             conv2d_accumulate(&x, imgs, &g, &w, &mut acc);
-            let want: Vec<f64> = start.iter().zip(&plain).map(|(a, b)| (a + b) as f64).collect();
+            let want: Vec<f64> = start
+                .iter()
+                .zip(&plain)
+                .map(|(a, b)| (a + b) as f64)
+                .collect();
             let e = rel_err(&acc, &want);
             assert!(e < 1e-6, "{prec:?} accumulate {imgs}x{ci}x{hw}: {e:e}");
         }
+    }
+}
+
+#[test]
+fn attention_first_key_matches_reference() {
+    use flipsketch_kernels::{attention_first_key, AttentionShape, FirstKey};
+    // Short (direct path) and long (blocked path) sequences.
+    for &(batch, heads, lq, lk, d) in &[(6, 2, 10, 10, 16), (2, 2, 40, 40, 8)] {
+        let shape = AttentionShape {
+            batch,
+            heads,
+            lq,
+            lk,
+            d,
+            dv: d,
+        };
+        let q = random(batch * lq * heads * d, 80);
+        let k = random(batch * lk * heads * d, 81);
+        let v = random(batch * lk * heads * d, 82);
+        let key0 = random(batch * heads * d, 83);
+        let weight: Vec<f32> = (0..lq).map(|j| 1.0 + 0.5 * j as f32 / 50.0).collect();
+        let scale = 0.4;
+        let mut want = vec![0f64; batch * lq * heads * d];
+        for b in 0..batch {
+            for h in 0..heads {
+                let item = b * heads + h;
+                for i in 0..lq {
+                    let qi = |t: usize| q[(b * lq + i) * heads * d + h * d + t] as f64;
+                    let s: Vec<f64> = (0..lk)
+                        .map(|j| {
+                            let dot: f64 = if j == 0 {
+                                (0..d)
+                                    .map(|t| qi(t) * key0[item * d + t] as f64)
+                                    .sum::<f64>()
+                                    * weight[i] as f64
+                            } else {
+                                (0..d)
+                                    .map(|t| qi(t) * k[(b * lk + j) * heads * d + h * d + t] as f64)
+                                    .sum()
+                            };
+                            dot * scale as f64
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for t in 0..d {
+                        want[(b * lq + i) * heads * d + h * d + t] = (0..lk)
+                            .map(|j| e[j] / z * v[(b * lk + j) * heads * d + h * d + t] as f64)
+                            .sum();
+                    }
+                }
+            }
+        }
+        let mut out = vec![f32::NAN; want.len()];
+        let first = FirstKey {
+            key0: &key0,
+            weight: &weight,
+        };
+        attention_first_key(Precision::F32, &q, &k, &v, shape, scale, first, &mut out);
+        let e = rel_err(&out, &want);
+        assert!(e < 2e-6, "first-key attention {shape:?}: rel err {e:e}");
     }
 }

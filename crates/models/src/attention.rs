@@ -30,6 +30,8 @@ pub struct SelfAttnCall<'a> {
     pub key: &'a Tensor,
     pub value: &'a Tensor,
     pub scale: f64,
+    /// Precision of the layer's CPU matrix products (for hooks that compute attention).
+    pub precision: Precision,
 }
 
 /// Observes or replaces self-attention. With no hook the attention is plain.
@@ -53,6 +55,17 @@ pub fn scaled_dot_product_attention(
     v: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    scaled_dot_product_attention_in(Precision::F32, q, k, v, scale)
+}
+
+/// [`scaled_dot_product_attention`] with the CPU products in `prec`.
+pub fn scaled_dot_product_attention_in(
+    prec: Precision,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     if fusable(q) {
         // (b, h, l, d) as b*h items of one head each; f32 products.
         let (b, h, lq, d) = q.dims4()?;
@@ -64,9 +77,68 @@ pub fn scaled_dot_product_attention(
             d,
             dv: v.dim(3)?,
         };
-        return fused_attention(Precision::F32, q, k, v, shape, scale)?.reshape((b, h, lq, ()));
+        return fused_attention(prec, q, k, v, shape, scale)?.reshape((b, h, lq, ()));
     }
     attention_with_scores(q, k, v, scale, |_, s| Ok(s))
+}
+
+/// softmax(scores * scale) v over (batch, heads, seq, d) tensors where the (unscaled) score of
+/// query j on key 0 is `q_j . key0 * weight[j]`, `key0`: (batch, heads, 1, d). Computed by the
+/// CPU kernel; `None` where it does not apply (not CPU f32), for the caller's own fallback.
+pub fn attention_first_key(
+    prec: Precision,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key0: &Tensor,
+    weight: &[f32],
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if !fusable(q) {
+        return Ok(None);
+    }
+    let (b, h, lq, d) = q.dims4()?;
+    if key0.dims() != [b, h, 1, d] || weight.len() != lq {
+        candle_core::bail!(
+            "attention: key0 {:?} / {} weights do not fit queries {:?}",
+            key0.dims(),
+            weight.len(),
+            q.dims()
+        )
+    }
+    let shape = AttentionShape {
+        batch: b * h,
+        heads: 1,
+        lq,
+        lk: k.dim(2)?,
+        d,
+        dv: v.dim(3)?,
+    };
+    let mut out = vec![0f32; b * h * lq * shape.dv];
+    with_cpu_f32(q, |qs| {
+        with_cpu_f32(k, |ks| {
+            with_cpu_f32(v, |vs| {
+                with_cpu_f32(&key0.to_dtype(DType::F32)?, |k0| {
+                    let first = kernels::FirstKey { key0: k0, weight };
+                    kernels::attention_first_key(
+                        prec,
+                        qs,
+                        ks,
+                        vs,
+                        shape,
+                        scale as f32,
+                        first,
+                        &mut out,
+                    )
+                })
+            })
+        })
+    })????;
+    Ok(Some(Tensor::from_vec(
+        out,
+        (b, h, lq, shape.dv),
+        q.device(),
+    )?))
 }
 
 /// Like [`scaled_dot_product_attention`], with a chance to edit each chunk's scaled scores
@@ -195,6 +267,7 @@ impl Attention {
                 key: &ks,
                 value: &vs,
                 scale: self.scale,
+                precision: self.cpu_precision,
             };
             out = hook.self_attention(&call)?;
             if out.is_none() && !fusable(&q) {

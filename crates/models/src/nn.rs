@@ -298,12 +298,18 @@ pub fn temporal_conv(taps: &[Conv2d; 3], x: &Tensor, num_frames: usize) -> Resul
     }
     let out_dim = taps[1].dims.0;
     let z = |k: usize| -> Result<Tensor> {
-        taps[k].forward(x)?.reshape((samples, num_frames, out_dim, h, w))
+        taps[k]
+            .forward(x)?
+            .reshape((samples, num_frames, out_dim, h, w))
     };
     let mut y = z(1)?;
     if num_frames > 1 {
-        let prev = z(0)?.narrow(1, 0, num_frames - 1)?.pad_with_zeros(1, 1, 0)?;
-        let next = z(2)?.narrow(1, 1, num_frames - 1)?.pad_with_zeros(1, 0, 1)?;
+        let prev = z(0)?
+            .narrow(1, 0, num_frames - 1)?
+            .pad_with_zeros(1, 1, 0)?;
+        let next = z(2)?
+            .narrow(1, 1, num_frames - 1)?
+            .pad_with_zeros(1, 0, 1)?;
         y = ((y + prev)? + next)?;
     }
     y.reshape((bf, out_dim, h, w))

@@ -4,7 +4,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{conv2d, group_norm, linear, temporal_conv, Conv2d, FrameGroupNorm, GroupNorm, Linear};
+use crate::nn::{
+    conv2d, group_norm, linear, temporal_conv, Conv2d, FrameGroupNorm, GroupNorm, Linear,
+};
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"`, pre-norm, SiLU. Its GroupNorms see
 /// one frame at a time (frames are in the batch).

@@ -15,7 +15,8 @@ use std::collections::HashMap;
 
 use candle_core::{Result, Tensor};
 use flipsketch_models::attention::{
-    attention_with_scores, scaled_dot_product_attention, AttentionHook, SelfAttnCall, SelfAttnKind,
+    attention_first_key, attention_with_scores, scaled_dot_product_attention_in, AttentionHook,
+    SelfAttnCall, SelfAttnKind,
 };
 
 /// Query and key of every `attn1` layer of one reference pass.
@@ -78,7 +79,7 @@ impl Composer<'_> {
             Tensor::cat(&[&head, &q.narrow(1, cc, f - cc)?], 1)?
         };
         let q = q.reshape((bf, heads, l, d))?;
-        scaled_dot_product_attention(&q, call.key, call.value, call.scale)
+        scaled_dot_product_attention_in(call.precision, &q, call.key, call.value, call.scale)
     }
 
     fn temporal(&self, call: &SelfAttnCall, k_ref: &Tensor) -> Result<Tensor> {
@@ -99,7 +100,24 @@ impl Composer<'_> {
             .unsqueeze(0)?
             .broadcast_as((b, pixels, heads, 1, d))?
             .reshape((n, heads, 1, d))?;
-        // q_j . kref_0 * scale * (1 + lambda * j / 50), for every query frame j
+        // q_j . kref_0 * scale * (1 + lambda * j / 50), for every query frame j: in one CPU
+        // kernel where it applies,
+        let frame_weight: Vec<f32> = (0..f)
+            .map(|j| (1.0 + self.lambda * j as f64 / 50.0) as f32)
+            .collect();
+        let k0 = k0.contiguous()?;
+        if let Some(out) = attention_first_key(
+            call.precision,
+            call.query,
+            call.key,
+            call.value,
+            &k0,
+            &frame_weight,
+            call.scale,
+        )? {
+            return Ok(out);
+        }
+        // else with tensor ops.
         let weights: Vec<f32> = (0..f)
             .map(|j| (call.scale * (1.0 + self.lambda * j as f64 / 50.0)) as f32)
             .collect();
