@@ -294,3 +294,105 @@ pub(crate) mod x86 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The portable kernels (used on CPUs without AVX-512) against a direct f64 computation,
+    /// and against the AVX-512 kernels where this CPU has them, for every way a tile starts.
+    #[test]
+    fn portable_and_simd_kernels_agree() {
+        let kc = 37;
+        let mut seed = 1u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let a_vals: Vec<f32> = (0..MR * KC * 2).map(|_| next()).collect();
+        let b_vals: Vec<f32> = (0..kc * NR * 2).map(|_| next()).collect();
+        let bias: Vec<f32> = (0..NR).map(|_| next()).collect();
+        let start: Vec<f32> = (0..MR * NR).map(|_| next()).collect();
+        for prec in [Precision::F32, Precision::Bf16] {
+            let slot = |v: &[f32], i: usize| match prec {
+                Precision::F32 => v[i].to_bits(),
+                Precision::Bf16 => bf16_pair(v[2 * i], v[2 * i + 1]),
+            };
+            let a: Vec<u32> = (0..MR * KC).map(|i| slot(&a_vals, i)).collect();
+            let b: Vec<u32> = (0..kc * NR).map(|i| slot(&b_vals, i)).collect();
+            let value = |s: u32| -> [f64; 2] {
+                match prec {
+                    Precision::F32 => [f32::from_bits(s) as f64, 0.0],
+                    Precision::Bf16 => {
+                        let (x, y) = unpair(s);
+                        [x as f64, y as f64]
+                    }
+                }
+            };
+            let portable_kernel: Micro = match prec {
+                Precision::F32 => portable_f32,
+                Precision::Bf16 => portable_bf16,
+            };
+            let simd = select(prec, isa());
+            for (rows, cols) in [(MR, NR), (5, 17), (1, 1), (MR, 3)] {
+                for mode in 0..4 {
+                    let init = |c: &[f32]| match mode {
+                        0 => TileInit::Zero,
+                        1 => TileInit::Accumulate,
+                        2 => TileInit::RowBias(bias.as_ptr()),
+                        _ => TileInit::ColBias(c.as_ptr()),
+                    };
+                    let mut want = vec![0f64; MR * NR];
+                    for r in 0..rows {
+                        for j in 0..cols {
+                            let mut acc = match mode {
+                                0 => 0.0,
+                                1 => start[r * NR + j] as f64,
+                                2 => bias[r] as f64,
+                                _ => bias[j] as f64,
+                            };
+                            for s in 0..kc {
+                                let (x, y) = (value(a[r * KC + s]), value(b[s * NR + j]));
+                                acc += x[0] * y[0] + x[1] * y[1];
+                            }
+                            want[r * NR + j] = acc;
+                        }
+                    }
+                    for kernel in [portable_kernel, simd] {
+                        let mut c = start.clone();
+                        // SAFETY: a is MR x KC, b is kc x NR, c is MR x NR with ldc NR.
+                        unsafe {
+                            kernel(
+                                kc,
+                                a.as_ptr(),
+                                b.as_ptr(),
+                                c.as_mut_ptr(),
+                                NR,
+                                rows,
+                                cols,
+                                init(&bias),
+                            )
+                        };
+                        for r in 0..MR {
+                            for j in 0..NR {
+                                let (got, i) = (c[r * NR + j], r * NR + j);
+                                if r < rows && j < cols {
+                                    assert!(
+                                        (got as f64 - want[i]).abs() < 1e-5,
+                                        "{prec:?} mode {mode} {rows}x{cols} ({r},{j}): {got} vs {}",
+                                        want[i]
+                                    );
+                                } else {
+                                    assert_eq!(
+                                        got, start[i],
+                                        "{prec:?} wrote outside the tile at ({r},{j})"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -67,19 +67,24 @@ pub fn scaled_dot_product_attention_in(
     scale: f64,
 ) -> Result<Tensor> {
     if fusable(q) {
-        // (b, h, l, d) as b*h items of one head each; f32 products.
-        let (b, h, lq, d) = q.dims4()?;
-        let shape = AttentionShape {
-            batch: b * h,
-            heads: 1,
-            lq,
-            lk: k.dim(2)?,
-            d,
-            dv: v.dim(3)?,
-        };
+        let (b, h, lq, _) = q.dims4()?;
+        let shape = split_heads_shape(q, k, v)?;
         return fused_attention(prec, q, k, v, shape, scale)?.reshape((b, h, lq, ()));
     }
     attention_with_scores(q, k, v, scale, |_, s| Ok(s))
+}
+
+/// (batch, heads, seq, d) tensors seen by the kernel as batch*heads items of one head each.
+fn split_heads_shape(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttentionShape> {
+    let (b, h, lq, d) = q.dims4()?;
+    Ok(AttentionShape {
+        batch: b * h,
+        heads: 1,
+        lq,
+        lk: k.dim(2)?,
+        d,
+        dv: v.dim(3)?,
+    })
 }
 
 /// softmax(scores * scale) v over (batch, heads, seq, d) tensors where the (unscaled) score of
@@ -106,14 +111,7 @@ pub fn attention_first_key(
             q.dims()
         )
     }
-    let shape = AttentionShape {
-        batch: b * h,
-        heads: 1,
-        lq,
-        lk: k.dim(2)?,
-        d,
-        dv: v.dim(3)?,
-    };
+    let shape = split_heads_shape(q, k, v)?;
     let mut out = vec![0f32; b * h * lq * shape.dv];
     with_cpu_f32(q, |qs| {
         with_cpu_f32(k, |ks| {
