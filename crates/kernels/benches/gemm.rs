@@ -67,6 +67,17 @@ fn main() {
         let kt = fill(b * d * l);
         let mut s_out = vec![0.0; b * l * l];
         let s = best_of(3, || matmul(prec, &q, &kt, b, l, d, l, &mut s_out));
+        for dd in [32usize, 64, 128, 256] {
+            let (bb, ll) = (50, 1024);
+            let qq = fill(bb * ll * dd);
+            let kk = fill(bb * dd * ll);
+            let mut so = vec![0.0; bb * ll * ll];
+            let t = best_of(2, || matmul(prec, &qq, &kk, bb, ll, dd, ll, &mut so));
+            println!(
+                "{prec:?} matmul 50x1024x{dd}x1024 (short K): {:.0} GFLOP/s",
+                2.0 * (bb * ll * ll * dd) as f64 / t / 1e9
+            );
+        }
         // Attention at 32x32: spatial self (10 frames x 5 heads x 1024 tokens), cross (77
         // text tokens), temporal (1024 pixels x 5 heads x 10 frames).
         for &(batch, heads, lq, lk) in &[(10, 5, 1024, 1024), (10, 5, 1024, 77), (1024, 5, 10, 10)]
