@@ -9,15 +9,21 @@ use rayon::prelude::*;
 const CHUNK: usize = 1 << 14;
 
 /// `e^x` for f32, relative error about 2 ulp (normal results), 0 below -104, inf above 88.7.
+/// Written without float-to-int conversions or clamps so that it vectorises: k = round(x log2 e)
+/// comes from the 1.5 * 2^23 shifter, 2^k from two exponent fields (k may be down to -150).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23
     let underflow = x < -104.0;
-    let x = x.clamp(-104.0, 88.8);
-    let k = (x * LOG2E).round_ties_even();
-    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let overflow = x > 88.8;
+    let xc = x.max(-104.0).min(88.8);
+    let t = xc * LOG2E + SHIFT;
+    let kf = t - SHIFT;
+    let k = (t.to_bits() as i32).wrapping_sub(SHIFT.to_bits() as i32);
+    let r = (xc - kf * LN2_HI) - kf * LN2_LO;
     // e^r on [-ln2/2, ln2/2]: Taylor polynomial of degree 7 (truncation error < 1e-8).
     let p = 1.0
         + r * (1.0
@@ -25,15 +31,15 @@ pub fn exp(x: f32) -> f32 {
                 + r * (0.166_666_67
                     + r * (0.041_666_668
                         + r * (0.008_333_334 + r * (0.001_388_888_9 + r * 0.000_198_412_7))))));
-    // 2^k by building the exponent; split in two so that k down to -150 still works.
-    let k = k as i32;
-    let k1 = k / 2;
+    let k1 = k >> 1;
     let k2 = k - k1;
-    let s1 = f32::from_bits(((k1 + 127).max(0) as u32) << 23);
-    let s2 = f32::from_bits(((k2 + 127).clamp(0, 255) as u32) << 23);
+    let s1 = f32::from_bits(((k1 + 127) as u32) << 23);
+    let s2 = f32::from_bits(((k2 + 127) as u32) << 23);
     let y = p * s1 * s2;
-    if underflow {
-        0.0
+    let y = if underflow { 0.0 } else { y };
+    let y = if overflow { f32::INFINITY } else { y };
+    if x.is_nan() {
+        x
     } else {
         y
     }
