@@ -40,7 +40,7 @@ fn main() {
             let x = fill(m * k);
             let w = PackedCols::from_transposed(prec, &fill(n * k), n, k);
             let mut out = vec![0.0; m * n];
-            let s = best_of(3, || linear(&x, m, &w, None, &mut out));
+            let s = best_of(10, || linear(&x, m, &w, None, &mut out));
             println!(
                 "{prec:?} linear {m}x{k}x{n}: {:.1} ms, {:.0} GFLOP/s",
                 s * 1e3,
@@ -53,7 +53,7 @@ fn main() {
             let x = fill(10 * c * hw * hw);
             let w = PackedRows::new(prec, &fill(co * c * 9), co, c * 9);
             let mut out = vec![0.0; 10 * co * hw * hw];
-            let s = best_of(3, || conv2d(&x, 10, &g, &w, None, &mut out));
+            let s = best_of(10, || conv2d(&x, 10, &g, &w, None, &mut out));
             let flops = 2.0 * (10 * hw * hw * co * c * 9) as f64;
             println!(
                 "{prec:?} conv3x3 10x{c}x{hw}x{hw} -> {co}: {:.1} ms, {:.0} GFLOP/s",
@@ -66,13 +66,13 @@ fn main() {
         let q = fill(b * l * d);
         let kt = fill(b * d * l);
         let mut s_out = vec![0.0; b * l * l];
-        let s = best_of(3, || matmul(prec, &q, &kt, b, l, d, l, &mut s_out));
+        let s = best_of(10, || matmul(prec, &q, &kt, b, l, d, l, &mut s_out));
         for dd in [32usize, 64, 128, 256] {
             let (bb, ll) = (50, 1024);
             let qq = fill(bb * ll * dd);
             let kk = fill(bb * dd * ll);
             let mut so = vec![0.0; bb * ll * ll];
-            let t = best_of(2, || matmul(prec, &qq, &kk, bb, ll, dd, ll, &mut so));
+            let t = best_of(5, || matmul(prec, &qq, &kk, bb, ll, dd, ll, &mut so));
             println!(
                 "{prec:?} matmul 50x1024x{dd}x1024 (short K): {:.0} GFLOP/s",
                 2.0 * (bb * ll * ll * dd) as f64 / t / 1e9
@@ -93,7 +93,7 @@ fn main() {
             let q = fill(batch * lq * heads * 64);
             let kv = fill(batch * lk * heads * 64);
             let mut o = vec![0.0; batch * lq * heads * 64];
-            let s = best_of(3, || attention(prec, &q, &kv, &kv, shape, 0.125, &mut o));
+            let s = best_of(10, || attention(prec, &q, &kv, &kv, shape, 0.125, &mut o));
             let flops = 4.0 * (batch * heads * lq * lk * 64) as f64;
             println!(
                 "{prec:?} attention {batch}x{heads} {lq}x{lk}: {:.1} ms, {:.0} GFLOP/s",

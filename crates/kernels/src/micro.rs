@@ -190,9 +190,25 @@ pub(crate) mod x86 {
     macro_rules! tile {
         ($kc:expr, $a:expr, $b:expr, $c:expr, $ldc:expr, $rows:expr, $cols:expr, $init:expr, |$x0:ident, $x1:ident, $av:ident, $b0:ident, $b1:ident| $step:block) => {{
             let (m0, m1) = masks($cols);
+            // Fetch the tile of C while the products run: its lines are usually not cached,
+            // and missing on the stores at the end costs as much as a short K loop.
+            for r in 0..$rows {
+                let p = $c.add(r * $ldc) as *const i8;
+                _mm_prefetch::<_MM_HINT_ET0>(p);
+                _mm_prefetch::<_MM_HINT_ET0>(p.add(64));
+                _mm_prefetch::<_MM_HINT_ET0>(p.add(127));
+            }
             let mut acc = [[_mm512_setzero_ps(); 2]; MR];
             match $init {
                 TileInit::Zero => {}
+                TileInit::Accumulate if $cols == NR => {
+                    for r in 0..MR {
+                        if r < $rows {
+                            acc[r][0] = _mm512_loadu_ps($c.add(r * $ldc));
+                            acc[r][1] = _mm512_loadu_ps($c.add(r * $ldc + 16));
+                        }
+                    }
+                }
                 TileInit::Accumulate => {
                     for r in 0..MR {
                         if r < $rows {
@@ -229,10 +245,22 @@ pub(crate) mod x86 {
                     acc[r][1] = n1;
                 }
             }
-            for r in 0..MR {
-                if r < $rows {
-                    _mm512_mask_storeu_ps($c.add(r * $ldc), m0, acc[r][0]);
-                    _mm512_mask_storeu_ps($c.add(r * $ldc + 16), m1, acc[r][1]);
+            if $cols == NR {
+                for r in 0..MR {
+                    if r < $rows {
+                        _mm512_storeu_ps($c.add(r * $ldc), acc[r][0]);
+                        _mm512_storeu_ps($c.add(r * $ldc + 16), acc[r][1]);
+                    }
+                }
+            } else {
+                // Masked stores are slow on some CPUs (Zen 4): go through a tile on the stack.
+                let mut tile = [[0f32; NR]; MR];
+                for r in 0..MR {
+                    _mm512_storeu_ps(tile[r].as_mut_ptr(), acc[r][0]);
+                    _mm512_storeu_ps(tile[r].as_mut_ptr().add(16), acc[r][1]);
+                }
+                for r in 0..$rows {
+                    std::ptr::copy_nonoverlapping(tile[r].as_ptr(), $c.add(r * $ldc), $cols);
                 }
             }
         }};
