@@ -24,7 +24,7 @@ pub use elementwise::{
     erfc, exp, geglu, gelu_erf, group_norm, silu, silu_slice, softmax_row, softmax_rows,
     GroupNormShape,
 };
-use micro::TileInit;
+use micro::{ALayout, TileInit};
 pub use micro::{bf16_bits, bf16_pair, bf16_to_f32, isa, Isa};
 
 /// Rows of the register tile.
@@ -127,7 +127,7 @@ fn pack_row(prec: Precision, row: &[f32], k0: usize, kc: usize, dst: &mut [u32])
 }
 
 /// A matrix packed as the A operand (its rows are C's rows): row blocks of [`MR`], each K
-/// block stored as MR rows of [`KC`] slots.
+/// block of [`k_block`] slots stored slot-major ([`ALayout::Interleaved`]).
 #[derive(Clone)]
 pub struct PackedRows {
     prec: Precision,
@@ -150,15 +150,22 @@ impl PackedRows {
         let kb_len = k_block(kslots);
         let kblocks = kslots.div_ceil(kb_len).max(1);
         let rblocks = m.div_ceil(MR);
-        let mut data = vec![0u32; rblocks * kblocks * MR * KC];
-        data.par_chunks_mut(kblocks * MR * KC)
+        // Slot-major blocks of MR x kb_len slots: no padding of K blocks to KC (a 3x3
+        // convolution's K blocks are often 180 slots long, which would waste 30%).
+        let mut data = vec![0u32; rblocks * kblocks * MR * kb_len];
+        data.par_chunks_mut(kblocks * MR * kb_len)
             .enumerate()
             .for_each(|(rb, blk)| {
+                let mut tmp = vec![0u32; kb_len];
                 for kb in 0..kblocks {
                     let kc = kb_len.min(kslots - kb * kb_len);
+                    let block = &mut blk[kb * MR * kb_len..][..MR * kb_len];
                     for r in 0..MR.min(m - rb * MR) {
                         let row = &src[(rb * MR + r) * k..][..k];
-                        pack_row(prec, row, kb * kb_len, kc, &mut blk[(kb * MR + r) * KC..]);
+                        pack_row(prec, row, kb * kb_len, kc, &mut tmp);
+                        for (s, &v) in tmp[..kc].iter().enumerate() {
+                            block[ALayout::Interleaved.index(r, s)] = v;
+                        }
                     }
                 }
             });
@@ -274,6 +281,11 @@ trait Source: Sync {
         kc: usize,
         buf: &mut Vec<u32>,
     ) -> (*const u32, usize);
+
+    /// How the blocks are laid out when this is the A operand.
+    fn a_layout(&self) -> ALayout {
+        ALayout::Rows
+    }
 }
 
 impl Source for PackedRows {
@@ -285,9 +297,14 @@ impl Source for PackedRows {
         _: usize,
         _: &mut Vec<u32>,
     ) -> (*const u32, usize) {
-        let stride = self.kblocks * MR * KC;
-        let off = (i0 / MR) * stride + (k0 / k_block(self.prec.slots(self.k))) * MR * KC;
+        let kb_len = k_block(self.prec.slots(self.k));
+        let stride = self.kblocks * MR * kb_len;
+        let off = (i0 / MR) * stride + (k0 / kb_len) * MR * kb_len;
         (self.data[off..].as_ptr(), stride)
+    }
+
+    fn a_layout(&self) -> ALayout {
+        ALayout::Interleaved
     }
 }
 
@@ -611,7 +628,7 @@ unsafe fn run_task(
     accumulate: bool,
     rows_first: Option<usize>,
 ) {
-    let micro = micro::select(prec, isa());
+    let micro = micro::select(prec, isa(), a.a_layout());
     let n = n1 - n0;
     let kb = k_block(kslots);
     // C[i0.., n0..n1] += A[i0..i0+ilen, k0..k0+kc] B[k0..k0+kc, n0..n1]

@@ -1,6 +1,8 @@
 //! Micro-kernels: one MR x NR tile of C from a packed A row block and a packed B panel.
 //!
-//! A block: MR rows of `KC` slots (row stride KC, only the first `kc` used).
+//! A block, in one of two layouts ([`ALayout`]): MR rows of `KC` slots (row stride KC, only
+//! the first `kc` used), or slot-major (slot s of row r at `s * MR + r`), which takes exactly
+//! `MR * kc` slots.
 //! B panel: `kc` slots of NR columns. A slot is one f32, or two bf16 (even k in the low half).
 
 use crate::{Precision, KC, MR, NR};
@@ -59,14 +61,50 @@ pub fn isa() -> Isa {
     })
 }
 
-pub(crate) fn select(prec: Precision, isa: Isa) -> Micro {
-    match (prec, isa) {
+/// Where slot `s` of row `r` of an A block is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ALayout {
+    /// `r * KC + s`: rows packed on the fly, each with one contiguous conversion.
+    Rows,
+    /// `s * MR + r`: packed weights, compact (no padding of short K blocks to KC).
+    Interleaved,
+}
+
+impl ALayout {
+    #[inline(always)]
+    pub(crate) const fn index(self, r: usize, s: usize) -> usize {
+        match self {
+            ALayout::Rows => r * KC + s,
+            ALayout::Interleaved => s * MR + r,
+        }
+    }
+}
+
+pub(crate) fn select(prec: Precision, isa: Isa, layout: ALayout) -> Micro {
+    use ALayout::*;
+    match (prec, isa, layout) {
         #[cfg(target_arch = "x86_64")]
-        (Precision::Bf16, Isa::Avx512Bf16) => x86::micro_bf16,
+        (Precision::Bf16, Isa::Avx512Bf16, Rows) => x86::micro_bf16::<false>,
         #[cfg(target_arch = "x86_64")]
-        (Precision::F32, Isa::Avx512Bf16 | Isa::Avx512) => x86::micro_f32,
-        (Precision::Bf16, _) => portable_bf16,
-        (Precision::F32, _) => portable_f32,
+        (Precision::Bf16, Isa::Avx512Bf16, Interleaved) => x86::micro_bf16::<true>,
+        #[cfg(target_arch = "x86_64")]
+        (Precision::F32, Isa::Avx512Bf16 | Isa::Avx512, Rows) => x86::micro_f32::<false>,
+        #[cfg(target_arch = "x86_64")]
+        (Precision::F32, Isa::Avx512Bf16 | Isa::Avx512, Interleaved) => x86::micro_f32::<true>,
+        (Precision::Bf16, _, Rows) => portable_bf16::<false>,
+        (Precision::Bf16, _, Interleaved) => portable_bf16::<true>,
+        (Precision::F32, _, Rows) => portable_f32::<false>,
+        (Precision::F32, _, Interleaved) => portable_f32::<true>,
+    }
+}
+
+/// The layout of a micro-kernel's const parameter.
+#[inline(always)]
+const fn layout_of(interleaved: bool) -> ALayout {
+    if interleaved {
+        ALayout::Interleaved
+    } else {
+        ALayout::Rows
     }
 }
 
@@ -96,7 +134,9 @@ fn unpair(s: u32) -> (f32, f32) {
     (bf16_to_f32(s as u16), bf16_to_f32((s >> 16) as u16))
 }
 
+#[allow(clippy::too_many_arguments)]
 unsafe fn portable(
+    layout: ALayout,
     kc: usize,
     a: *const u32,
     b: *const u32,
@@ -121,7 +161,7 @@ unsafe fn portable(
     for s in 0..kc {
         let bs = std::slice::from_raw_parts(b.add(s * NR), NR);
         for (r, row) in acc.iter_mut().enumerate() {
-            fma(row, *a.add(r * KC + s), bs);
+            fma(row, *a.add(layout.index(r, s)), bs);
         }
     }
     for (r, row) in acc.iter().enumerate().take(rows) {
@@ -131,7 +171,7 @@ unsafe fn portable(
     }
 }
 
-unsafe fn portable_f32(
+unsafe fn portable_f32<const IL: bool>(
     kc: usize,
     a: *const u32,
     b: *const u32,
@@ -141,7 +181,7 @@ unsafe fn portable_f32(
     cols: usize,
     init: TileInit,
 ) {
-    portable(kc, a, b, c, ldc, rows, cols, init, |row, av, bs| {
+    portable(layout_of(IL), kc, a, b, c, ldc, rows, cols, init, |row, av, bs| {
         let x = f32::from_bits(av);
         for (v, &bv) in row.iter_mut().zip(bs) {
             *v += x * f32::from_bits(bv);
@@ -149,7 +189,7 @@ unsafe fn portable_f32(
     })
 }
 
-unsafe fn portable_bf16(
+unsafe fn portable_bf16<const IL: bool>(
     kc: usize,
     a: *const u32,
     b: *const u32,
@@ -159,7 +199,7 @@ unsafe fn portable_bf16(
     cols: usize,
     init: TileInit,
 ) {
-    portable(kc, a, b, c, ldc, rows, cols, init, |row, av, bs| {
+    portable(layout_of(IL), kc, a, b, c, ldc, rows, cols, init, |row, av, bs| {
         let (x0, x1) = unpair(av);
         for (v, &bv) in row.iter_mut().zip(bs) {
             let (y0, y1) = unpair(bv);
@@ -170,8 +210,8 @@ unsafe fn portable_bf16(
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::TileInit;
-    use crate::{KC, MR, NR};
+    use super::{layout_of, TileInit};
+    use crate::{MR, NR};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -188,7 +228,7 @@ pub(crate) mod x86 {
 
     /// Shared body of the AVX-512 kernels; `$step` adds one slot's products into `acc`.
     macro_rules! tile {
-        ($kc:expr, $a:expr, $b:expr, $c:expr, $ldc:expr, $rows:expr, $cols:expr, $init:expr, |$x0:ident, $x1:ident, $av:ident, $b0:ident, $b1:ident| $step:block) => {{
+        ($layout:expr, $kc:expr, $a:expr, $b:expr, $c:expr, $ldc:expr, $rows:expr, $cols:expr, $init:expr, |$x0:ident, $x1:ident, $av:ident, $b0:ident, $b1:ident| $step:block) => {{
             let (m0, m1) = masks($cols);
             // Fetch the tile of C while the products run: its lines are usually not cached,
             // and missing on the stores at the end costs as much as a short K loop.
@@ -237,7 +277,7 @@ pub(crate) mod x86 {
                 let $b0 = _mm512_loadu_ps($b.add(s * NR) as *const f32);
                 let $b1 = _mm512_loadu_ps($b.add(s * NR + 16) as *const f32);
                 for r in 0..MR {
-                    let $av = *$a.add(r * KC + s);
+                    let $av = *$a.add($layout.index(r, s));
                     let $x0 = acc[r][0];
                     let $x1 = acc[r][1];
                     let (n0, n1) = $step;
@@ -267,7 +307,7 @@ pub(crate) mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(crate) unsafe fn micro_bf16(
+    pub(crate) unsafe fn micro_bf16<const IL: bool>(
         kc: usize,
         a: *const u32,
         b: *const u32,
@@ -277,7 +317,7 @@ pub(crate) mod x86 {
         cols: usize,
         init: TileInit,
     ) {
-        tile!(kc, a, b, c, ldc, rows, cols, init, |c0, c1, av, b0, b1| {
+        tile!(layout_of(IL), kc, a, b, c, ldc, rows, cols, init, |c0, c1, av, b0, b1| {
             let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(av as i32));
             let y0: __m512bh = std::mem::transmute(b0);
             let y1: __m512bh = std::mem::transmute(b1);
@@ -286,7 +326,7 @@ pub(crate) mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(crate) unsafe fn micro_f32(
+    pub(crate) unsafe fn micro_f32<const IL: bool>(
         kc: usize,
         a: *const u32,
         b: *const u32,
@@ -296,7 +336,7 @@ pub(crate) mod x86 {
         cols: usize,
         init: TileInit,
     ) {
-        tile!(kc, a, b, c, ldc, rows, cols, init, |c0, c1, av, b0, b1| {
+        tile!(layout_of(IL), kc, a, b, c, ldc, rows, cols, init, |c0, c1, av, b0, b1| {
             let x = _mm512_set1_ps(f32::from_bits(av));
             (_mm512_fmadd_ps(x, b0, c0), _mm512_fmadd_ps(x, b1, c1))
         })
@@ -341,12 +381,21 @@ mod tests {
         let b_vals: Vec<f32> = (0..kc * NR * 2).map(|_| next()).collect();
         let bias: Vec<f32> = (0..NR).map(|_| next()).collect();
         let start: Vec<f32> = (0..MR * NR).map(|_| next()).collect();
-        for prec in [Precision::F32, Precision::Bf16] {
+        for (prec, layout) in [Precision::F32, Precision::Bf16]
+            .into_iter()
+            .flat_map(|p| [(p, ALayout::Rows), (p, ALayout::Interleaved)])
+        {
             let slot = |v: &[f32], i: usize| match prec {
                 Precision::F32 => v[i].to_bits(),
                 Precision::Bf16 => bf16_pair(v[2 * i], v[2 * i + 1]),
             };
-            let a: Vec<u32> = (0..MR * KC).map(|i| slot(&a_vals, i)).collect();
+            // Row r, slot s of A holds value slot r * KC + s of a_vals, in either layout.
+            let mut a = vec![0u32; MR * KC];
+            for r in 0..MR {
+                for s in 0..KC {
+                    a[layout.index(r, s)] = slot(&a_vals, r * KC + s);
+                }
+            }
             let b: Vec<u32> = (0..kc * NR).map(|i| slot(&b_vals, i)).collect();
             let value = |s: u32| -> [f64; 2] {
                 match prec {
@@ -357,11 +406,8 @@ mod tests {
                     }
                 }
             };
-            let portable_kernel: Micro = match prec {
-                Precision::F32 => portable_f32,
-                Precision::Bf16 => portable_bf16,
-            };
-            let simd = select(prec, isa());
+            let portable_kernel = select(prec, Isa::Portable, layout);
+            let simd = select(prec, isa(), layout);
             for (rows, cols) in [(MR, NR), (5, 17), (1, 1), (MR, 3)] {
                 for mode in 0..4 {
                     let init = |c: &[f32]| match mode {
@@ -380,7 +426,7 @@ mod tests {
                                 _ => bias[j] as f64,
                             };
                             for s in 0..kc {
-                                let (x, y) = (value(a[r * KC + s]), value(b[s * NR + j]));
+                                let (x, y) = (value(a[layout.index(r, s)]), value(b[s * NR + j]));
                                 acc += x[0] * y[0] + x[1] * y[1];
                             }
                             want[r * NR + j] = acc;
@@ -407,7 +453,7 @@ mod tests {
                                 if r < rows && j < cols {
                                     assert!(
                                         (got as f64 - want[i]).abs() < 1e-5,
-                                        "{prec:?} mode {mode} {rows}x{cols} ({r},{j}): {got} vs {}",
+                                        "{prec:?} {layout:?} mode {mode} {rows}x{cols} ({r},{j}): {got} vs {}",
                                         want[i]
                                     );
                                 } else {

@@ -111,6 +111,8 @@ fn conv2d_matches_reference() {
             (3, 16, 5, 7, 13, 1, 1, 1, 0),
             (2, 7, 33, 35, 3, 3, 3, 1, 1),
             (1, 40, 6, 6, 25, 3, 3, 2, 0),
+            // K = 630: several uneven K blocks in f32 and in bf16 (packed weights stay compact).
+            (1, 70, 6, 5, 14, 3, 3, 1, 1),
             (4, 6, 10, 1, 8, 3, 1, 1, 1),
             // Small images: columns run over all images (3x3 and 1x1, stride 2).
             (5, 9, 4, 4, 13, 3, 3, 1, 1),
