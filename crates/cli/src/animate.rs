@@ -291,6 +291,7 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
     bars.done();
     let load_s = t_load.elapsed().as_secs_f64();
+    let loaded_mib = crate::live_mib();
     let pipeline = Pipeline::new(components, device.clone(), dtype);
 
     let size = pipeline.image_size() as u32;
@@ -395,6 +396,7 @@ pub fn run(a: AnimateArgs) -> Result<()> {
         "seed": seed, "seeds": (0..variants).map(|i| seed.wrapping_add(i as u64)).collect::<Vec<_>>(),
         "unet_frame_evaluations": output.unet_frame_evals,
         "timings_s": {"load": load_s, "generate": run_s, "write": write_s, "rank": rank_s, "total": t_start.elapsed().as_secs_f64()},
+        "memory_mib": {"after_load": loaded_mib, "peak_heap": crate::peak_live_mib(), "peak_resident": crate::peak_rss_mib()},
         "ranking": ranking,
         "files": files,
     });

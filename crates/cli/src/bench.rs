@@ -56,6 +56,7 @@ pub fn run(b: Bench) -> Result<()> {
     })
     .with_context(|| format!("cannot load {}", dir.display()))?;
     println!("load_s {:.2}", t0.elapsed().as_secs_f64());
+    println!("weights_mib {:.0}", crate::live_mib());
     let sample = Tensor::randn(
         0f32,
         1.,
@@ -95,5 +96,6 @@ pub fn run(b: Bench) -> Result<()> {
     if let Some(p) = crate::peak_rss_mib() {
         println!("peak_memory_mib {p:.0}");
     }
+    println!("peak_live_heap_mib {:.0}", crate::peak_live_mib());
     Ok(())
 }

@@ -5,6 +5,8 @@ mod bench;
 mod model_source;
 mod serve;
 
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -118,9 +120,66 @@ fn inspect(model: PathBuf, dtype: Precision) -> Result<()> {
 }
 
 /// Large activations are allocated and freed many times per UNet forward; mimalloc keeps the
-/// pages mapped between uses instead of faulting fresh zeroed pages in each time.
+/// pages mapped between uses instead of faulting fresh zeroed pages in each time. The wrapper
+/// counts the bytes in use, so that `bench` can tell live memory from what the allocator keeps.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: Counting = Counting(mimalloc::MiMalloc);
+
+struct Counting(mimalloc::MiMalloc);
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static PEAK_LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+impl Counting {
+    fn grew(size: usize) {
+        let now = LIVE_BYTES.fetch_add(size, Ordering::Relaxed) + size;
+        PEAK_LIVE_BYTES.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded to mimalloc unchanged; only counters are updated.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { self.0.alloc(layout) };
+        if !p.is_null() {
+            Self::grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { self.0.alloc_zeroed(layout) };
+        if !p.is_null() {
+            Self::grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { self.0.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { self.0.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+            Self::grew(new_size);
+        }
+        p
+    }
+}
+
+/// The most heap memory in use at once so far (MiB), as opposed to the resident set, which
+/// also holds freed memory the allocator keeps for reuse.
+pub(crate) fn peak_live_mib() -> f64 {
+    PEAK_LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+}
+
+/// Heap memory in use now (MiB).
+pub(crate) fn live_mib() -> f64 {
+    LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+}
 
 /// `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (between `eager_commit_delay`, 14,
 /// and `use_numa_nodes`, 16, which libmimalloc-sys names).
@@ -129,8 +188,11 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn main() -> ExitCode {
     // Never hand freed pages back to the OS: each UNet forward frees and reallocates the same
     // large buffers, and re-faulting them costs about 1.5 s per forward at 256 px.
-    // SAFETY: plain option setter of the allocator in use.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // MIMALLOC_PURGE_DELAY (milliseconds), when set, is mimalloc's own setting and wins.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: plain option setter of the allocator in use.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

@@ -327,6 +327,11 @@ fn attention_matches_reference() {
         (2, 3, 300, 300, 16, 16),
         (40, 2, 5, 5, 8, 8),
         (3, 2, 17, 77, 24, 12),
+        // Short sequences: the UNet's temporal shape, lq != lk with dv over 128, and a head
+        // too large for the direct path.
+        (50, 5, 10, 10, 64, 64),
+        (4, 2, 7, 12, 20, 130),
+        (3, 1, 6, 6, 136, 8),
     ] {
         let shape = AttentionShape {
             batch,
@@ -404,7 +409,7 @@ fn conv2d_accumulate_adds() {
 fn attention_first_key_matches_reference() {
     use flipsketch_kernels::{attention_first_key, AttentionShape, FirstKey};
     // Short (direct path) and long (blocked path) sequences.
-    for &(batch, heads, lq, lk, d) in &[(6, 2, 10, 10, 16), (2, 2, 40, 40, 8)] {
+    for &(batch, heads, lq, lk, d) in &[(6, 2, 10, 10, 16), (9, 5, 10, 10, 64), (2, 2, 40, 40, 8)] {
         let shape = AttentionShape {
             batch,
             heads,

@@ -11,6 +11,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use flipsketch_models::autoencoder_kl::DiagonalGaussian;
+
 use crate::components::Components;
 use crate::composition::{Composer, Recorder};
 
@@ -213,13 +215,14 @@ impl Pipeline {
         let cond = self.encode_prompt(&r.prompt)?;
         let uncond = self.encode_prompt("")?;
 
-        // 1. sketch -> 5 identical frames -> VAE posterior -> (1, C, 5, h, w)
-        let image = r
-            .image
-            .to_dtype(self.dtype)?
-            .unsqueeze(0)?
-            .repeat((5, 1, 1, 1))?;
-        let post = vae.encode(&image)?;
+        // 1. sketch -> 5 identical frames -> VAE posterior -> (1, C, 5, h, w). The encoder
+        // sees each frame on its own and the frames are copies, so one encode gives the
+        // posterior of all five; only the posterior noise differs between them.
+        let one = vae.encode(&r.image.to_dtype(self.dtype)?.unsqueeze(0)?)?;
+        let post = DiagonalGaussian {
+            mean: one.mean.repeat((5, 1, 1, 1))?,
+            logvar: one.logvar.repeat((5, 1, 1, 1))?,
+        };
         let z = match &r.encode {
             Encode::Mean => post.mean.clone(),
             Encode::Sample(noise) => {
