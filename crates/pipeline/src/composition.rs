@@ -1,7 +1,8 @@
 //! FlipSketch's dual attention composition as an [`AttentionHook`] (algorithm section 2, step 4).
 //!
 //! The reference branch runs with batch 1 (it is the same for every variant: same noise, same
-//! empty prompt), and [`Recorder`] keeps each `attn1` layer's query and key. [`Composer`] then
+//! empty prompt), and [`Recorder`] keeps what the composition uses of each `attn1` layer: the
+//! queries of a spatial layer, the frame-0 keys of a temporal one. [`Composer`] then
 //! changes the conditional pass of the B variants:
 //! - spatial self-attention (batch = B*F frames, variant-major): the queries of the first `cc`
 //!   frames of every variant become the recorded reference queries of those frames;
@@ -19,18 +20,29 @@ use flipsketch_models::attention::{
     SelfAttnCall, SelfAttnKind,
 };
 
-/// Query and key of every `attn1` layer of one reference pass.
+/// What one reference pass's `attn1` layers leave for the composition: a spatial layer's
+/// queries (cc, heads, h*w, d), a temporal layer's keys of frame 0 (pixels, heads, 1, d). The
+/// rest (spatial keys, temporal queries, later frames' keys) is never used, so it is not kept.
 #[derive(Default)]
 pub struct Recorder {
-    pub layers: HashMap<String, (Tensor, Tensor)>,
+    pub layers: HashMap<String, Recorded>,
+}
+
+/// One layer's recording.
+pub enum Recorded {
+    Queries(Tensor),
+    FirstKeys(Tensor),
 }
 
 impl AttentionHook for Recorder {
     fn self_attention(&mut self, call: &SelfAttnCall) -> Result<Option<Tensor>> {
-        self.layers.insert(
-            call.layer.to_string(),
-            (call.query.clone(), call.key.clone()),
-        );
+        let kept = match call.kind {
+            SelfAttnKind::Spatial => Recorded::Queries(call.query.clone()),
+            SelfAttnKind::Temporal => {
+                Recorded::FirstKeys(call.key.narrow(2, 0, 1)?.contiguous()?)
+            }
+        };
+        self.layers.insert(call.layer.to_string(), kept);
         Ok(None)
     }
 }
@@ -46,15 +58,17 @@ pub struct Composer<'a> {
 
 impl AttentionHook for Composer<'_> {
     fn self_attention(&mut self, call: &SelfAttnCall) -> Result<Option<Tensor>> {
-        let Some((q_ref, k_ref)) = self.recorded.layers.get(call.layer) else {
-            candle_core::bail!(
-                "composition: no reference recording for layer {}",
+        match (call.kind, self.recorded.layers.get(call.layer)) {
+            (SelfAttnKind::Spatial, Some(Recorded::Queries(q_ref))) => {
+                self.spatial(call, q_ref).map(Some)
+            }
+            (SelfAttnKind::Temporal, Some(Recorded::FirstKeys(k_ref))) => {
+                self.temporal(call, k_ref).map(Some)
+            }
+            _ => candle_core::bail!(
+                "composition: no reference recording of this kind for layer {}",
                 call.layer
-            )
-        };
-        match call.kind {
-            SelfAttnKind::Spatial => self.spatial(call, q_ref).map(Some),
-            SelfAttnKind::Temporal => self.temporal(call, k_ref).map(Some),
+            ),
         }
     }
 }
@@ -86,7 +100,7 @@ impl Composer<'_> {
         let (n, heads, f, d) = call.query.dims4()?;
         let b = self.variants;
         let pixels = n / b.max(1);
-        if n != b * pixels || k_ref.dims() != [pixels, heads, self.ref_frames, d] {
+        if n != b * pixels || k_ref.dims() != [pixels, heads, 1, d] {
             candle_core::bail!(
                 "composition {}: query {:?} and reference key {:?} do not fit {b} variants",
                 call.layer,
@@ -96,7 +110,6 @@ impl Composer<'_> {
         }
         // kref_0 of each (pixel, head), the same for every variant: (b*pixels, heads, 1, d)
         let k0 = k_ref
-            .narrow(2, 0, 1)?
             .unsqueeze(0)?
             .broadcast_as((b, pixels, heads, 1, d))?
             .reshape((n, heads, 1, d))?;
