@@ -1300,22 +1300,26 @@ elementwise::multiversion! {
         let (qld, vld) = (heads * d, heads * dv);
         const L: usize = SMALL_SEQ;
         const Q: usize = 4;
+        const V: usize = 64;
         let mut kt = [[0f32; L]; SMALL_D];
-        for (j, row) in k.chunks(qld).take(lk).enumerate() {
-            for (t, &x) in row[..d].iter().enumerate() {
-                kt[t][j] = x;
+        // Row by row of kt (sequential stores; storing along k's rows compiles to scatters).
+        for (t, kt) in kt.iter_mut().enumerate().take(d) {
+            for (j, x) in kt.iter_mut().enumerate().take(lk) {
+                *x = k[j * qld + t];
             }
         }
-        let mut acc = [0f32; 128];
+        let mut acc = [0f32; V];
         for i0 in (0..lq).step_by(Q) {
             let n = Q.min(lq - i0);
+            // Always Q rows (past lq the last row again, unused), so that the loops have fixed
+            // trip counts and `s` lives in registers.
+            let rows: [usize; Q] = std::array::from_fn(|r| (i0 + r).min(lq - 1) * qld);
             let mut s = [[0f32; L]; Q];
-            for t in 0..d {
-                let kt = &kt[t];
-                for (r, sr) in s.iter_mut().enumerate().take(n) {
-                    let x = q[(i0 + r) * qld + t];
+            for (t, kt) in kt.iter().enumerate().take(d) {
+                for r in 0..Q {
+                    let x = q[rows[r] + t];
                     for j in 0..L {
-                        sr[j] += x * kt[j];
+                        s[r][j] += x * kt[j];
                     }
                 }
             }
@@ -1324,20 +1328,48 @@ elementwise::multiversion! {
                 if let Some((key0, weight)) = first {
                     sr[0] = dot(&q[i * qld..][..d], key0) * weight[i];
                 }
+                // softmax over the lk scores, the exponentials over all L lanes at once (the
+                // short row would take softmax_row's scalar remainder path); lanes past lk
+                // are masked to 0 and the sum is taken afterwards, so the exp loop has no
+                // reduction and vectorises.
+                let mut max = f32::NEG_INFINITY;
+                for &x in &sr[..lk] {
+                    max = max.max(x);
+                }
+                let mut e = [0f32; L];
+                for j in 0..L {
+                    let v = elementwise::exp((sr[j] - max) * scale);
+                    e[j] = if j < lk { v } else { 0.0 };
+                }
+                let inv = 1.0 / e.iter().sum::<f32>();
                 let sr = &mut sr[..lk];
-                softmax_row(sr, scale);
+                for (x, &v) in sr.iter_mut().zip(&e) {
+                    *x = v * inv;
+                }
                 // SAFETY: see above; row i of the item.
                 let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(i * vld), dv) };
-                for c0 in (0..dv).step_by(128) {
-                    let w = 128.min(dv - c0);
-                    let acc = &mut acc[..w];
-                    acc.fill(0.0);
-                    for (j, &p) in sr.iter().enumerate() {
-                        for (a, &x) in acc.iter_mut().zip(&v[j * vld + c0..][..w]) {
-                            *a += p * x;
+                for c0 in (0..dv).step_by(V) {
+                    let w = V.min(dv - c0);
+                    if w == V {
+                        // A fixed-size accumulator stays in registers across the keys.
+                        let mut acc = [0f32; V];
+                        for (j, &p) in sr.iter().enumerate() {
+                            let vj = &v[j * vld + c0..][..V];
+                            for c in 0..V {
+                                acc[c] += p * vj[c];
+                            }
                         }
+                        o[c0..c0 + V].copy_from_slice(&acc);
+                    } else {
+                        let acc = &mut acc[..w];
+                        acc.fill(0.0);
+                        for (j, &p) in sr.iter().enumerate() {
+                            for (a, &x) in acc.iter_mut().zip(&v[j * vld + c0..][..w]) {
+                                *a += p * x;
+                            }
+                        }
+                        o[c0..c0 + w].copy_from_slice(acc);
                     }
-                    o[c0..c0 + w].copy_from_slice(acc);
                 }
             }
         }
