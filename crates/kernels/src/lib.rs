@@ -268,6 +268,15 @@ impl std::fmt::Debug for PackedCols {
     }
 }
 
+/// Makes `buf` hold at least `len` slots without clearing what it holds: sources overwrite
+/// every slot the products read, and what is left from an earlier block only reaches rows
+/// past the end of A or columns past the end of B, whose results are never stored.
+fn grow(buf: &mut Vec<u32>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+}
+
 /// Where a block of packed operand comes from.
 trait Source: Sync {
     /// Makes the blocks covering `[i0, i0 + len)` (rows of A or columns of B; `i0` a multiple
@@ -341,8 +350,7 @@ impl Source for RowsOnTheFly<'_> {
         buf: &mut Vec<u32>,
     ) -> (*const u32, usize) {
         let blocks = len.div_ceil(MR);
-        buf.clear();
-        buf.resize(blocks * MR * KC, 0);
+        grow(buf, blocks * MR * KC);
         for r in 0..len {
             let row = &self.src[(i0 + r) * self.ld..][..self.k];
             pack_row(self.prec, row, k0, kc, &mut buf[r * KC..]);
@@ -370,8 +378,7 @@ impl Source for ColsOnTheFly<'_> {
         buf: &mut Vec<u32>,
     ) -> (*const u32, usize) {
         let panels = len.div_ceil(NR);
-        buf.clear();
-        buf.resize(panels * kc * NR, 0);
+        grow(buf, panels * kc * NR);
         let value = |k: usize, j: usize| {
             if k < self.k {
                 self.src[k * self.ld + j]
@@ -416,8 +423,7 @@ impl Source for ColsOfRows<'_> {
         buf: &mut Vec<u32>,
     ) -> (*const u32, usize) {
         let panels = len.div_ceil(NR);
-        buf.clear();
-        buf.resize(panels * kc * NR, 0);
+        grow(buf, panels * kc * NR);
         for p in 0..panels {
             for j in 0..NR.min(self.n - i0 - p * NR) {
                 let row = &self.src[(i0 + p * NR + j) * self.ld..][..self.k];
@@ -450,8 +456,7 @@ impl Source for Patches<'_> {
         buf: &mut Vec<u32>,
     ) -> (*const u32, usize) {
         let panels = len.div_ceil(NR);
-        buf.clear();
-        buf.resize(panels * kc * NR, 0);
+        grow(buf, panels * kc * NR);
         let taps = self.geom.kh * self.geom.kw;
         let mut offs = vec![-1i32; taps * NR];
         let mut runs = Vec::new();
