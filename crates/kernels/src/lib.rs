@@ -24,8 +24,8 @@ pub use elementwise::{
     erfc, exp, geglu, gelu_erf, group_norm, silu, silu_slice, softmax_row, softmax_rows,
     GroupNormShape,
 };
-use micro::{ALayout, TileInit};
 pub use micro::{bf16_bits, bf16_pair, bf16_to_f32, isa, Isa};
+use micro::{ALayout, TileInit};
 
 /// Rows of the register tile.
 pub const MR: usize = 12;

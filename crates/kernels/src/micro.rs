@@ -181,12 +181,23 @@ unsafe fn portable_f32<const IL: bool>(
     cols: usize,
     init: TileInit,
 ) {
-    portable(layout_of(IL), kc, a, b, c, ldc, rows, cols, init, |row, av, bs| {
-        let x = f32::from_bits(av);
-        for (v, &bv) in row.iter_mut().zip(bs) {
-            *v += x * f32::from_bits(bv);
-        }
-    })
+    portable(
+        layout_of(IL),
+        kc,
+        a,
+        b,
+        c,
+        ldc,
+        rows,
+        cols,
+        init,
+        |row, av, bs| {
+            let x = f32::from_bits(av);
+            for (v, &bv) in row.iter_mut().zip(bs) {
+                *v += x * f32::from_bits(bv);
+            }
+        },
+    )
 }
 
 unsafe fn portable_bf16<const IL: bool>(
@@ -199,13 +210,24 @@ unsafe fn portable_bf16<const IL: bool>(
     cols: usize,
     init: TileInit,
 ) {
-    portable(layout_of(IL), kc, a, b, c, ldc, rows, cols, init, |row, av, bs| {
-        let (x0, x1) = unpair(av);
-        for (v, &bv) in row.iter_mut().zip(bs) {
-            let (y0, y1) = unpair(bv);
-            *v += x0 * y0 + x1 * y1;
-        }
-    })
+    portable(
+        layout_of(IL),
+        kc,
+        a,
+        b,
+        c,
+        ldc,
+        rows,
+        cols,
+        init,
+        |row, av, bs| {
+            let (x0, x1) = unpair(av);
+            for (v, &bv) in row.iter_mut().zip(bs) {
+                let (y0, y1) = unpair(bv);
+                *v += x0 * y0 + x1 * y1;
+            }
+        },
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -317,12 +339,23 @@ pub(crate) mod x86 {
         cols: usize,
         init: TileInit,
     ) {
-        tile!(layout_of(IL), kc, a, b, c, ldc, rows, cols, init, |c0, c1, av, b0, b1| {
-            let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(av as i32));
-            let y0: __m512bh = std::mem::transmute(b0);
-            let y1: __m512bh = std::mem::transmute(b1);
-            (_mm512_dpbf16_ps(c0, x, y0), _mm512_dpbf16_ps(c1, x, y1))
-        })
+        tile!(
+            layout_of(IL),
+            kc,
+            a,
+            b,
+            c,
+            ldc,
+            rows,
+            cols,
+            init,
+            |c0, c1, av, b0, b1| {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(av as i32));
+                let y0: __m512bh = std::mem::transmute(b0);
+                let y1: __m512bh = std::mem::transmute(b1);
+                (_mm512_dpbf16_ps(c0, x, y0), _mm512_dpbf16_ps(c1, x, y1))
+            }
+        )
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -336,10 +369,21 @@ pub(crate) mod x86 {
         cols: usize,
         init: TileInit,
     ) {
-        tile!(layout_of(IL), kc, a, b, c, ldc, rows, cols, init, |c0, c1, av, b0, b1| {
-            let x = _mm512_set1_ps(f32::from_bits(av));
-            (_mm512_fmadd_ps(x, b0, c0), _mm512_fmadd_ps(x, b1, c1))
-        })
+        tile!(
+            layout_of(IL),
+            kc,
+            a,
+            b,
+            c,
+            ldc,
+            rows,
+            cols,
+            init,
+            |c0, c1, av, b0, b1| {
+                let x = _mm512_set1_ps(f32::from_bits(av));
+                (_mm512_fmadd_ps(x, b0, c0), _mm512_fmadd_ps(x, b1, c1))
+            }
+        )
     }
 
     /// Converts `n` f32 (n even) to `n / 2` bf16 pair slots, round to nearest even.

@@ -38,9 +38,7 @@ impl AttentionHook for Recorder {
     fn self_attention(&mut self, call: &SelfAttnCall) -> Result<Option<Tensor>> {
         let kept = match call.kind {
             SelfAttnKind::Spatial => Recorded::Queries(call.query.clone()),
-            SelfAttnKind::Temporal => {
-                Recorded::FirstKeys(call.key.narrow(2, 0, 1)?.contiguous()?)
-            }
+            SelfAttnKind::Temporal => Recorded::FirstKeys(call.key.narrow(2, 0, 1)?.contiguous()?),
         };
         self.layers.insert(call.layer.to_string(), kept);
         Ok(None)
