@@ -175,8 +175,6 @@ impl Bars {
 
 impl Progress for Bars {
     fn phase(&mut self, phase: Phase, total: usize) {
-        // Each phase allocates differently sized buffers; what the last one freed goes back.
-        crate::release_free_memory();
         let (msg, unit) = match phase {
             Phase::Encoding => ("encoding", "item"),
             Phase::Inversion => ("inversion", "step"),
@@ -293,7 +291,6 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
     bars.done();
     let load_s = t_load.elapsed().as_secs_f64();
-    crate::release_free_memory();
     let loaded_mib = crate::live_mib();
     let pipeline = Pipeline::new(components, device.clone(), dtype);
 

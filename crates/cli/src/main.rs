@@ -176,13 +176,6 @@ pub(crate) fn peak_live_mib() -> f64 {
     PEAK_LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
 }
 
-/// Hands the memory the allocator keeps for reuse back to the OS (between phases of a run,
-/// whose buffers differ; within a phase it is kept, see `main`).
-pub(crate) fn release_free_memory() {
-    // SAFETY: mimalloc's collection entry point; it only frees memory no longer in use.
-    unsafe { libmimalloc_sys::mi_collect(true) };
-}
-
 /// Heap memory in use now (MiB).
 pub(crate) fn live_mib() -> f64 {
     LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
