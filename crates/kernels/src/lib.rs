@@ -13,6 +13,7 @@
 //! summed in f32; inputs and outputs stay f32.
 
 mod elementwise;
+mod layout;
 mod micro;
 pub mod stats;
 
@@ -24,6 +25,7 @@ pub use elementwise::{
     erfc, exp, geglu, gelu_erf, group_norm, silu, silu_slice, softmax_row, softmax_rows,
     GroupNormShape,
 };
+pub use layout::transpose;
 pub use micro::{bf16_bits, bf16_pair, bf16_to_f32, isa, Isa};
 use micro::{ALayout, TileInit};
 
@@ -717,11 +719,48 @@ fn split(len: usize, parts: usize, align: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// Allocates `len` floats and lets `write` store them through the pointer, without zeroing
+/// the memory first.
+///
+/// # Safety
+/// `write` must initialise all `len` elements and must not read any before writing it.
+unsafe fn filled(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(len);
+    write(v.as_mut_ptr());
+    // SAFETY: the caller's contract: all `len` elements are initialised.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// A new vector of `len` zeros, written by all threads (a large `vec![0.0; len]` is one
+/// thread's memset while the others wait).
+pub fn zeroed(len: usize) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(len);
+    v.spare_capacity_mut()
+        .par_chunks_mut(1 << 16)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: every element of the spare capacity up to `len` was just written.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// `out (m x n) = x (m x k) W^T + bias`, with `w` packed from W (`n x k`).
 pub fn linear(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, out: &mut [f32]) {
+    assert_eq!(out.len(), m * w.n, "linear: output is not {m}x{}", w.n);
+    // SAFETY: `out` holds m x n floats.
+    unsafe { linear_raw(x, m, w, bias, out.as_mut_ptr()) }
+}
+
+/// [`linear`] into a new `m x n` vector (its memory is written once, not zeroed first).
+pub fn linear_new(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>) -> Vec<f32> {
+    // SAFETY: linear_raw stores every one of the m x n outputs and reads none.
+    unsafe { filled(m * w.n, |p| linear_raw(x, m, w, bias, p)) }
+}
+
+/// [`linear`] into `out`, valid for `m x n` floats; every one is stored, none is read.
+unsafe fn linear_raw(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, out: *mut f32) {
     let (k, n) = (w.k, w.n);
     assert_eq!(x.len(), m * k, "linear: input is not {m}x{k}");
-    assert_eq!(out.len(), m * n, "linear: output is not {m}x{n}");
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "linear: bias is not {n}");
     }
@@ -729,9 +768,15 @@ pub fn linear(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, out: &m
         return;
     }
     if k == 0 {
-        match bias {
-            Some(b) => out.chunks_mut(n).for_each(|r| r.copy_from_slice(b)),
-            None => out.fill(0.0),
+        for r in 0..m {
+            // SAFETY: row r of the m x n output.
+            unsafe {
+                let row = out.add(r * n);
+                match bias {
+                    Some(b) => std::ptr::copy_nonoverlapping(b.as_ptr(), row, n),
+                    None => std::ptr::write_bytes(row, 0, n),
+                }
+            }
         }
         return;
     }
@@ -753,7 +798,7 @@ pub fn linear(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, out: &m
         .iter()
         .flat_map(|&mr| n_parts.iter().map(move |&nr| (mr, nr)))
         .collect();
-    let c = Out(out.as_mut_ptr());
+    let c = Out(out);
     let bias = bias.map_or(Bias::None, Bias::Cols);
     let kslots = w.prec.slots(k);
     // Rows per pass through K: their part of C (rows x n floats) stays within about 512 KiB.
@@ -832,7 +877,23 @@ pub fn conv2d(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    conv2d_impl(x, images, geom, w, bias, out, false)
+    let len = images * w.m * geom.h_out * geom.w_out;
+    assert_eq!(out.len(), len, "conv2d: output size");
+    // SAFETY: `out` holds the whole output.
+    unsafe { conv2d_impl(x, images, geom, w, bias, out.as_mut_ptr(), false) }
+}
+
+/// [`conv2d`] into a new vector (its memory is written once, not zeroed first).
+pub fn conv2d_new(
+    x: &[f32],
+    images: usize,
+    geom: &ConvGeometry,
+    w: &PackedRows,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let len = images * w.m * geom.h_out * geom.w_out;
+    // SAFETY: without `accumulate`, conv2d_impl stores every output and reads none.
+    unsafe { filled(len, |p| conv2d_impl(x, images, geom, w, bias, p, false)) }
 }
 
 /// [`conv2d`] without bias, adding into `out` instead of overwriting it.
@@ -843,16 +904,21 @@ pub fn conv2d_accumulate(
     w: &PackedRows,
     out: &mut [f32],
 ) {
-    conv2d_impl(x, images, geom, w, None, out, true)
+    let len = images * w.m * geom.h_out * geom.w_out;
+    assert_eq!(out.len(), len, "conv2d: output size");
+    // SAFETY: `out` holds the whole output, initialised.
+    unsafe { conv2d_impl(x, images, geom, w, None, out.as_mut_ptr(), true) }
 }
 
-fn conv2d_impl(
+/// The convolution into `out`, valid for the whole output: stores every element, and reads
+/// them (which must then be initialised) only when `accumulate`.
+unsafe fn conv2d_impl(
     x: &[f32],
     images: usize,
     geom: &ConvGeometry,
     w: &PackedRows,
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    out: *mut f32,
     accumulate: bool,
 ) {
     let g = geom;
@@ -866,7 +932,6 @@ fn conv2d_impl(
         images * in_size,
         "conv2d: input is not {images}x{in_size}"
     );
-    assert_eq!(out.len(), images * c_out * pix, "conv2d: output size");
     if let Some(b) = bias {
         assert_eq!(b.len(), c_out, "conv2d: bias is not {c_out}");
     }
@@ -913,13 +978,20 @@ fn conv2d_impl(
                         )
                     }
                 });
-                for (img, o) in out.chunks_exact_mut(c_out * pix).enumerate() {
-                    for (m, o) in o.chunks_exact_mut(pix).enumerate() {
+                for img in 0..images {
+                    for m in 0..c_out {
                         let t = &tmp[m * total + img * pix..][..pix];
-                        if accumulate {
-                            o.iter_mut().zip(t).for_each(|(o, t)| *o += t);
-                        } else {
-                            o.copy_from_slice(t);
+                        // SAFETY: channel m of image img, inside the output; read only when
+                        // accumulating (the caller's contract: then it is initialised).
+                        unsafe {
+                            let o = out.add((img * c_out + m) * pix);
+                            if accumulate {
+                                for (j, &t) in t.iter().enumerate() {
+                                    *o.add(j) += t;
+                                }
+                            } else {
+                                std::ptr::copy_nonoverlapping(t.as_ptr(), o, pix);
+                            }
                         }
                     }
                 }
@@ -935,7 +1007,7 @@ fn conv2d_impl(
     let tasks: Vec<_> = (0..images)
         .flat_map(|i| per_image.iter().map(move |&r| (i, r)))
         .collect();
-    let c = Out(out.as_mut_ptr());
+    let c = Out(out);
     let bias = bias.map_or(Bias::None, Bias::Rows);
     stats::timed(
         stats::Kernel::Conv2d,

@@ -112,7 +112,7 @@ pub fn attention_first_key(
         )
     }
     let shape = split_heads_shape(q, k, v)?;
-    let mut out = vec![0f32; b * h * lq * shape.dv];
+    let mut out = kernels::zeroed(b * h * lq * shape.dv);
     with_cpu_f32(q, |qs| {
         with_cpu_f32(k, |ks| {
             with_cpu_f32(v, |vs| {
@@ -327,7 +327,7 @@ fn fused_attention(
     shape: AttentionShape,
     scale: f64,
 ) -> Result<Tensor> {
-    let mut out = vec![0f32; shape.batch * shape.lq * shape.heads * shape.dv];
+    let mut out = kernels::zeroed(shape.batch * shape.lq * shape.heads * shape.dv);
     with_cpu_f32(q, |qs| {
         with_cpu_f32(k, |ks| {
             with_cpu_f32(v, |vs| {
@@ -355,7 +355,7 @@ impl GeGlu {
         if h.device().is_cpu() && h.dtype() == DType::F32 {
             let mut dims = h.dims().to_vec();
             *dims.last_mut().expect("non-scalar") = half;
-            let mut out = vec![0f32; h.elem_count() / 2];
+            let mut out = kernels::zeroed(h.elem_count() / 2);
             with_cpu_f32(&h, |hs| kernels::geglu(hs, half, &mut out))?;
             return Tensor::from_vec(out, dims, h.device());
         }

@@ -83,6 +83,30 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result
     }
 }
 
+/// `x` (batch, rows, cols) with its last two dimensions swapped, contiguous, plus `add`
+/// (batch, cols, rows) if given: one pass on the CPU, candle's transpose and add elsewhere.
+pub fn transpose_add(x: &Tensor, add: Option<&Tensor>) -> Result<Tensor> {
+    let (b, r, c) = x.dims3()?;
+    if let Some(a) = add {
+        if a.dims() != [b, c, r] {
+            candle_core::bail!("transpose_add: addend is {:?}, not {:?}", a.dims(), [b, c, r])
+        }
+    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 && add.is_none_or(|a| a.dtype() == DType::F32)
+    {
+        let out = with_cpu_f32(x, |xs| match add {
+            Some(a) => with_cpu_f32(a, |av| kernels::transpose(xs, b, r, c, Some(av))),
+            None => Ok(kernels::transpose(xs, b, r, c, None)),
+        })??;
+        return Tensor::from_vec(out, (b, c, r), x.device());
+    }
+    let t = x.transpose(1, 2)?.contiguous()?;
+    match add {
+        Some(a) => t + a,
+        None => Ok(t),
+    }
+}
+
 /// A CPU weight in the packed layout of the kernels, when they will do the products: f32
 /// tensors on the CPU, with native kernels for this thread's [`CpuPrecisionScope`].
 fn cpu_packing(weight: &Tensor) -> Option<Precision> {
@@ -147,9 +171,8 @@ impl Module for Linear {
                     )
                 }
                 let dtype = x.dtype();
-                let mut out = vec![0f32; lead * self.out_dim];
-                with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
-                    kernels::linear(xs, lead, w, bias.as_deref(), &mut out)
+                let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
+                    kernels::linear_new(xs, lead, w, bias.as_deref())
                 })?;
                 Tensor::from_vec(out, out_dims, x.device())?.to_dtype(dtype)
             }
@@ -224,9 +247,8 @@ impl Module for Conv2d {
                         ))
                     })?;
                 let dtype = x.dtype();
-                let mut out = vec![0f32; n * o * g.h_out * g.w_out];
-                with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
-                    kernels::conv2d(xs, n, &g, w, bias.as_deref(), &mut out)
+                let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
+                    kernels::conv2d_new(xs, n, &g, w, bias.as_deref())
                 })?;
                 return Tensor::from_vec(out, (n, o, g.h_out, g.w_out), x.device())?
                     .to_dtype(dtype);
@@ -270,10 +292,9 @@ pub fn temporal_conv(taps: &[Conv2d; 3], x: &Tensor, num_frames: usize) -> Resul
             let g = ConvGeometry::new(c, h, w, 1, 1, 1, 0).expect("1x1 fits");
             let (isz, osz) = (c * h * w, o * h * w);
             let f = num_frames;
-            let mut out = vec![0f32; bf * osz];
             let dtype = x.dtype();
-            with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
-                kernels::conv2d(xs, bf, &g, w1, bias.as_deref(), &mut out);
+            let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
+                let mut out = kernels::conv2d_new(xs, bf, &g, w1, bias.as_deref());
                 for s in (0..samples).filter(|_| f > 1) {
                     let (x0, y0) = (s * f, s * f);
                     // out[f] += W0 x[f-1] for f >= 1; out[f] += W2 x[f+1] for f < F-1
@@ -292,6 +313,7 @@ pub fn temporal_conv(taps: &[Conv2d; 3], x: &Tensor, num_frames: usize) -> Resul
                         &mut out[y0 * osz..(y0 + f - 1) * osz],
                     );
                 }
+                out
             })?;
             return Tensor::from_vec(out, (bf, o, h, w), x.device())?.to_dtype(dtype);
         }
@@ -420,7 +442,7 @@ impl GroupNorm {
         }
         if let (Some((w, b)), true) = (&self.values, x.device().is_cpu()) {
             let dtype = x.dtype();
-            let mut out = vec![0f32; x.elem_count()];
+            let mut out = kernels::zeroed(x.elem_count());
             let shape = kernels::GroupNormShape {
                 items,
                 span,

@@ -7,7 +7,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::attention::{reborrow, BasicTransformerBlock, Hook, SelfAttnKind};
-use crate::nn::{group_norm, linear, GroupNorm, Linear};
+use crate::nn::{group_norm, linear, transpose_add, GroupNorm, Linear};
 
 #[derive(Clone, Debug)]
 pub struct Transformer2DModel {
@@ -60,7 +60,7 @@ impl Transformer2DModel {
         let residual = x;
         // 1. input: norm, flatten pixels, project
         let x = self.norm.forward(x)?;
-        let x = x.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?;
+        let x = transpose_add(&x.reshape((b, c, h * w))?, None)?;
         let mut x = self.proj_in.forward(&x)?;
         // 2. blocks
         for block in &self.transformer_blocks {
@@ -73,7 +73,7 @@ impl Transformer2DModel {
         }
         // 3. output
         let x = self.proj_out.forward(&x)?;
-        let x = x.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
-        x + residual
+        let residual = residual.reshape((b, c, h * w))?;
+        transpose_add(&x, Some(&residual))?.reshape((b, c, h, w))
     }
 }

@@ -6,7 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::attention::{reborrow, BasicTransformerBlock, Hook, SelfAttnKind};
-use crate::nn::{linear, FrameGroupNorm, Linear};
+use crate::nn::{linear, transpose_add, FrameGroupNorm, Linear};
 
 #[derive(Clone, Debug)]
 pub struct TransformerTemporalModel {
@@ -52,10 +52,9 @@ impl TransformerTemporalModel {
         let b = bf / num_frames;
         let residual = x;
         // 1. norm over all frames of a sample, then one sequence of frames per pixel
+        // (b, frames * c, h * w) -> (b, h * w, frames * c): a sequence of frames per pixel
         let x = self.norm.forward(x, num_frames)?;
-        let x = x
-            .reshape((b, num_frames, c, h, w))?
-            .permute((0, 3, 4, 1, 2))?
+        let x = transpose_add(&x.reshape((b, num_frames * c, h * w))?, None)?
             .reshape((b * h * w, num_frames, c))?;
         let mut x = self.proj_in.forward(&x)?;
         // 2. blocks
@@ -63,11 +62,8 @@ impl TransformerTemporalModel {
             x = block.forward(&x, None, num_frames, reborrow(&mut hook))?;
         }
         // 3. output, back to (batch*frames, c, h, w)
-        let x = self.proj_out.forward(&x)?;
-        let x = x
-            .reshape((b, h, w, num_frames, c))?
-            .permute((0, 3, 4, 1, 2))?
-            .reshape((bf, c, h, w))?;
-        x + residual
+        let x = self.proj_out.forward(&x)?.reshape((b, h * w, num_frames * c))?;
+        let residual = residual.reshape((b, num_frames * c, h * w))?;
+        transpose_add(&x, Some(&residual))?.reshape((bf, c, h, w))
     }
 }
