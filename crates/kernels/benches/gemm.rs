@@ -29,6 +29,20 @@ fn main() {
             .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
             .collect::<Vec<f32>>()
     };
+    // The transformers' permutations at 32x32, 10 frames: (10, 320, 1024) spatial in,
+    // (1, 3200, 1024) temporal in, (1, 1024, 3200) temporal out with the residual.
+    for &(b, r, c, add) in &[(10, 320, 1024, false), (1, 3200, 1024, false), (1, 1024, 3200, true)] {
+        let x = fill(b * r * c);
+        let a = fill(b * r * c);
+        let s = best_of(10, || {
+            std::hint::black_box(flipsketch_kernels::transpose(&x, b, r, c, add.then_some(&a[..])));
+        });
+        println!(
+            "transpose {b}x{r}x{c} add {add}: {:.2} ms, {:.1} GB/s",
+            s * 1e3,
+            ((2 + add as usize) * 4 * b * r * c) as f64 / s / 1e9
+        );
+    }
     for prec in [Precision::F32, Precision::Bf16] {
         // Linear at the top level of the UNet: 10 frames of 32x32 tokens.
         for &(m, k, n) in &[

@@ -466,3 +466,77 @@ fn attention_first_key_matches_reference() {
         assert!(e < 2e-6, "first-key attention {shape:?}: rel err {e:e}");
     }
 }
+
+#[test]
+fn transpose_swaps_the_last_two_dimensions() {
+    // (batch, rows, cols): whole 16x16 tiles, ragged edges, rows 4 KiB apart, one row/column,
+    // several column blocks per item.
+    for &(b, r, c) in &[
+        (1, 1, 1),
+        (2, 16, 16),
+        (3, 17, 33),
+        (2, 1024, 20),
+        (1, 5, 200),
+        (4, 40, 1),
+        (0, 3, 4),
+    ] {
+        let x = random(b * r * c, 90 + r as u64);
+        let add = random(b * r * c, 91 + c as u64);
+        for with_add in [false, true] {
+            let out = flipsketch_kernels::transpose(&x, b, r, c, with_add.then_some(&add[..]));
+            assert_eq!(out.len(), b * r * c);
+            for i in 0..b {
+                for row in 0..r {
+                    for col in 0..c {
+                        let at = (i * c + col) * r + row;
+                        let want = x[(i * r + row) * c + col] + if with_add { add[at] } else { 0.0 };
+                        assert_eq!(
+                            out[at].to_bits(),
+                            want.to_bits(),
+                            "transpose {b}x{r}x{c} add {with_add}: item {i} ({row}, {col})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fresh_outputs_equal_outputs_into_buffers() {
+    // linear_new / conv2d_new write into memory that was not zeroed: the same bits as
+    // linear / conv2d into a buffer of NaNs, so every element is written.
+    for prec in [Precision::F32, Precision::Bf16] {
+        for &(m, k, n) in &[(13, 7, 33), (200, 1030, 70), (5, 0, 9)] {
+            let x = random(m * k, 100);
+            let w = PackedCols::from_transposed(prec, &random(n * k, 101), n, k);
+            let bias = random(n, 102);
+            for b in [None, Some(&bias[..])] {
+                let mut want = vec![f32::NAN; m * n];
+                linear(&x, m, &w, b, &mut want);
+                // Dirty the allocator's free memory first, so that fresh memory is not zeros.
+                drop(vec![f32::NAN; m * n]);
+                let got = flipsketch_kernels::linear_new(&x, m, &w, b);
+                assert!(
+                    got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                    "{prec:?} linear_new {m}x{k}x{n}"
+                );
+            }
+        }
+        for &(imgs, ci, h, wd, co) in &[(2, 4, 8, 8, 5), (5, 9, 4, 4, 13), (1, 3, 9, 13, 14)] {
+            let g = ConvGeometry::new(ci, h, wd, 3, 3, 1, 1).expect("valid geometry");
+            let x = random(imgs * ci * h * wd, 103);
+            let w = PackedRows::new(prec, &random(co * ci * 9, 104), co, ci * 9);
+            let bias = random(co, 105);
+            let mut want = vec![f32::NAN; imgs * co * h * wd];
+            conv2d(&x, imgs, &g, &w, Some(&bias), &mut want);
+            drop(vec![f32::NAN; want.len()]);
+            let got = flipsketch_kernels::conv2d_new(&x, imgs, &g, &w, Some(&bias));
+            assert!(
+                got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                "{prec:?} conv2d_new {imgs}x{ci}x{h}x{wd} -> {co}"
+            );
+        }
+    }
+    assert!(flipsketch_kernels::zeroed(100_000).iter().all(|&v| v == 0.0));
+}
