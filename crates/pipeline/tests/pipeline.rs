@@ -120,6 +120,24 @@ fn composition_off_equals_plain_text_to_video() {
 }
 
 #[test]
+fn variants_per_call_do_not_change_the_result() {
+    // The CPU default runs the main passes one variant at a time; all at once and 2 + 1 must
+    // give the same numbers (both are checked against the reference as well).
+    let mut p = pipeline();
+    assert_eq!(p.variants_per_call, Some(1));
+    let (c, t) = case("default");
+    let one = p.run(&request(&c, &t), &mut Silent).unwrap();
+    for per_call in [None, Some(2)] {
+        p.variants_per_call = per_call;
+        let out = p.run(&request(&c, &t), &mut Silent).unwrap();
+        check(&format!("default, {per_call:?} per call"), &out, &t);
+        assert_eq!(out.unet_frame_evals, one.unet_frame_evals);
+        let d = diff(&out.latents, &one.latents) / max_abs(&one.latents);
+        assert!(d <= 1e-6, "{per_call:?} variants per call differ by {d:.3e}");
+    }
+}
+
+#[test]
 fn variants_are_independent() {
     // variant 1 of a B=3 run equals a B=1 run started from that variant's noise
     let p = pipeline();
