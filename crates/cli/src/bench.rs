@@ -1,6 +1,7 @@
-//! `flipsketch bench unet`: times one UNet3D forward at a given shape (random inputs), best of
-//! N after a warm-up, and reports peak memory. The PyTorch side of the comparison is
-//! `tools/reference/bench_unet.py` with the same arguments.
+//! `flipsketch bench unet` / `bench vae`: times one UNet3D forward, or one VAE decode of a
+//! frame, at a given shape (random inputs), best of N after a warm-up, and reports peak memory.
+//! The PyTorch side of the comparison is `tools/reference/bench_unet.py` /
+//! `tools/reference/bench_vae.py` with the same arguments.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -8,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
+use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::loading::{load_component, DIFFUSERS_WEIGHTS};
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 
@@ -17,6 +19,26 @@ use crate::Precision;
 pub enum Bench {
     /// One UNet3D forward pass.
     Unet(UnetBench),
+    /// One VAE decode of a frame (latents to pixels), as in the last phase of `animate`.
+    Vae(VaeBench),
+}
+
+#[derive(Args, Debug)]
+pub struct VaeBench {
+    /// Model folder (diffusers layout, with vae/).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Latent side (32 = 256 px images).
+    #[arg(long, default_value_t = 32)]
+    pub size: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Precision,
+    /// Timed repetitions after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Also print the time spent in each CPU kernel family during the last repetition.
+    #[arg(long)]
+    pub breakdown: bool,
 }
 
 #[derive(Args, Debug)]
@@ -42,7 +64,13 @@ pub struct UnetBench {
 }
 
 pub fn run(b: Bench) -> Result<()> {
-    let Bench::Unet(a) = b;
+    match b {
+        Bench::Unet(a) => unet(a),
+        Bench::Vae(a) => vae(a),
+    }
+}
+
+fn unet(a: UnetBench) -> Result<()> {
     if a.frames == 0 || a.batch == 0 || a.size == 0 || a.reps == 0 {
         bail!("--frames, --batch, --size and --reps must be positive");
     }
@@ -65,13 +93,49 @@ pub fn run(b: Bench) -> Result<()> {
     )?;
     let ehs =
         Tensor::randn(0f32, 1., (a.batch, 77, cfg.cross_attention_dim), &dev)?.to_dtype(dtype)?;
+    let best = repeat(a.reps, a.breakdown, || {
+        unet.forward(&sample, 500.0, &ehs, None)
+    })?;
+    println!("unet_forward_s {best:.3}");
+    report_memory();
+    Ok(())
+}
+
+fn vae(a: VaeBench) -> Result<()> {
+    if a.size == 0 || a.reps == 0 {
+        bail!("--size and --reps must be positive");
+    }
+    let dir = a.model.join("vae");
+    let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
+    let dtype = a.dtype.dtype();
+    let dev = Device::Cpu;
+    let t0 = Instant::now();
+    let (vae, _) = load_component("vae", &dir, DIFFUSERS_WEIGHTS, dtype, &dev, |vb| {
+        AutoencoderKL::new(&cfg, vb)
+    })
+    .with_context(|| format!("cannot load {}", dir.display()))?;
+    println!("load_s {:.2}", t0.elapsed().as_secs_f64());
+    println!("weights_mib {:.0}", crate::live_mib());
+    let latents = Tensor::randn(0f32, 1., (1, cfg.latent_channels, a.size, a.size), &dev)?;
+    let best = repeat(a.reps, a.breakdown, || vae.decode(&latents))?;
+    println!("vae_decode_s {best:.3}");
+    report_memory();
+    Ok(())
+}
+
+/// Runs `f` once to warm up and `reps` times timed; returns the best time in seconds.
+fn repeat(
+    reps: usize,
+    breakdown: bool,
+    f: impl Fn() -> candle_core::Result<Tensor>,
+) -> Result<f64> {
     let mut best = f64::INFINITY;
-    for rep in 0..=a.reps {
-        if a.breakdown {
+    for rep in 0..=reps {
+        if breakdown {
             flipsketch_kernels::stats::enable();
         }
         let t = Instant::now();
-        let out = unet.forward(&sample, 500.0, &ehs, None)?;
+        let out = f()?;
         out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         let s = t.elapsed().as_secs_f64();
         if rep == 0 {
@@ -81,7 +145,7 @@ pub fn run(b: Bench) -> Result<()> {
             best = best.min(s);
         }
     }
-    if a.breakdown {
+    if breakdown {
         println!("last repetition by kernel (wall time; GFLOP/s where the kernel multiplies):");
         for (kernel, calls, secs, gflop) in flipsketch_kernels::stats::snapshot() {
             let rate = if gflop > 0.0 && secs > 0.0 {
@@ -92,10 +156,12 @@ pub fn run(b: Bench) -> Result<()> {
             println!("  {kernel:?}: {calls} calls, {secs:.3} s{rate}");
         }
     }
-    println!("unet_forward_s {best:.3}");
+    Ok(best)
+}
+
+fn report_memory() {
     if let Some(p) = crate::peak_rss_mib() {
         println!("peak_memory_mib {p:.0}");
     }
     println!("peak_live_heap_mib {:.0}", crate::peak_live_mib());
-    Ok(())
 }

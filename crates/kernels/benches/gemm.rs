@@ -31,11 +31,21 @@ fn main() {
     };
     // The transformers' permutations at 32x32, 10 frames: (10, 320, 1024) spatial in,
     // (1, 3200, 1024) temporal in, (1, 1024, 3200) temporal out with the residual.
-    for &(b, r, c, add) in &[(10, 320, 1024, false), (1, 3200, 1024, false), (1, 1024, 3200, true)] {
+    for &(b, r, c, add) in &[
+        (10, 320, 1024, false),
+        (1, 3200, 1024, false),
+        (1, 1024, 3200, true),
+    ] {
         let x = fill(b * r * c);
         let a = fill(b * r * c);
         let s = best_of(10, || {
-            std::hint::black_box(flipsketch_kernels::transpose(&x, b, r, c, add.then_some(&a[..])));
+            std::hint::black_box(flipsketch_kernels::transpose(
+                &x,
+                b,
+                r,
+                c,
+                add.then_some(&a[..]),
+            ));
         });
         println!(
             "transpose {b}x{r}x{c} add {add}: {:.2} ms, {:.1} GB/s",
@@ -71,6 +81,21 @@ fn main() {
             let flops = 2.0 * (10 * hw * hw * co * c * 9) as f64;
             println!(
                 "{prec:?} conv3x3 10x{c}x{hw}x{hw} -> {co}: {:.1} ms, {:.0} GFLOP/s",
+                s * 1e3,
+                flops / s / 1e9
+            );
+        }
+        // 3x3 convolutions of the VAE decoder, one 256 px frame: 512 channels at 32x32 and
+        // 64x64, 256 at 128x128, 128 at 256x256.
+        for &(c, hw) in &[(512, 32), (512, 64), (256, 128), (128, 256)] {
+            let g = ConvGeometry::new(c, hw, hw, 3, 3, 1, 1).unwrap();
+            let x = fill(c * hw * hw);
+            let w = PackedRows::new(prec, &fill(c * c * 9), c, c * 9);
+            let mut out = vec![0.0; c * hw * hw];
+            let s = best_of(5, || conv2d(&x, 1, &g, &w, None, &mut out));
+            let flops = 2.0 * (hw * hw * c * c * 9) as f64;
+            println!(
+                "{prec:?} VAE conv3x3 1x{c}x{hw}x{hw} -> {c}: {:.1} ms, {:.0} GFLOP/s",
                 s * 1e3,
                 flops / s / 1e9
             );

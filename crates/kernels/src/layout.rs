@@ -84,7 +84,11 @@ pub fn transpose(
         "transpose: input is not {batch}x{rows}x{cols}"
     );
     if let Some(a) = add {
-        assert_eq!(a.len(), len, "transpose: addend is not {batch}x{cols}x{rows}");
+        assert_eq!(
+            a.len(),
+            len,
+            "transpose: addend is not {batch}x{cols}x{rows}"
+        );
     }
     if len == 0 {
         return Vec::new();

@@ -462,6 +462,8 @@ impl Source for Patches<'_> {
         let taps = self.geom.kh * self.geom.kw;
         let mut offs = vec![-1i32; taps * NR];
         let mut runs = Vec::new();
+        let mut panel_runs = Vec::new();
+        let mut tap_runs = Vec::with_capacity(panels * taps);
         for p in 0..panels {
             let first = i0 + p * NR;
             patch_offsets(
@@ -471,17 +473,25 @@ impl Source for Patches<'_> {
                 self.batched,
                 &mut offs,
             );
-            contiguous_runs(&offs, taps, &mut runs);
-            let dst = &mut buf[p * kc * NR..][..kc * NR];
-            pack_patches(
-                self.prec == Precision::Bf16,
-                self.image,
-                self.geom,
-                &runs,
-                k0,
-                dst,
-            );
+            contiguous_runs(&offs, taps, &mut panel_runs);
+            let base = runs.len();
+            tap_runs.extend((0..taps).map(|t| {
+                let from = panel_runs.partition_point(|r| (r.tap as usize) < t);
+                let to = panel_runs.partition_point(|r| (r.tap as usize) <= t);
+                ((base + from) as u32, (base + to) as u32)
+            }));
+            runs.extend_from_slice(&panel_runs);
         }
+        pack_patches(
+            self.prec == Precision::Bf16,
+            self.image,
+            self.geom,
+            &runs,
+            &tap_runs,
+            k0,
+            kc,
+            &mut buf[..panels * kc * NR],
+        );
         (buf.as_ptr(), kc * NR)
     }
 }
@@ -551,40 +561,83 @@ fn contiguous_runs(offs: &[i32], taps: usize, runs: &mut Vec<Run>) {
     }
 }
 
+/// The NR values of patch row `k` (channel `k / taps`, tap `k % taps`) of a panel: a slice of
+/// the image itself when one run covers the whole panel, else gathered into `buf` (zeros in
+/// the padding and past the end of K). `tap_runs[t]` is the range of tap t's runs in `runs`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn patch_row<'a>(
+    image: &'a [f32],
+    plane: usize,
+    taps: usize,
+    k_total: usize,
+    runs: &[Run],
+    tap_runs: &[(u32, u32)],
+    k: usize,
+    buf: &'a mut [f32; NR],
+) -> &'a [f32; NR] {
+    if k >= k_total {
+        *buf = [0.0; NR];
+        return buf;
+    }
+    let src = &image[(k / taps) * plane..];
+    let (r0, r1) = tap_runs[k % taps];
+    let rs = &runs[r0 as usize..r1 as usize];
+    if let [r] = rs {
+        if r.j0 == 0 && r.j1 as usize == NR {
+            return src[r.start as usize..][..NR].try_into().expect("NR values");
+        }
+    }
+    *buf = [0.0; NR];
+    for r in rs {
+        let (j0, j1) = (r.j0 as usize, r.j1 as usize);
+        let from = &src[r.start as usize..][..j1 - j0];
+        // An element loop, not copy_from_slice: runs are short and a memmove call per run
+        // cost more than the copy.
+        for (d, &v) in buf[j0..j1].iter_mut().zip(from) {
+            *d = v;
+        }
+    }
+    buf
+}
+
 elementwise::multiversion! {
-    /// One B panel of patches: `dst` holds `dst.len() / NR` slots from slot `k0`; `runs` (by
-    /// tap, in order) say where each tap's values are.
-    fn pack_patches(bf16: bool, image: &[f32], g: &ConvGeometry, runs: &[Run], k0: usize, dst: &mut [u32]) {
+    /// `kc` slots from slot `k0` of `tap_runs.len() / taps` B panels of patches, panel p at
+    /// `dst[p * kc * NR..]`. `runs` say where each tap's values are (`tap_runs[p * taps + t]`:
+    /// the range of panel p's runs of tap t). Slot by slot across the panels, so that the
+    /// image is read along its rows (one plane after another defeats the prefetchers).
+    #[allow(clippy::too_many_arguments)]
+    fn pack_patches(
+        bf16: bool,
+        image: &[f32],
+        g: &ConvGeometry,
+        runs: &[Run],
+        tap_runs: &[(u32, u32)],
+        k0: usize,
+        kc: usize,
+        dst: &mut [u32],
+    ) {
         let taps = g.kh * g.kw;
         let plane = g.h * g.w;
         let k_total = g.c_in * taps;
-        // The NR values of patch row k (zeros past the end of K).
-        let row = |k: usize, out: &mut [f32; NR]| {
-            if k >= k_total {
-                *out = [0.0; NR];
-                return;
-            }
-            let src = &image[(k / taps) * plane..];
-            let t = (k % taps) as u16;
-            *out = [0.0; NR];
-            let first = runs.partition_point(|r| r.tap < t);
-            for r in runs[first..].iter().take_while(|r| r.tap == t) {
-                let (j0, j1) = (r.j0 as usize, r.j1 as usize);
-                out[j0..j1].copy_from_slice(&src[r.start as usize..][..j1 - j0]);
-            }
-        };
+        let panels = tap_runs.len() / taps;
         let (mut a, mut b) = ([0f32; NR], [0f32; NR]);
-        for (s, slot) in dst.chunks_exact_mut(NR).enumerate() {
-            if bf16 {
-                row(2 * (k0 + s), &mut a);
-                row(2 * (k0 + s) + 1, &mut b);
-                for j in 0..NR {
-                    slot[j] = bf16_pair(a[j], b[j]);
-                }
-            } else {
-                row(k0 + s, &mut a);
-                for j in 0..NR {
-                    slot[j] = a[j].to_bits();
+        for s in 0..kc {
+            for p in 0..panels {
+                let tr = &tap_runs[p * taps..][..taps];
+                let slot = &mut dst[(p * kc + s) * NR..][..NR];
+                if bf16 {
+                    let k = 2 * (k0 + s);
+                    let ra = patch_row(image, plane, taps, k_total, runs, tr, k, &mut a);
+                    let rb = patch_row(image, plane, taps, k_total, runs, tr, k + 1, &mut b);
+                    for j in 0..NR {
+                        slot[j] = bf16_pair(ra[j], rb[j]);
+                    }
+                } else {
+                    let ra = patch_row(image, plane, taps, k_total, runs, tr, k0 + s, &mut a);
+                    for j in 0..NR {
+                        slot[j] = ra[j].to_bits();
+                    }
                 }
             }
         }

@@ -489,7 +489,8 @@ fn transpose_swaps_the_last_two_dimensions() {
                 for row in 0..r {
                     for col in 0..c {
                         let at = (i * c + col) * r + row;
-                        let want = x[(i * r + row) * c + col] + if with_add { add[at] } else { 0.0 };
+                        let want =
+                            x[(i * r + row) * c + col] + if with_add { add[at] } else { 0.0 };
                         assert_eq!(
                             out[at].to_bits(),
                             want.to_bits(),
@@ -518,7 +519,9 @@ fn fresh_outputs_equal_outputs_into_buffers() {
                 drop(vec![f32::NAN; m * n]);
                 let got = flipsketch_kernels::linear_new(&x, m, &w, b);
                 assert!(
-                    got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                    got.iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits()),
                     "{prec:?} linear_new {m}x{k}x{n}"
                 );
             }
@@ -533,10 +536,14 @@ fn fresh_outputs_equal_outputs_into_buffers() {
             drop(vec![f32::NAN; want.len()]);
             let got = flipsketch_kernels::conv2d_new(&x, imgs, &g, &w, Some(&bias));
             assert!(
-                got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                got.iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
                 "{prec:?} conv2d_new {imgs}x{ci}x{h}x{wd} -> {co}"
             );
         }
     }
-    assert!(flipsketch_kernels::zeroed(100_000).iter().all(|&v| v == 0.0));
+    assert!(flipsketch_kernels::zeroed(100_000)
+        .iter()
+        .all(|&v| v == 0.0));
 }

@@ -89,7 +89,11 @@ pub fn transpose_add(x: &Tensor, add: Option<&Tensor>) -> Result<Tensor> {
     let (b, r, c) = x.dims3()?;
     if let Some(a) = add {
         if a.dims() != [b, c, r] {
-            candle_core::bail!("transpose_add: addend is {:?}, not {:?}", a.dims(), [b, c, r])
+            candle_core::bail!(
+                "transpose_add: addend is {:?}, not {:?}",
+                a.dims(),
+                [b, c, r]
+            )
         }
     }
     if x.device().is_cpu() && x.dtype() == DType::F32 && add.is_none_or(|a| a.dtype() == DType::F32)

@@ -133,7 +133,10 @@ fn variants_per_call_do_not_change_the_result() {
         check(&format!("default, {per_call:?} per call"), &out, &t);
         assert_eq!(out.unet_frame_evals, one.unet_frame_evals);
         let d = diff(&out.latents, &one.latents) / max_abs(&one.latents);
-        assert!(d <= 1e-6, "{per_call:?} variants per call differ by {d:.3e}");
+        assert!(
+            d <= 1e-6,
+            "{per_call:?} variants per call differ by {d:.3e}"
+        );
     }
 }
 

@@ -54,15 +54,21 @@ impl TransformerTemporalModel {
         // 1. norm over all frames of a sample, then one sequence of frames per pixel
         // (b, frames * c, h * w) -> (b, h * w, frames * c): a sequence of frames per pixel
         let x = self.norm.forward(x, num_frames)?;
-        let x = transpose_add(&x.reshape((b, num_frames * c, h * w))?, None)?
-            .reshape((b * h * w, num_frames, c))?;
+        let x = transpose_add(&x.reshape((b, num_frames * c, h * w))?, None)?.reshape((
+            b * h * w,
+            num_frames,
+            c,
+        ))?;
         let mut x = self.proj_in.forward(&x)?;
         // 2. blocks
         for block in &self.transformer_blocks {
             x = block.forward(&x, None, num_frames, reborrow(&mut hook))?;
         }
         // 3. output, back to (batch*frames, c, h, w)
-        let x = self.proj_out.forward(&x)?.reshape((b, h * w, num_frames * c))?;
+        let x = self
+            .proj_out
+            .forward(&x)?
+            .reshape((b, h * w, num_frames * c))?;
         let residual = residual.reshape((b, num_frames * c, h * w))?;
         transpose_add(&x, Some(&residual))?.reshape((bf, c, h, w))
     }
