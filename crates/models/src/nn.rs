@@ -143,7 +143,9 @@ impl Linear {
         let (out_dim, in_dim) = weight.dims2()?;
         let weight = match cpu_packing(&weight) {
             Some(prec) => {
-                let w = PackedCols::from_transposed(prec, &cpu_values(&weight)?, out_dim, in_dim);
+                let w = with_cpu_f32(&weight, |v| {
+                    PackedCols::from_transposed(prec, v, out_dim, in_dim)
+                })?;
                 let b = bias.as_ref().map(cpu_values).transpose()?.map(Arc::from);
                 LinearWeight::Packed(Arc::new(w), b)
             }
@@ -219,7 +221,7 @@ impl Conv2d {
         let packable = config.groups == 1 && config.dilation == 1;
         let weight = match cpu_packing(&weight).filter(|_| packable) {
             Some(prec) => {
-                let w = PackedRows::new(prec, &cpu_values(&weight)?, o, i * kh * kw);
+                let w = with_cpu_f32(&weight, |v| PackedRows::new(prec, v, o, i * kh * kw))?;
                 let b = bias.as_ref().map(cpu_values).transpose()?.map(Arc::from);
                 ConvWeight::Packed(Arc::new(w), b)
             }
