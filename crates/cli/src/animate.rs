@@ -126,12 +126,27 @@ pub struct AnimateArgs {
 struct Bars {
     bar: ProgressBar,
     quiet: bool,
+    /// Seconds per pipeline phase, in order, the current one still open.
+    phases: Vec<(&'static str, f64)>,
+    phase_start: Option<Instant>,
 }
 
 impl Bars {
     fn new(quiet: bool) -> Self {
         let bar = ProgressBar::hidden();
-        Self { bar, quiet }
+        Self {
+            bar,
+            quiet,
+            phases: Vec::new(),
+            phase_start: None,
+        }
+    }
+
+    /// Closes the current pipeline phase's timing, if one is open.
+    fn end_phase(&mut self) {
+        if let (Some(t), Some(last)) = (self.phase_start.take(), self.phases.last_mut()) {
+            last.1 = t.elapsed().as_secs_f64();
+        }
     }
 
     fn start(&mut self, msg: &str, total: u64, unit: &str) {
@@ -181,6 +196,9 @@ impl Progress for Bars {
             Phase::Denoising => ("denoising", "step"),
             Phase::Decoding => ("decoding", "frame"),
         };
+        self.end_phase();
+        self.phases.push((msg, 0.0));
+        self.phase_start = Some(Instant::now());
         self.start(msg, total as u64, unit);
     }
     fn advance(&mut self, done: usize) {
@@ -343,6 +361,7 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     }
     let t_run = Instant::now();
     let output = pipeline.run(&request, &mut bars)?;
+    bars.end_phase();
     bars.done();
     let run_s = t_run.elapsed().as_secs_f64();
 
@@ -395,7 +414,8 @@ pub fn run(a: AnimateArgs) -> Result<()> {
         "lambda": a.lambda, "tau": a.tau, "dtype": format!("{:?}", dtype).to_lowercase(),
         "seed": seed, "seeds": (0..variants).map(|i| seed.wrapping_add(i as u64)).collect::<Vec<_>>(),
         "unet_frame_evaluations": output.unet_frame_evals,
-        "timings_s": {"load": load_s, "generate": run_s, "write": write_s, "rank": rank_s, "total": t_start.elapsed().as_secs_f64()},
+        "timings_s": {"load": load_s, "generate": run_s, "write": write_s, "rank": rank_s, "total": t_start.elapsed().as_secs_f64(),
+            "phases": bars.phases.iter().map(|&(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>()},
         "memory_mib": {"after_load": loaded_mib, "peak_heap": crate::peak_live_mib(), "peak_resident": crate::peak_rss_mib()},
         "ranking": ranking,
         "files": files,
