@@ -25,10 +25,12 @@ pub struct SelfAttnCall<'a> {
     pub layer: &'a str,
     pub kind: SelfAttnKind,
     pub num_frames: usize,
-    /// (batch, heads, seq, head_dim), after the projections.
+    /// (batch, seq, heads * head_dim): the projections as they come, heads not split (see
+    /// [`split_heads`] for hooks that want them apart).
     pub query: &'a Tensor,
     pub key: &'a Tensor,
     pub value: &'a Tensor,
+    pub heads: usize,
     pub scale: f64,
     /// Precision of the layer's CPU matrix products (for hooks that compute attention).
     pub precision: Precision,
@@ -36,8 +38,8 @@ pub struct SelfAttnCall<'a> {
 
 /// Observes or replaces self-attention. With no hook the attention is plain.
 pub trait AttentionHook {
-    /// Returns `Some(out)` with out (batch, heads, seq, head_dim) to replace the plain
-    /// attention result of this layer, or `None` to keep it.
+    /// Returns `Some(out)` with out (batch, seq, heads * head_dim), the layout of the value
+    /// projection, to replace the plain attention result of this layer, or `None` to keep it.
     fn self_attention(&mut self, call: &SelfAttnCall) -> Result<Option<Tensor>>;
 }
 
@@ -59,7 +61,7 @@ pub fn scaled_dot_product_attention(
 }
 
 /// [`scaled_dot_product_attention`] with the CPU products in `prec`.
-pub fn scaled_dot_product_attention_in(
+fn scaled_dot_product_attention_in(
     prec: Precision,
     q: &Tensor,
     k: &Tensor,
@@ -72,6 +74,77 @@ pub fn scaled_dot_product_attention_in(
         return fused_attention(prec, q, k, v, shape, scale)?.reshape((b, h, lq, ()));
     }
     attention_with_scores(q, k, v, scale, |_, s| Ok(s))
+}
+
+/// (batch, seq, heads * d) -> (batch, heads, seq, d), contiguous.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, c) = x.dims3()?;
+    if heads == 0 || c % heads != 0 {
+        candle_core::bail!("split_heads: {c} features do not split into {heads} heads")
+    }
+    x.reshape((b, l, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// (batch, heads, seq, d) -> (batch, seq, heads * d), contiguous.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, _, l, _) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, l, ()))
+}
+
+/// Multi-head softmax(q k^T * scale) v over projections in their own layout: q (batch, lq,
+/// heads * d), k (batch, lk, heads * d), v (batch, lk, heads * dv); returns (batch, lq,
+/// heads * dv). On the CPU one kernel reads the heads in place (no split or merge copies);
+/// elsewhere the heads are split for candle's ops.
+pub fn multi_head_attention(
+    prec: Precision,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    if fusable(q) {
+        let shape = merged_shape(q, k, v, heads)?;
+        return fused_attention(prec, q, k, v, shape, scale);
+    }
+    let (qs, ks, vs) = (
+        split_heads(q, heads)?,
+        split_heads(k, heads)?,
+        split_heads(v, heads)?,
+    );
+    merge_heads(&scaled_dot_product_attention_in(
+        prec, &qs, &ks, &vs, scale,
+    )?)
+}
+
+/// The kernel's shape for (batch, seq, heads * d) projections.
+fn merged_shape(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<AttentionShape> {
+    let (batch, lq, inner) = q.dims3()?;
+    let (kb, lk, k_inner) = k.dims3()?;
+    let (vb, lv, inner_v) = v.dims3()?;
+    if heads == 0
+        || inner % heads != 0
+        || inner_v % heads != 0
+        || k_inner != inner
+        || (kb, vb, lv) != (batch, batch, lk)
+    {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not split into {heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    Ok(AttentionShape {
+        batch,
+        heads,
+        lq,
+        lk,
+        d: inner / heads,
+        dv: inner_v / heads,
+    })
 }
 
 /// (batch, heads, seq, d) tensors seen by the kernel as batch*heads items of one head each.
@@ -87,14 +160,17 @@ fn split_heads_shape(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttentionShap
     })
 }
 
-/// softmax(scores * scale) v over (batch, heads, seq, d) tensors where the (unscaled) score of
-/// query j on key 0 is `q_j . key0 * weight[j]`, `key0`: (batch, heads, 1, d). Computed by the
-/// CPU kernel; `None` where it does not apply (not CPU f32), for the caller's own fallback.
+/// [`multi_head_attention`] (same layouts) where the unscaled score of query j on key 0 is
+/// `q_j . key0 * weight[j]`, `key0`: (batch, 1, heads * d), one key per (item, head).
+/// Computed by the CPU kernel; `None` where it does not apply (not CPU f32), for the caller's
+/// own fallback.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_first_key(
     prec: Precision,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    heads: usize,
     key0: &Tensor,
     weight: &[f32],
     scale: f64,
@@ -102,8 +178,8 @@ pub fn attention_first_key(
     if !fusable(q) {
         return Ok(None);
     }
-    let (b, h, lq, d) = q.dims4()?;
-    if key0.dims() != [b, h, 1, d] || weight.len() != lq {
+    let shape = merged_shape(q, k, v, heads)?;
+    if key0.dims() != [shape.batch, 1, heads * shape.d] || weight.len() != shape.lq {
         candle_core::bail!(
             "attention: key0 {:?} / {} weights do not fit queries {:?}",
             key0.dims(),
@@ -111,8 +187,7 @@ pub fn attention_first_key(
             q.dims()
         )
     }
-    let shape = split_heads_shape(q, k, v)?;
-    let mut out = kernels::zeroed(b * h * lq * shape.dv);
+    let mut out = kernels::zeroed(shape.batch * shape.lq * heads * shape.dv);
     with_cpu_f32(q, |qs| {
         with_cpu_f32(k, |ks| {
             with_cpu_f32(v, |vs| {
@@ -134,7 +209,7 @@ pub fn attention_first_key(
     })????;
     Ok(Some(Tensor::from_vec(
         out,
-        (b, h, lq, shape.dv),
+        (shape.batch, shape.lq, heads * shape.dv),
         q.device(),
     )?))
 }
@@ -228,14 +303,6 @@ impl Attention {
         })
     }
 
-    /// (batch, seq, heads*d) -> (batch, heads, seq, d)
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, l, c) = x.dims3()?;
-        x.reshape((b, l, self.heads, c / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
     /// `x`: (batch, seq, query_dim); `context`: (batch, seq_kv, cross_dim) for cross-attention.
     /// `self_attn` carries the hook for `attn1` layers (kind and frame count).
     pub fn forward(
@@ -244,73 +311,39 @@ impl Attention {
         context: Option<&Tensor>,
         self_attn: Option<(SelfAttnKind, usize, Hook<'_>)>,
     ) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
         let ctx = context.unwrap_or(x);
         // (batch, seq, heads*d)
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let mut out = None;
         if let Some((kind, num_frames, Some(hook))) = self_attn {
-            let (qs, ks, vs) = (
-                self.split_heads(&q)?,
-                self.split_heads(&k)?,
-                self.split_heads(&v)?,
-            );
             let call = SelfAttnCall {
                 layer: &self.name,
                 kind,
                 num_frames,
-                query: &qs,
-                key: &ks,
-                value: &vs,
+                query: &q,
+                key: &k,
+                value: &v,
+                heads: self.heads,
                 scale: self.scale,
                 precision: self.cpu_precision,
             };
-            out = hook.self_attention(&call)?;
-            if out.is_none() && !fusable(&q) {
-                out = Some(scaled_dot_product_attention(&qs, &ks, &vs, self.scale)?);
+            if let Some(out) = hook.self_attention(&call)? {
+                let (b, l, _) = q.dims3()?;
+                if out.dims() != [b, l, v.dim(2)?] {
+                    candle_core::bail!(
+                        "{}: the hook returned {:?}, not {:?}",
+                        self.name,
+                        out.dims(),
+                        [b, l, v.dim(2)?]
+                    )
+                }
+                return self.to_out.forward(&out);
             }
         }
-        let out = match out {
-            Some(o) => o.transpose(1, 2)?.reshape((b, l, ()))?,
-            None if fusable(&q) => self.fused(&q, &k, &v)?,
-            None => {
-                let (qs, ks, vs) = (
-                    self.split_heads(&q)?,
-                    self.split_heads(&k)?,
-                    self.split_heads(&v)?,
-                );
-                scaled_dot_product_attention(&qs, &ks, &vs, self.scale)?
-                    .transpose(1, 2)?
-                    .reshape((b, l, ()))?
-            }
-        };
+        let out = multi_head_attention(self.cpu_precision, &q, &k, &v, self.heads, self.scale)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.name)))?;
         self.to_out.forward(&out)
-    }
-
-    /// softmax(q k^T * scale) v on the CPU in one kernel, reading the heads straight from the
-    /// projections' (batch, seq, heads*d) layout; returns (batch, seq, heads*dv).
-    fn fused(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (batch, lq, inner) = q.dims3()?;
-        let lk = k.dim(1)?;
-        let inner_v = v.dim(2)?;
-        if inner % self.heads != 0 || inner_v % self.heads != 0 || k.dim(2)? != inner {
-            candle_core::bail!(
-                "{}: projections {inner}/{inner_v} do not split into {} heads",
-                self.name,
-                self.heads
-            )
-        }
-        let shape = AttentionShape {
-            batch,
-            heads: self.heads,
-            lq,
-            lk,
-            d: inner / self.heads,
-            dv: inner_v / self.heads,
-        };
-        fused_attention(self.cpu_precision, q, k, v, shape, self.scale)
     }
 }
 

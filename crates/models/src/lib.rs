@@ -14,3 +14,5 @@ pub mod transformers;
 pub mod unets;
 
 pub use error::{Error, Result};
+/// The CPU matrix precision the layers take (from the kernels crate).
+pub use flipsketch_kernels::Precision;

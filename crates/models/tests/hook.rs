@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, golden, max_abs_diff};
 use flipsketch_models::attention::{
-    scaled_dot_product_attention, AttentionHook, SelfAttnCall, SelfAttnKind,
+    merge_heads, scaled_dot_product_attention, split_heads, AttentionHook, SelfAttnCall,
+    SelfAttnKind,
 };
 use flipsketch_models::loading::{load_component, DIFFUSERS_WEIGHTS};
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
@@ -52,9 +53,16 @@ impl AttentionHook for Recorder {
             return Ok(Some(call.value.zeros_like()?));
         }
         if self.replace_with_plain {
-            return Ok(Some(scaled_dot_product_attention(
-                call.query, call.key, call.value, call.scale,
-            )?));
+            // Through the split-head entry point, with the heads split and merged back.
+            let h = call.heads;
+            let (q, k, v) = (
+                split_heads(call.query, h)?,
+                split_heads(call.key, h)?,
+                split_heads(call.value, h)?,
+            );
+            return Ok(Some(merge_heads(&scaled_dot_product_attention(
+                &q, &k, &v, call.scale,
+            )?)?));
         }
         Ok(None)
     }
@@ -106,7 +114,7 @@ fn observing_hook_is_bit_identical_and_sees_every_attn1() {
                     name.contains("temp_attentions") || name.starts_with("transformer_in"),
                     "{name}"
                 );
-                assert_eq!(dims[2], f, "{name}");
+                assert_eq!(dims[1], f, "{name}");
                 assert_eq!(dims[0] % b, 0, "{name}");
             }
         }
@@ -114,14 +122,14 @@ fn observing_hook_is_bit_identical_and_sees_every_attn1() {
     let (_, dims) = &rec.seen["down_blocks.0.attentions.0.transformer_blocks.0.attn1"];
     assert_eq!(
         dims,
-        &vec![8, 2, 60, 8],
-        "spatial q: (B*F, heads, h*w, head_dim)"
+        &vec![8, 60, 16],
+        "spatial q: (B*F, h*w, heads * head_dim), 2 heads of 8"
     );
     let (_, dims) = &rec.seen["transformer_in.transformer_blocks.0.attn1"];
     assert_eq!(
         dims,
-        &vec![2 * 60, 8, 4, 8],
-        "transformer_in q: (B*h*w, 8 heads, F, head_dim)"
+        &vec![2 * 60, 4, 64],
+        "transformer_in q: (B*h*w, F, 8 heads * head_dim 8)"
     );
 }
 

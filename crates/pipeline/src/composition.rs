@@ -16,13 +16,14 @@ use std::collections::HashMap;
 
 use candle_core::{Result, Tensor};
 use flipsketch_models::attention::{
-    attention_first_key, attention_with_scores, scaled_dot_product_attention_in, AttentionHook,
-    SelfAttnCall, SelfAttnKind,
+    attention_first_key, attention_with_scores, merge_heads, multi_head_attention, split_heads,
+    AttentionHook, SelfAttnCall, SelfAttnKind,
 };
 
-/// What one reference pass's `attn1` layers leave for the composition: a spatial layer's
-/// queries (cc, heads, h*w, d), a temporal layer's keys of frame 0 (pixels, heads, 1, d). The
-/// rest (spatial keys, temporal queries, later frames' keys) is never used, so it is not kept.
+/// What one reference pass's `attn1` layers leave for the composition, in the projections'
+/// layout (heads not split): a spatial layer's queries (cc, h*w, heads*d), a temporal layer's
+/// keys of frame 0 (pixels, 1, heads*d). The rest (spatial keys, temporal queries, later
+/// frames' keys) is never used, so it is not kept.
 #[derive(Default)]
 pub struct Recorder {
     pub layers: HashMap<String, Recorded>,
@@ -38,7 +39,7 @@ impl AttentionHook for Recorder {
     fn self_attention(&mut self, call: &SelfAttnCall) -> Result<Option<Tensor>> {
         let kept = match call.kind {
             SelfAttnKind::Spatial => Recorded::Queries(call.query.clone()),
-            SelfAttnKind::Temporal => Recorded::FirstKeys(call.key.narrow(2, 0, 1)?.contiguous()?),
+            SelfAttnKind::Temporal => Recorded::FirstKeys(call.key.narrow(1, 0, 1)?.contiguous()?),
         };
         self.layers.insert(call.layer.to_string(), kept);
         Ok(None)
@@ -73,9 +74,9 @@ impl AttentionHook for Composer<'_> {
 
 impl Composer<'_> {
     fn spatial(&self, call: &SelfAttnCall, q_ref: &Tensor) -> Result<Tensor> {
-        let (bf, heads, l, d) = call.query.dims4()?;
+        let (bf, l, inner) = call.query.dims3()?;
         let (b, f, cc) = (self.variants, call.num_frames, self.ref_frames);
-        if bf != b * f || q_ref.dims() != [cc, heads, l, d] || cc > f {
+        if bf != b * f || q_ref.dims() != [cc, l, inner] || cc > f {
             candle_core::bail!(
                 "composition {}: query {:?} and reference {:?} do not fit {b} variants x {f} frames with {cc} reference frames",
                 call.layer,
@@ -83,22 +84,31 @@ impl Composer<'_> {
                 q_ref.dims()
             )
         }
-        let q = call.query.reshape((b, f, heads, l, d))?;
-        let head = q_ref.unsqueeze(0)?.broadcast_as((b, cc, heads, l, d))?;
+        // The first cc frames of every variant take the reference's queries (all pixels,
+        // all heads): one copy of the queries, the heads left in place.
+        let head = q_ref.unsqueeze(0)?.broadcast_as((b, cc, l, inner))?;
         let q = if cc == f {
             head.contiguous()?
         } else {
+            let q = call.query.reshape((b, f, l, inner))?;
             Tensor::cat(&[&head, &q.narrow(1, cc, f - cc)?], 1)?
         };
-        let q = q.reshape((bf, heads, l, d))?;
-        scaled_dot_product_attention_in(call.precision, &q, call.key, call.value, call.scale)
+        let q = q.reshape((bf, l, inner))?;
+        multi_head_attention(
+            call.precision,
+            &q,
+            call.key,
+            call.value,
+            call.heads,
+            call.scale,
+        )
     }
 
     fn temporal(&self, call: &SelfAttnCall, k_ref: &Tensor) -> Result<Tensor> {
-        let (n, heads, f, d) = call.query.dims4()?;
+        let (n, f, inner) = call.query.dims3()?;
         let b = self.variants;
         let pixels = n / b.max(1);
-        if n != b * pixels || k_ref.dims() != [pixels, heads, 1, d] {
+        if n != b * pixels || k_ref.dims() != [pixels, 1, inner] {
             candle_core::bail!(
                 "composition {}: query {:?} and reference key {:?} do not fit {b} variants",
                 call.layer,
@@ -106,50 +116,150 @@ impl Composer<'_> {
                 k_ref.dims()
             )
         }
-        // kref_0 of each (pixel, head), the same for every variant: (b*pixels, heads, 1, d)
-        let k0 = k_ref
-            .unsqueeze(0)?
-            .broadcast_as((b, pixels, heads, 1, d))?
-            .reshape((n, heads, 1, d))?;
+        // kref_0 of each (pixel, head), the same for every variant: (b*pixels, 1, heads*d)
+        let k0 = if b == 1 {
+            k_ref.clone()
+        } else {
+            k_ref
+                .unsqueeze(0)?
+                .broadcast_as((b, pixels, 1, inner))?
+                .reshape((n, 1, inner))?
+        };
         // q_j . kref_0 * scale * (1 + lambda * j / 50), for every query frame j: in one CPU
         // kernel where it applies,
         let frame_weight: Vec<f32> = (0..f)
             .map(|j| (1.0 + self.lambda * j as f64 / 50.0) as f32)
             .collect();
-        let k0 = k0.contiguous()?;
         if let Some(out) = attention_first_key(
             call.precision,
             call.query,
             call.key,
             call.value,
+            call.heads,
             &k0,
             &frame_weight,
             call.scale,
         )? {
             return Ok(out);
         }
-        // else with tensor ops.
+        // else with tensor ops on split heads.
+        let h = call.heads;
+        let (q, k, v) = (
+            split_heads(call.query, h)?,
+            split_heads(call.key, h)?,
+            split_heads(call.value, h)?,
+        );
+        let k0 = split_heads(&k0, h)?; // (n, heads, 1, d)
         let weights: Vec<f32> = (0..f)
             .map(|j| (call.scale * (1.0 + self.lambda * j as f64 / 50.0)) as f32)
             .collect();
-        let weights = Tensor::from_vec(weights, (1, 1, f, 1), call.query.device())?
-            .to_dtype(call.query.dtype())?;
-        let col0 = flipsketch_models::nn::matmul(call.query, &k0.t()?)?.broadcast_mul(&weights)?; // (n, heads, f, 1)
-        let col0 = col0.reshape((n * heads, f, 1))?;
-        attention_with_scores(
-            call.query,
-            call.key,
-            call.value,
-            call.scale,
-            |start, scores| {
-                let len = scores.dim(0)?;
-                let first = col0.narrow(0, start, len)?;
-                if f == 1 {
-                    Ok(first)
-                } else {
-                    Tensor::cat(&[&first, &scores.narrow(2, 1, f - 1)?], 2)
-                }
-            },
-        )
+        let weights = Tensor::from_vec(weights, (1, 1, f, 1), q.device())?.to_dtype(q.dtype())?;
+        let col0 = flipsketch_models::nn::matmul(&q, &k0.t()?)?.broadcast_mul(&weights)?; // (n, heads, f, 1)
+        let col0 = col0.reshape((n * h, f, 1))?;
+        let out = attention_with_scores(&q, &k, &v, call.scale, |start, scores| {
+            let len = scores.dim(0)?;
+            let first = col0.narrow(0, start, len)?;
+            if f == 1 {
+                Ok(first)
+            } else {
+                Tensor::cat(&[&first, &scores.narrow(2, 1, f - 1)?], 2)
+            }
+        })?;
+        merge_heads(&out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use flipsketch_models::Precision;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        crate::flipsketch::seeded_noise(seed, 0, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The CPU kernel path (f32) and the tensor-op fallback (taken for any other dtype, here
+    /// f64) compose the same attention, spatial and temporal, with 2 variants.
+    #[test]
+    fn kernel_and_fallback_compositions_agree() {
+        let (b, f, cc, heads, d, pixels) = (2, 4, 3, 2, 8, 6);
+        let inner = heads * d;
+        let mut rec = Recorder::default();
+        rec.layers.insert(
+            "s".into(),
+            Recorded::Queries(randn(&[cc, pixels, inner], 1)),
+        );
+        rec.layers.insert(
+            "t".into(),
+            Recorded::FirstKeys(randn(&[pixels, 1, inner], 2)),
+        );
+        let cases = [
+            ("s", SelfAttnKind::Spatial, [b * f, pixels, inner]),
+            ("t", SelfAttnKind::Temporal, [b * pixels, f, inner]),
+        ];
+        for (layer, kind, dims) in cases {
+            let (q, k, v) = (randn(&dims, 3), randn(&dims, 4), randn(&dims, 5));
+            let run = |dtype: DType, rec: &Recorder| {
+                let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+                let (q, k, v) = (cast(&q), cast(&k), cast(&v));
+                let call = SelfAttnCall {
+                    layer,
+                    kind,
+                    num_frames: f,
+                    query: &q,
+                    key: &k,
+                    value: &v,
+                    heads,
+                    scale: 0.3,
+                    precision: Precision::F32,
+                };
+                let mut c = Composer {
+                    recorded: rec,
+                    variants: b,
+                    ref_frames: cc,
+                    lambda: 2.0,
+                };
+                c.self_attention(&call)
+                    .unwrap()
+                    .expect("composed")
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            };
+            let mut rec64 = Recorder::default();
+            for (name, r) in &rec.layers {
+                let r = match r {
+                    Recorded::Queries(t) => Recorded::Queries(t.to_dtype(DType::F64).unwrap()),
+                    Recorded::FirstKeys(t) => Recorded::FirstKeys(t.to_dtype(DType::F64).unwrap()),
+                };
+                rec64.layers.insert(name.clone(), r);
+            }
+            let kernel = run(DType::F32, &rec);
+            let fallback = run(DType::F64, &rec64);
+            assert_eq!(kernel.dims(), &dims);
+            let diff = (&kernel - &fallback)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff < 1e-5,
+                "{kind:?}: kernel and fallback differ by {diff:e}"
+            );
+            // and the composition changed something
+            let plain = multi_head_attention(Precision::F32, &q, &k, &v, heads, 0.3).unwrap();
+            let moved = (&kernel - &plain)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(moved > 1e-3, "{kind:?}: composition had no effect");
+        }
     }
 }
