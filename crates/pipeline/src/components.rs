@@ -112,65 +112,31 @@ impl Components {
             seconds: t0.elapsed().as_secs_f64(),
         });
 
+        // The text encoder and the VAE load on a second thread while the UNet loads here:
+        // loading is mostly the kernel faulting in and zeroing fresh pages, and copying, which
+        // one thread does a page at a time.
+        // A missing folder is reported before anything big loads.
+        for name in ["text_encoder", "vae", "unet"] {
+            component_dir(dir, name)?;
+        }
         on_component("text_encoder");
-        let t0 = Instant::now();
-        let tdir = component_dir(dir, "text_encoder")?;
-        let tcfg = ClipTextConfig::from_file(&tdir.join("config.json"))?;
-        let (text_encoder, rep) = load_component(
-            "text_encoder",
-            &tdir,
-            TRANSFORMERS_WEIGHTS,
-            dtype,
-            device,
-            |vb| ClipTextModel::new(&tcfg, vb),
-        )?;
-        reports.push(ComponentReport {
-            name: "text_encoder",
-            summary: format!(
-                "CLIPTextModel, {} wide, {} layers, {} heads, {:?}, vocab {}",
-                tcfg.hidden_size,
-                tcfg.num_hidden_layers,
-                tcfg.num_attention_heads,
-                tcfg.activation,
-                tcfg.vocab_size
-            ),
-            weights: Some(rep),
-            seconds: t0.elapsed().as_secs_f64(),
-        });
-
         on_component("vae");
-        let t0 = Instant::now();
-        let vdir = component_dir(dir, "vae")?;
-        let vcfg = AutoencoderKLConfig::from_file(&vdir.join("config.json"))?;
-        let (vae, rep) = load_component("vae", &vdir, DIFFUSERS_WEIGHTS, dtype, device, |vb| {
-            AutoencoderKL::new(&vcfg, vb)
-        })?;
-        reports.push(ComponentReport {
-            name: "vae",
-            summary: format!(
-                "AutoencoderKL, channels {:?}, {} layers per block, {} latent channels, scaling factor {}",
-                vcfg.block_out_channels, vcfg.layers_per_block, vcfg.latent_channels, vcfg.scaling_factor
-            ),
-            weights: Some(rep),
-            seconds: t0.elapsed().as_secs_f64(),
-        });
-
         on_component("unet");
-        let t0 = Instant::now();
-        let udir = component_dir(dir, "unet")?;
-        let ucfg = UNet3DConfig::from_file(&udir.join("config.json"))?;
-        let (unet, rep) = load_component("unet", &udir, DIFFUSERS_WEIGHTS, dtype, device, |vb| {
-            UNet3DConditionModel::new(&ucfg, vb)
-        })?;
-        reports.push(ComponentReport {
-            name: "unet",
-            summary: format!(
-                "UNet3DConditionModel, channels {:?}, {} layers per block, head size {:?}, cross-attention {}, sample size {:?}",
-                ucfg.block_out_channels, ucfg.layers_per_block, ucfg.head_dim, ucfg.cross_attention_dim, ucfg.sample_size
-            ),
-            weights: Some(rep),
-            seconds: t0.elapsed().as_secs_f64(),
+        let (side, unet) = std::thread::scope(|scope| {
+            let side = scope.spawn(|| {
+                let te = load_text_encoder(dir, dtype, device)?;
+                let vae = load_vae(dir, dtype, device)?;
+                Ok::<_, ComponentsError>((te, vae))
+            });
+            let unet = load_unet(dir, dtype, device);
+            (side.join(), unet)
         });
+        let ((text_encoder, te_report), (vae, vae_report)) = match side {
+            Ok(r) => r?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        let (unet, unet_report) = unet?;
+        reports.extend([te_report, vae_report, unet_report]);
 
         Ok(Self {
             tokenizer,
@@ -181,4 +147,72 @@ impl Components {
             reports,
         })
     }
+}
+
+type Loaded<M> = Result<(M, ComponentReport), ComponentsError>;
+
+fn load_text_encoder(dir: &Path, dtype: DType, device: &Device) -> Loaded<ClipTextModel> {
+    let t0 = Instant::now();
+    let tdir = component_dir(dir, "text_encoder")?;
+    let tcfg = ClipTextConfig::from_file(&tdir.join("config.json"))?;
+    let (text_encoder, rep) = load_component(
+        "text_encoder",
+        &tdir,
+        TRANSFORMERS_WEIGHTS,
+        dtype,
+        device,
+        |vb| ClipTextModel::new(&tcfg, vb),
+    )?;
+    let report = ComponentReport {
+        name: "text_encoder",
+        summary: format!(
+            "CLIPTextModel, {} wide, {} layers, {} heads, {:?}, vocab {}",
+            tcfg.hidden_size,
+            tcfg.num_hidden_layers,
+            tcfg.num_attention_heads,
+            tcfg.activation,
+            tcfg.vocab_size
+        ),
+        weights: Some(rep),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    Ok((text_encoder, report))
+}
+
+fn load_vae(dir: &Path, dtype: DType, device: &Device) -> Loaded<AutoencoderKL> {
+    let t0 = Instant::now();
+    let vdir = component_dir(dir, "vae")?;
+    let vcfg = AutoencoderKLConfig::from_file(&vdir.join("config.json"))?;
+    let (vae, rep) = load_component("vae", &vdir, DIFFUSERS_WEIGHTS, dtype, device, |vb| {
+        AutoencoderKL::new(&vcfg, vb)
+    })?;
+    let report = ComponentReport {
+        name: "vae",
+        summary: format!(
+            "AutoencoderKL, channels {:?}, {} layers per block, {} latent channels, scaling factor {}",
+            vcfg.block_out_channels, vcfg.layers_per_block, vcfg.latent_channels, vcfg.scaling_factor
+        ),
+        weights: Some(rep),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    Ok((vae, report))
+}
+
+fn load_unet(dir: &Path, dtype: DType, device: &Device) -> Loaded<UNet3DConditionModel> {
+    let t0 = Instant::now();
+    let udir = component_dir(dir, "unet")?;
+    let ucfg = UNet3DConfig::from_file(&udir.join("config.json"))?;
+    let (unet, rep) = load_component("unet", &udir, DIFFUSERS_WEIGHTS, dtype, device, |vb| {
+        UNet3DConditionModel::new(&ucfg, vb)
+    })?;
+    let report = ComponentReport {
+        name: "unet",
+        summary: format!(
+            "UNet3DConditionModel, channels {:?}, {} layers per block, head size {:?}, cross-attention {}, sample size {:?}",
+            ucfg.block_out_channels, ucfg.layers_per_block, ucfg.head_dim, ucfg.cross_attention_dim, ucfg.sample_size
+        ),
+        weights: Some(rep),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    Ok((unet, report))
 }
