@@ -78,13 +78,9 @@ fn unet(a: UnetBench) -> Result<()> {
     let cfg = UNet3DConfig::from_file(&dir.join("config.json"))?;
     let dtype = a.dtype.dtype();
     let dev = Device::Cpu;
-    let t0 = Instant::now();
-    let (unet, _) = load_component("unet", &dir, DIFFUSERS_WEIGHTS, dtype, &dev, |vb| {
+    let unet = load("unet", &dir, dtype, |vb| {
         UNet3DConditionModel::new(&cfg, vb)
-    })
-    .with_context(|| format!("cannot load {}", dir.display()))?;
-    println!("load_s {:.2}", t0.elapsed().as_secs_f64());
-    println!("weights_mib {:.0}", crate::live_mib());
+    })?;
     let sample = Tensor::randn(
         0f32,
         1.,
@@ -107,20 +103,37 @@ fn vae(a: VaeBench) -> Result<()> {
     }
     let dir = a.model.join("vae");
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
-    let dtype = a.dtype.dtype();
     let dev = Device::Cpu;
-    let t0 = Instant::now();
-    let (vae, _) = load_component("vae", &dir, DIFFUSERS_WEIGHTS, dtype, &dev, |vb| {
+    let vae = load("vae", &dir, a.dtype.dtype(), |vb| {
         AutoencoderKL::new(&cfg, vb)
-    })
-    .with_context(|| format!("cannot load {}", dir.display()))?;
-    println!("load_s {:.2}", t0.elapsed().as_secs_f64());
-    println!("weights_mib {:.0}", crate::live_mib());
+    })?;
     let latents = Tensor::randn(0f32, 1., (1, cfg.latent_channels, a.size, a.size), &dev)?;
     let best = repeat(a.reps, a.breakdown, || vae.decode(&latents))?;
     println!("vae_decode_s {best:.3}");
     report_memory();
     Ok(())
+}
+
+/// Loads one component on the CPU and prints its load time and the memory its weights take.
+fn load<M>(
+    component: &str,
+    dir: &std::path::Path,
+    dtype: DType,
+    build: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<M>,
+) -> Result<M> {
+    let t0 = Instant::now();
+    let (model, _) = load_component(
+        component,
+        dir,
+        DIFFUSERS_WEIGHTS,
+        dtype,
+        &Device::Cpu,
+        build,
+    )
+    .with_context(|| format!("cannot load {}", dir.display()))?;
+    println!("load_s {:.2}", t0.elapsed().as_secs_f64());
+    println!("weights_mib {:.0}", crate::live_mib());
+    Ok(model)
 }
 
 /// Runs `f` once to warm up and `reps` times timed; returns the best time in seconds.

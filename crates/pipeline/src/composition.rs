@@ -175,6 +175,12 @@ mod tests {
     use candle_core::{DType, Device};
     use flipsketch_models::Precision;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all());
+        d.and_then(|d| d.to_scalar::<f32>())
+            .expect("f32 tensors of one shape")
+    }
+
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         crate::flipsketch::seeded_noise(seed, 0, shape, &Device::Cpu).unwrap()
     }
@@ -237,28 +243,14 @@ mod tests {
             let kernel = run(DType::F32, &rec);
             let fallback = run(DType::F64, &rec64);
             assert_eq!(kernel.dims(), &dims);
-            let diff = (&kernel - &fallback)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&kernel, &fallback);
             assert!(
                 diff < 1e-5,
                 "{kind:?}: kernel and fallback differ by {diff:e}"
             );
             // and the composition changed something
             let plain = multi_head_attention(Precision::F32, &q, &k, &v, heads, 0.3).unwrap();
-            let moved = (&kernel - &plain)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let moved = max_abs_diff(&kernel, &plain);
             assert!(moved > 1e-3, "{kind:?}: composition had no effect");
         }
     }
