@@ -60,6 +60,9 @@ fn main() {
             (10240, 320, 2560),
             (10240, 1280, 320),
             (2560, 640, 640),
+            // The 8x8 level (640 tokens): GEGLU projection, 26 MB of bf16 weights, and q/k/v.
+            (640, 1280, 10240),
+            (640, 1280, 1280),
         ] {
             let x = fill(m * k);
             let w = PackedCols::from_transposed(prec, &fill(n * k), n, k);

@@ -43,6 +43,8 @@ fn linear_matches_reference() {
             (200, 1030, 70),
             (12, 2560, 32),
             (3, 64, 700),
+            // Few rows, weights over 8 MB: rows packed once, tasks over slices of columns.
+            (37, 1024, 4130),
         ] {
             let x = random(m * k, 1 + m as u64);
             let w = random(n * k, 2 + n as u64);
