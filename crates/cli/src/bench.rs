@@ -23,9 +23,10 @@ pub enum Bench {
     Vae(VaeBench),
 }
 
+/// What both benchmarks take.
 #[derive(Args, Debug)]
-pub struct VaeBench {
-    /// Model folder (diffusers layout, with vae/).
+pub struct Common {
+    /// Model folder (diffusers layout, with unet/ or vae/).
     #[arg(long)]
     pub model: PathBuf,
     /// Latent side (32 = 256 px images).
@@ -42,25 +43,19 @@ pub struct VaeBench {
 }
 
 #[derive(Args, Debug)]
+pub struct VaeBench {
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
 pub struct UnetBench {
-    /// Model folder (diffusers layout, with unet/).
-    #[arg(long)]
-    pub model: PathBuf,
     #[arg(long, default_value_t = 10)]
     pub frames: usize,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Latent side (32 = 256 px images).
-    #[arg(long, default_value_t = 32)]
-    pub size: usize,
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: Precision,
-    /// Timed repetitions after one warm-up.
-    #[arg(long, default_value_t = 3)]
-    pub reps: usize,
-    /// Also print the time spent in each CPU kernel family during the last repetition.
-    #[arg(long)]
-    pub breakdown: bool,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -70,8 +65,9 @@ pub fn run(b: Bench) -> Result<()> {
     }
 }
 
-fn unet(a: UnetBench) -> Result<()> {
-    if a.frames == 0 || a.batch == 0 || a.size == 0 || a.reps == 0 {
+fn unet(u: UnetBench) -> Result<()> {
+    let a = &u.common;
+    if u.frames == 0 || u.batch == 0 || a.size == 0 || a.reps == 0 {
         bail!("--frames, --batch, --size and --reps must be positive");
     }
     let dir = a.model.join("unet");
@@ -84,11 +80,11 @@ fn unet(a: UnetBench) -> Result<()> {
     let sample = Tensor::randn(
         0f32,
         1.,
-        (a.batch, cfg.in_channels, a.frames, a.size, a.size),
+        (u.batch, cfg.in_channels, u.frames, a.size, a.size),
         &dev,
     )?;
     let ehs =
-        Tensor::randn(0f32, 1., (a.batch, 77, cfg.cross_attention_dim), &dev)?.to_dtype(dtype)?;
+        Tensor::randn(0f32, 1., (u.batch, 77, cfg.cross_attention_dim), &dev)?.to_dtype(dtype)?;
     let best = repeat(a.reps, a.breakdown, || {
         unet.forward(&sample, 500.0, &ehs, None)
     })?;
@@ -97,7 +93,8 @@ fn unet(a: UnetBench) -> Result<()> {
     Ok(())
 }
 
-fn vae(a: VaeBench) -> Result<()> {
+fn vae(v: VaeBench) -> Result<()> {
+    let a = &v.common;
     if a.size == 0 || a.reps == 0 {
         bail!("--size and --reps must be positive");
     }

@@ -937,6 +937,11 @@ pub struct ConvGeometry {
 }
 
 impl ConvGeometry {
+    /// Values of the output of `images` images with `c_out` channels.
+    pub fn out_len(&self, images: usize, c_out: usize) -> usize {
+        images * c_out * self.h_out * self.w_out
+    }
+
     pub fn new(
         c_in: usize,
         h: usize,
@@ -973,8 +978,7 @@ pub fn conv2d(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let len = images * w.m * geom.h_out * geom.w_out;
-    assert_eq!(out.len(), len, "conv2d: output size");
+    assert_eq!(out.len(), geom.out_len(images, w.m), "conv2d: output size");
     // SAFETY: `out` holds the whole output.
     unsafe { conv2d_impl(x, images, geom, w, bias, out.as_mut_ptr(), false) }
 }
@@ -987,7 +991,7 @@ pub fn conv2d_new(
     w: &PackedRows,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    let len = images * w.m * geom.h_out * geom.w_out;
+    let len = geom.out_len(images, w.m);
     // SAFETY: without `accumulate`, conv2d_impl stores every output and reads none.
     unsafe { filled(len, |p| conv2d_impl(x, images, geom, w, bias, p, false)) }
 }
@@ -1000,8 +1004,7 @@ pub fn conv2d_accumulate(
     w: &PackedRows,
     out: &mut [f32],
 ) {
-    let len = images * w.m * geom.h_out * geom.w_out;
-    assert_eq!(out.len(), len, "conv2d: output size");
+    assert_eq!(out.len(), geom.out_len(images, w.m), "conv2d: output size");
     // SAFETY: `out` holds the whole output, initialised.
     unsafe { conv2d_impl(x, images, geom, w, None, out.as_mut_ptr(), true) }
 }
