@@ -980,7 +980,7 @@ pub fn conv2d(
 ) {
     assert_eq!(out.len(), geom.out_len(images, w.m), "conv2d: output size");
     // SAFETY: `out` holds the whole output.
-    unsafe { conv2d_impl(x, images, geom, w, bias, out.as_mut_ptr(), false) }
+    unsafe { conv2d_impl(x, images, geom, w, bias, out.as_mut_ptr(), false, None) }
 }
 
 /// [`conv2d`] into a new vector (its memory is written once, not zeroed first).
@@ -993,7 +993,11 @@ pub fn conv2d_new(
 ) -> Vec<f32> {
     let len = geom.out_len(images, w.m);
     // SAFETY: without `accumulate`, conv2d_impl stores every output and reads none.
-    unsafe { filled(len, |p| conv2d_impl(x, images, geom, w, bias, p, false)) }
+    unsafe {
+        filled(len, |p| {
+            conv2d_impl(x, images, geom, w, bias, p, false, None)
+        })
+    }
 }
 
 /// [`conv2d`] without bias, adding into `out` instead of overwriting it.
@@ -1006,11 +1010,56 @@ pub fn conv2d_accumulate(
 ) {
     assert_eq!(out.len(), geom.out_len(images, w.m), "conv2d: output size");
     // SAFETY: `out` holds the whole output, initialised.
-    unsafe { conv2d_impl(x, images, geom, w, None, out.as_mut_ptr(), true) }
+    unsafe { conv2d_impl(x, images, geom, w, None, out.as_mut_ptr(), true, None) }
+}
+
+/// diffusers' `Conv3d(kernel (3, 1, 1), padding (1, 0, 0))` over the `frames` frames of one
+/// sample, `x`: (frames, c, h, w), as one GEMM with K = 3c: `w` packs the kernel as
+/// (c_out, 3c), tap-major (`[tap 0 | tap 1 | tap 2]` over the channels). Frame f reads frames
+/// f-1, f, f+1 of a copy of `x` with a zero frame at both ends, as one image of 3c channels.
+/// Returns (frames, c_out, h, w).
+pub fn conv_frames(
+    x: &[f32],
+    frames: usize,
+    (c, h, wd): (usize, usize, usize),
+    w: &PackedRows,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let frame = c * h * wd;
+    assert_eq!(
+        x.len(),
+        frames * frame,
+        "conv_frames: input is not {frames}x{c}x{h}x{wd}"
+    );
+    assert_eq!(w.k, 3 * c, "conv_frames: weights are not {}x{}", w.m, 3 * c);
+    let mut padded = Vec::<f32>::with_capacity((frames + 2) * frame);
+    let spare = &mut padded.spare_capacity_mut()[..(frames + 2) * frame];
+    let (head, rest) = spare.split_at_mut(frame);
+    let (body, tail) = rest.split_at_mut(frames * frame);
+    head.fill(std::mem::MaybeUninit::new(0.0));
+    tail.fill(std::mem::MaybeUninit::new(0.0));
+    body.par_chunks_mut(1 << 16)
+        .zip(x.par_chunks(1 << 16))
+        .for_each(|(d, s)| {
+            for (d, &v) in d.iter_mut().zip(s) {
+                d.write(v);
+            }
+        });
+    // SAFETY: head, body and tail cover the (frames + 2) frames, all written.
+    unsafe { padded.set_len((frames + 2) * frame) };
+    let g = ConvGeometry::new(3 * c, h, wd, 1, 1, 1, 0).expect("a 1x1 kernel fits");
+    // SAFETY: without `accumulate`, conv2d_impl stores every output and reads none; the
+    // `frames` images of 3c channels, one frame apart, lie inside `padded`.
+    unsafe {
+        filled(g.out_len(frames, w.m), |p| {
+            conv2d_impl(&padded, frames, &g, w, bias, p, false, Some(frame))
+        })
+    }
 }
 
 /// The convolution into `out`, valid for the whole output: stores every element, and reads
 /// them (which must then be initialised) only when `accumulate`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn conv2d_impl(
     x: &[f32],
     images: usize,
@@ -1019,6 +1068,7 @@ unsafe fn conv2d_impl(
     bias: Option<&[f32]>,
     out: *mut f32,
     accumulate: bool,
+    stride: Option<usize>,
 ) {
     let g = geom;
     let c_out = w.m;
@@ -1026,11 +1076,19 @@ unsafe fn conv2d_impl(
     assert_eq!(w.k, k, "conv2d: weights are not {c_out}x{k}");
     let in_size = g.c_in * g.h * g.w;
     let pix = g.h_out * g.w_out;
-    assert_eq!(
-        x.len(),
-        images * in_size,
-        "conv2d: input is not {images}x{in_size}"
+    // Image i starts at i * stride (images may overlap when stride < in_size).
+    let stride = stride.unwrap_or(in_size);
+    assert!(
+        images == 0 || (images - 1) * stride + in_size <= x.len(),
+        "conv2d: input is not {images} images of {in_size} values {stride} apart"
     );
+    if stride == in_size {
+        assert_eq!(
+            x.len(),
+            images * in_size,
+            "conv2d: input is not {images}x{in_size}"
+        );
+    }
     if let Some(b) = bias {
         assert_eq!(b.len(), c_out, "conv2d: bias is not {c_out}");
     }
@@ -1039,7 +1097,7 @@ unsafe fn conv2d_impl(
     }
     let t = threads();
     let kslots = w.prec.slots(k);
-    let batched_tmp = pix < NR && images > 1 && images * in_size < i32::MAX as usize;
+    let batched_tmp = pix < NR && images > 1 && x.len() < i32::MAX as usize;
     if batched_tmp {
         // Small images (4x4 latents): a panel of NR columns would be mostly padding, so the
         // columns run over the pixels of all images, into a (c_out, images * pix) buffer.
@@ -1051,7 +1109,7 @@ unsafe fn conv2d_impl(
             prec: w.prec,
             image: x,
             geom: g,
-            batched: Some((pix, in_size)),
+            batched: Some((pix, stride)),
         };
         stats::timed(
             stats::Kernel::Conv2d,
@@ -1116,7 +1174,7 @@ unsafe fn conv2d_impl(
                 let c = c;
                 let patches = Patches {
                     prec: w.prec,
-                    image: &x[img * in_size..][..in_size],
+                    image: &x[img * stride..][..in_size],
                     geom: g,
                     batched: None,
                 };

@@ -549,3 +549,50 @@ fn fresh_outputs_equal_outputs_into_buffers() {
         .iter()
         .all(|&v| v == 0.0));
 }
+
+#[test]
+fn conv_frames_matches_reference() {
+    // (frames, c, h, w, c_out): one frame, two, several; 4x4 images take the path whose
+    // columns run over all images, 6x7 one image per task.
+    for prec in [Precision::F32, Precision::Bf16] {
+        for &(f, c, h, w, co) in &[
+            (1, 3, 4, 4, 5),
+            (2, 6, 6, 7, 4),
+            (5, 7, 4, 4, 9),
+            (4, 40, 6, 7, 13),
+        ] {
+            let x = random(f * c * h * w, 110 + f as u64);
+            // (c_out, 3c), tap-major
+            let wt = random(co * 3 * c, 111);
+            let bias = random(co, 112);
+            let packed = PackedRows::new(prec, &wt, co, 3 * c);
+            let (xr, wr) = (rounded(prec, &x), rounded(prec, &wt));
+            let pix = h * w;
+            let got = flipsketch_kernels::conv_frames(&x, f, (c, h, w), &packed, Some(&bias));
+            let mut want = vec![0f64; f * co * pix];
+            for fr in 0..f {
+                for o in 0..co {
+                    for p in 0..pix {
+                        let mut acc = bias[o] as f64;
+                        for t in 0..3 {
+                            let src = fr as i64 + t as i64 - 1;
+                            if src < 0 || src >= f as i64 {
+                                continue;
+                            }
+                            for ci in 0..c {
+                                acc += wr[o * 3 * c + t * c + ci] as f64
+                                    * xr[(src as usize * c + ci) * pix + p] as f64;
+                            }
+                        }
+                        want[(fr * co + o) * pix + p] = acc;
+                    }
+                }
+            }
+            let e = rel_err(&got, &want);
+            assert!(
+                e < TOL,
+                "{prec:?} conv_frames {f}x{c}x{h}x{w} -> {co}: rel err {e:e}"
+            );
+        }
+    }
+}

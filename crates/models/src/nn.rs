@@ -281,66 +281,108 @@ impl Module for Conv2d {
     }
 }
 
-/// `out[f] = taps[0] x[f-1] + taps[1] x[f] + taps[2] x[f+1]` over the frames of each sample
-/// (zero beyond both ends), `x`: (batch*frames, in, h, w), frames of a sample consecutive.
-/// On the CPU the neighbours' products are added straight into the output.
-pub fn temporal_conv(taps: &[Conv2d; 3], x: &Tensor, num_frames: usize) -> Result<Tensor> {
-    let (bf, c, h, w) = x.dims4()?;
-    if num_frames == 0 || bf % num_frames != 0 {
-        candle_core::bail!("temporal conv: {bf} images are not samples of {num_frames} frames")
+/// diffusers' `Conv3d(in, out, kernel (3, 1, 1), padding (1, 0, 0))` run over (batch*frames,
+/// in, h, w) tensors, frames of a sample consecutive (DESIGN trap 2): `out[f] = W0 x[f-1] +
+/// W1 x[f] + W2 x[f+1] + b`, zero beyond both ends of each sample.
+#[derive(Clone, Debug)]
+pub struct FrameConv {
+    weight: FrameConvWeight,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+#[derive(Clone, Debug)]
+enum FrameConvWeight {
+    /// CPU: the three taps packed side by side, (out, 3 * in), for one GEMM per sample.
+    Packed(Arc<PackedRows>, Option<Arc<[f32]>>),
+    /// Elsewhere: tap k as an (out, in, 1, 1) convolution, the bias on tap 1.
+    Taps(Box<[Conv2d; 3]>),
+}
+
+impl FrameConv {
+    /// `weight`: (out, in, 3, 1, 1), `bias`: (out).
+    pub fn new(weight: Tensor, bias: Tensor) -> Result<Self> {
+        let (out_dim, in_dim, kt, kh, kw) = weight.dims5()?;
+        if (kt, kh, kw) != (3, 1, 1) {
+            candle_core::bail!("frame conv: kernel ({kt}, {kh}, {kw}) is not (3, 1, 1)")
+        }
+        let weight = match cpu_packing(&weight) {
+            Some(prec) => {
+                // (out, in, 3) -> (out, 3, in): row o is [tap 0 | tap 1 | tap 2] over the inputs
+                let w = weight
+                    .squeeze(4)?
+                    .squeeze(3)?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let w = with_cpu_f32(&w, |v| PackedRows::new(prec, v, out_dim, 3 * in_dim))?;
+                FrameConvWeight::Packed(Arc::new(w), Some(Arc::from(cpu_values(&bias)?)))
+            }
+            None => {
+                let tap = |k: usize, bias: Option<Tensor>| -> Result<Conv2d> {
+                    let t = weight.narrow(2, k, 1)?.squeeze(4)?.contiguous()?;
+                    Conv2d::new(t, bias, Default::default())
+                };
+                FrameConvWeight::Taps(Box::new([
+                    tap(0, None)?,
+                    tap(1, Some(bias))?,
+                    tap(2, None)?,
+                ]))
+            }
+        };
+        Ok(Self {
+            weight,
+            in_dim,
+            out_dim,
+        })
     }
-    let samples = bf / num_frames;
-    if let [ConvWeight::Packed(w0, None), ConvWeight::Packed(w1, bias), ConvWeight::Packed(w2, None)] =
-        [&taps[0].weight, &taps[1].weight, &taps[2].weight]
-    {
-        if x.device().is_cpu() && taps.iter().all(|t| t.dims == (t.dims.0, c, 1, 1)) {
-            let o = taps[1].dims.0;
-            let g = ConvGeometry::new(c, h, w, 1, 1, 1, 0).expect("1x1 fits");
-            let (isz, osz) = (c * h * w, o * h * w);
-            let f = num_frames;
-            let dtype = x.dtype();
-            let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
-                let mut out = kernels::conv2d_new(xs, bf, &g, w1, bias.as_deref());
-                for s in (0..samples).filter(|_| f > 1) {
-                    let (x0, y0) = (s * f, s * f);
-                    // out[f] += W0 x[f-1] for f >= 1; out[f] += W2 x[f+1] for f < F-1
-                    kernels::conv2d_accumulate(
-                        &xs[x0 * isz..(x0 + f - 1) * isz],
-                        f - 1,
-                        &g,
-                        w0,
-                        &mut out[(y0 + 1) * osz..(y0 + f) * osz],
-                    );
-                    kernels::conv2d_accumulate(
-                        &xs[(x0 + 1) * isz..(x0 + f) * isz],
-                        f - 1,
-                        &g,
-                        w2,
-                        &mut out[y0 * osz..(y0 + f - 1) * osz],
-                    );
+
+    /// `x`: (batch*frames, in, h, w) -> (batch*frames, out, h, w).
+    pub fn forward(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
+        let (bf, c, h, w) = x.dims4()?;
+        if num_frames == 0 || bf % num_frames != 0 {
+            candle_core::bail!("temporal conv: {bf} images are not samples of {num_frames} frames")
+        }
+        if c != self.in_dim {
+            candle_core::bail!(
+                "temporal conv: input has {c} channels, weight expects {}",
+                self.in_dim
+            )
+        }
+        let samples = bf / num_frames;
+        let (f, o) = (num_frames, self.out_dim);
+        match &self.weight {
+            FrameConvWeight::Packed(wp, bias) if x.device().is_cpu() => {
+                let dtype = x.dtype();
+                let sample_len = f * c * h * w;
+                let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
+                    if samples == 1 {
+                        return kernels::conv_frames(xs, f, (c, h, w), wp, bias.as_deref());
+                    }
+                    let mut out = Vec::with_capacity(bf * o * h * w);
+                    for s in xs.chunks_exact(sample_len) {
+                        out.extend(kernels::conv_frames(s, f, (c, h, w), wp, bias.as_deref()));
+                    }
+                    out
+                })?;
+                Tensor::from_vec(out, (bf, o, h, w), x.device())?.to_dtype(dtype)
+            }
+            FrameConvWeight::Packed(..) => {
+                candle_core::bail!("temporal conv: CPU weights, input on {:?}", x.device())
+            }
+            FrameConvWeight::Taps(taps) => {
+                let z = |k: usize| -> Result<Tensor> {
+                    taps[k].forward(x)?.reshape((samples, f, o, h, w))
+                };
+                let mut y = z(1)?;
+                if f > 1 {
+                    let prev = z(0)?.narrow(1, 0, f - 1)?.pad_with_zeros(1, 1, 0)?;
+                    let next = z(2)?.narrow(1, 1, f - 1)?.pad_with_zeros(1, 0, 1)?;
+                    y = ((y + prev)? + next)?;
                 }
-                out
-            })?;
-            return Tensor::from_vec(out, (bf, o, h, w), x.device())?.to_dtype(dtype);
+                y.reshape((bf, o, h, w))
+            }
         }
     }
-    let out_dim = taps[1].dims.0;
-    let z = |k: usize| -> Result<Tensor> {
-        taps[k]
-            .forward(x)?
-            .reshape((samples, num_frames, out_dim, h, w))
-    };
-    let mut y = z(1)?;
-    if num_frames > 1 {
-        let prev = z(0)?
-            .narrow(1, 0, num_frames - 1)?
-            .pad_with_zeros(1, 1, 0)?;
-        let next = z(2)?
-            .narrow(1, 1, num_frames - 1)?
-            .pad_with_zeros(1, 0, 1)?;
-        y = ((y + prev)? + next)?;
-    }
-    y.reshape((bf, out_dim, h, w))
 }
 
 /// `nn.Linear(in_dim, out_dim, bias=bias)`.
@@ -513,5 +555,43 @@ impl FrameGroupNorm {
     /// [`FrameGroupNorm::forward`] then SiLU.
     pub fn forward_silu(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
         self.0.forward_spanning(x, num_frames, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU's single GEMM (f32 weights, packed) and the three-tap fallback (any other
+    /// dtype, here f64) agree, with 2 samples of 3 frames and with 1 frame.
+    #[test]
+    fn frame_conv_paths_agree() {
+        let dev = Device::Cpu;
+        let (o, c, h, w) = (5, 4, 3, 6);
+        let weight = Tensor::randn(0f32, 1., (o, c, 3, 1, 1), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1., o, &dev).unwrap();
+        let packed = FrameConv::new(weight.clone(), bias.clone()).unwrap();
+        assert!(matches!(packed.weight, FrameConvWeight::Packed(..)));
+        let taps = FrameConv::new(
+            weight.to_dtype(DType::F64).unwrap(),
+            bias.to_dtype(DType::F64).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(taps.weight, FrameConvWeight::Taps(..)));
+        for (bf, frames) in [(6, 3), (2, 1)] {
+            let x = Tensor::randn(0f32, 1., (bf, c, h, w), &dev).unwrap();
+            let a = packed.forward(&x, frames).unwrap();
+            let b = taps
+                .forward(&x.to_dtype(DType::F64).unwrap(), frames)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            assert!(
+                d < 1e-5,
+                "{bf} images of {frames} frames: paths differ by {d:e}"
+            );
+        }
     }
 }

@@ -4,9 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{
-    conv2d, group_norm, linear, temporal_conv, Conv2d, FrameGroupNorm, GroupNorm, Linear,
-};
+use crate::nn::{conv2d, group_norm, linear, Conv2d, FrameConv, FrameGroupNorm, GroupNorm, Linear};
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"`, pre-norm, SiLU. Its GroupNorms see
 /// one frame at a time (frames are in the batch).
@@ -84,14 +82,13 @@ impl ResnetBlock2D {
 }
 
 /// One `nn.Sequential(GroupNorm, SiLU, [Dropout,] Conv3d(k=(3,1,1), padding=(1,0,0)))` of
-/// `TemporalConvLayer`. The Conv3d is run as a 1-D convolution over frames (DESIGN trap 2):
-/// its three kernel taps are 1x1 convolutions of the previous, current and next frame, summed
-/// (zero-padded at both ends). The GroupNorm spans all frames of a sample (trap 3).
+/// `TemporalConvLayer`. The Conv3d is run as a 1-D convolution over frames (DESIGN trap 2,
+/// [`FrameConv`]: on the CPU one GEMM over the previous, current and next frame, zero-padded
+/// at both ends). The GroupNorm spans all frames of a sample (trap 3).
 #[derive(Clone, Debug)]
 struct TemporalConv {
     norm: FrameGroupNorm,
-    /// Tap k of the Conv3d kernel as an (out, in, 1, 1) convolution; the Conv3d bias on tap 1.
-    taps: [Conv2d; 3],
+    conv: FrameConv,
 }
 
 impl TemporalConv {
@@ -105,21 +102,16 @@ impl TemporalConv {
         let conv_vb = vb.pp(conv_index);
         let w = conv_vb.get((out_dim, in_dim, 3, 1, 1), "weight")?;
         let bias = conv_vb.get(out_dim, "bias")?;
-        let tap = |k: usize, bias: Option<Tensor>| -> Result<Conv2d> {
-            // (out, in, 3, 1, 1) -> (out, in, 1, 1) of tap k
-            let t = w.narrow(2, k, 1)?.squeeze(4)?.contiguous()?;
-            Conv2d::new(t, bias, Default::default())
-        };
         Ok(Self {
             norm: FrameGroupNorm::new(groups, in_dim, 1e-5, vb.pp(0))?,
-            taps: [tap(0, None)?, tap(1, Some(bias))?, tap(2, None)?],
+            conv: FrameConv::new(w, bias)?,
         })
     }
 
     /// `x`: (batch*frames, in, h, w) -> (batch*frames, out, h, w)
     fn forward(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
         let x = self.norm.forward_silu(x, num_frames)?;
-        temporal_conv(&self.taps, &x, num_frames)
+        self.conv.forward(&x, num_frames)
     }
 }
 
