@@ -843,62 +843,45 @@ unsafe fn linear_raw(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, 
     let c = Out(out);
     let bias = bias.map_or(Bias::None, Bias::Cols);
     let kslots = w.prec.slots(k);
-    if w.data.len() * 4 > BIG_WEIGHTS && m <= FEW_ROWS {
-        // Few rows and large weights (the GEGLU layers of the 8x8 and 4x4 levels: 640 or 160
-        // rows, 13-26 MB of weights): the rows are packed once, and each task takes all
-        // of them through a slice of the columns, so every weight is fetched from memory
-        // once instead of once per block of rows.
-        let a = PackedRows::new(w.prec, x, m, k);
-        let fit = ((512 << 10) / (4 * m) / NR).max(1) * NR;
-        let even = (n.div_ceil(4 * t)).div_ceil(NR) * NR;
-        let cols = fit.min(even).max(NR);
-        let tasks: Vec<(usize, usize)> = (0..n)
-            .step_by(cols)
-            .map(|c0| (c0, (c0 + cols).min(n)))
-            .collect();
-        let rows = m.div_ceil(MR) * MR;
-        stats::timed(stats::Kernel::Linear, 2 * (m * n * k) as u64, || {
-            tasks.par_iter().for_each(|&nr| {
-                let c = c;
-                // SAFETY: tasks cover disjoint column ranges of `out`, which is m x n.
-                unsafe {
-                    run_task(
-                        w.prec,
-                        kslots,
-                        &a,
-                        w,
-                        (0, m),
-                        nr,
-                        c.0,
-                        n,
-                        bias,
-                        false,
-                        Some(rows),
-                    )
-                }
-            })
-        });
-        return;
-    }
-    let a = RowsOnTheFly {
-        prec: w.prec,
-        src: x,
-        ld: k,
-        k,
-    };
-    let m_parts = split(m, t * 2, MR);
-    // Few rows (e.g. a text encoder's 77 tokens): split the columns as well.
-    let n_parts = if m_parts.len() >= t {
-        vec![(0, n)]
-    } else {
-        split(n, t * 2, NR)
-    };
-    let tasks: Vec<_> = m_parts
-        .iter()
-        .flat_map(|&mr| n_parts.iter().map(move |&nr| (mr, nr)))
-        .collect();
-    // Rows per pass through K: their part of C (rows x n floats) stays within about 512 KiB.
-    let rows_first = ((512 << 10) / (4 * n.max(1)) / MR).clamp(4, 32) * MR;
+    let (packed, on_the_fly);
+    let (a, tasks, rows_first): (&dyn Source, Vec<_>, usize) =
+        if w.data.len() * 4 > BIG_WEIGHTS && m <= FEW_ROWS {
+            // Few rows and large weights (the GEGLU layers of the 8x8 and 4x4 levels: 640 or 160
+            // rows, 13-26 MB of weights): the rows are packed once, and each task takes all of
+            // them through a slice of the columns, so every weight is fetched from memory once
+            // instead of once per block of rows.
+            packed = PackedRows::new(w.prec, x, m, k);
+            let fit = ((512 << 10) / (4 * m) / NR).max(1) * NR;
+            let even = (n.div_ceil(4 * t)).div_ceil(NR) * NR;
+            let cols = fit.min(even).max(NR);
+            let tasks = (0..n)
+                .step_by(cols)
+                .map(|c0| ((0, m), (c0, (c0 + cols).min(n))))
+                .collect();
+            (&packed, tasks, m.div_ceil(MR) * MR)
+        } else {
+            on_the_fly = RowsOnTheFly {
+                prec: w.prec,
+                src: x,
+                ld: k,
+                k,
+            };
+            let m_parts = split(m, t * 2, MR);
+            // Few rows (e.g. a text encoder's 77 tokens): split the columns as well.
+            let n_parts = if m_parts.len() >= t {
+                vec![(0, n)]
+            } else {
+                split(n, t * 2, NR)
+            };
+            let tasks = m_parts
+                .iter()
+                .flat_map(|&mr| n_parts.iter().map(move |&nr| (mr, nr)))
+                .collect();
+            // Rows per pass through K: their part of C (rows x n floats) stays within about
+            // 512 KiB.
+            let rows_first = ((512 << 10) / (4 * n.max(1)) / MR).clamp(4, 32) * MR;
+            (&on_the_fly, tasks, rows_first)
+        };
     stats::timed(stats::Kernel::Linear, 2 * (m * n * k) as u64, || {
         tasks.par_iter().for_each(|&(mr, nr)| {
             let c = c;
@@ -907,7 +890,7 @@ unsafe fn linear_raw(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, 
                 run_task(
                     w.prec,
                     kslots,
-                    &a,
+                    a,
                     w,
                     mr,
                     nr,
