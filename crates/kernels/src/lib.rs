@@ -671,7 +671,7 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// `C[m0..m1, n0..n1] = bias + A B` (or `+=` when `accumulate`) with C row-major, stride `ldc`.
+/// `C[m0..m1, n0..n1] = bias + A B` with C row-major, stride `ldc`.
 ///
 /// Loop order: with `rows_first = Some(mc)` (B pre-packed, so re-reading it is free) each block
 /// of `mc` rows goes through all of K before the next, keeping its part of C in L2; otherwise
@@ -691,7 +691,6 @@ unsafe fn run_task(
     c: *mut f32,
     ldc: usize,
     bias: Bias,
-    accumulate: bool,
     rows_first: Option<usize>,
 ) {
     let micro = micro::select(prec, isa(), a.a_layout());
@@ -712,7 +711,7 @@ unsafe fn run_task(
             for rb in 0..ilen.div_ceil(MR) {
                 let rows = MR.min(ilen - rb * MR);
                 let row = i0 + rb * MR;
-                let init = if k0 > 0 || accumulate {
+                let init = if k0 > 0 {
                     TileInit::Accumulate
                 } else {
                     match bias {
@@ -886,21 +885,7 @@ unsafe fn linear_raw(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, 
         tasks.par_iter().for_each(|&(mr, nr)| {
             let c = c;
             // SAFETY: tasks cover disjoint tiles of `out`, which is m x n.
-            unsafe {
-                run_task(
-                    w.prec,
-                    kslots,
-                    a,
-                    w,
-                    mr,
-                    nr,
-                    c.0,
-                    n,
-                    bias,
-                    false,
-                    Some(rows_first),
-                )
-            }
+            unsafe { run_task(w.prec, kslots, a, w, mr, nr, c.0, n, bias, Some(rows_first)) }
         })
     });
 }
@@ -963,7 +948,7 @@ pub fn conv2d(
 ) {
     assert_eq!(out.len(), geom.out_len(images, w.m), "conv2d: output size");
     // SAFETY: `out` holds the whole output.
-    unsafe { conv2d_impl(x, images, geom, w, bias, out.as_mut_ptr(), false, None) }
+    unsafe { conv2d_impl(x, images, geom, w, bias, out.as_mut_ptr(), None) }
 }
 
 /// [`conv2d`] into a new vector (its memory is written once, not zeroed first).
@@ -975,25 +960,8 @@ pub fn conv2d_new(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     let len = geom.out_len(images, w.m);
-    // SAFETY: without `accumulate`, conv2d_impl stores every output and reads none.
-    unsafe {
-        filled(len, |p| {
-            conv2d_impl(x, images, geom, w, bias, p, false, None)
-        })
-    }
-}
-
-/// [`conv2d`] without bias, adding into `out` instead of overwriting it.
-pub fn conv2d_accumulate(
-    x: &[f32],
-    images: usize,
-    geom: &ConvGeometry,
-    w: &PackedRows,
-    out: &mut [f32],
-) {
-    assert_eq!(out.len(), geom.out_len(images, w.m), "conv2d: output size");
-    // SAFETY: `out` holds the whole output, initialised.
-    unsafe { conv2d_impl(x, images, geom, w, None, out.as_mut_ptr(), true, None) }
+    // SAFETY: conv2d_impl stores every output and reads none.
+    unsafe { filled(len, |p| conv2d_impl(x, images, geom, w, bias, p, None)) }
 }
 
 /// diffusers' `Conv3d(kernel (3, 1, 1), padding (1, 0, 0))` over the `frames` frames of one
@@ -1031,17 +999,16 @@ pub fn conv_frames(
     // SAFETY: head, body and tail cover the (frames + 2) frames, all written.
     unsafe { padded.set_len((frames + 2) * frame) };
     let g = ConvGeometry::new(3 * c, h, wd, 1, 1, 1, 0).expect("a 1x1 kernel fits");
-    // SAFETY: without `accumulate`, conv2d_impl stores every output and reads none; the
+    // SAFETY: conv2d_impl stores every output and reads none; the
     // `frames` images of 3c channels, one frame apart, lie inside `padded`.
     unsafe {
         filled(g.out_len(frames, w.m), |p| {
-            conv2d_impl(&padded, frames, &g, w, bias, p, false, Some(frame))
+            conv2d_impl(&padded, frames, &g, w, bias, p, Some(frame))
         })
     }
 }
 
-/// The convolution into `out`, valid for the whole output: stores every element, and reads
-/// them (which must then be initialised) only when `accumulate`.
+/// The convolution into `out`, valid for the whole output: stores every element, reads none.
 #[allow(clippy::too_many_arguments)]
 unsafe fn conv2d_impl(
     x: &[f32],
@@ -1050,7 +1017,6 @@ unsafe fn conv2d_impl(
     w: &PackedRows,
     bias: Option<&[f32]>,
     out: *mut f32,
-    accumulate: bool,
     stride: Option<usize>,
 ) {
     let g = geom;
@@ -1113,7 +1079,6 @@ unsafe fn conv2d_impl(
                             c.0,
                             total,
                             bias,
-                            false,
                             None,
                         )
                     }
@@ -1121,17 +1086,10 @@ unsafe fn conv2d_impl(
                 for img in 0..images {
                     for m in 0..c_out {
                         let t = &tmp[m * total + img * pix..][..pix];
-                        // SAFETY: channel m of image img, inside the output; read only when
-                        // accumulating (the caller's contract: then it is initialised).
+                        // SAFETY: channel m of image img, inside the output.
                         unsafe {
                             let o = out.add((img * c_out + m) * pix);
-                            if accumulate {
-                                for (j, &t) in t.iter().enumerate() {
-                                    *o.add(j) += t;
-                                }
-                            } else {
-                                std::ptr::copy_nonoverlapping(t.as_ptr(), o, pix);
-                            }
+                            std::ptr::copy_nonoverlapping(t.as_ptr(), o, pix);
                         }
                     }
                 }
@@ -1179,7 +1137,6 @@ unsafe fn conv2d_impl(
                         base,
                         pix,
                         bias,
-                        accumulate,
                         None,
                     )
                 }
@@ -1267,7 +1224,6 @@ pub fn matmul(
                 c.0.add(i * m * n),
                 n,
                 Bias::None,
-                false,
                 None,
             )
         }
@@ -1451,7 +1407,6 @@ fn attention_impl(
                         scores.as_mut_ptr(),
                         lk,
                         Bias::None,
-                        false,
                         None,
                     )
                 };
@@ -1482,7 +1437,6 @@ fn attention_impl(
                         dst,
                         vld,
                         Bias::None,
-                        false,
                         None,
                     )
                 };

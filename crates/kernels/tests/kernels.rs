@@ -383,31 +383,6 @@ fn attention_matches_reference() {
 }
 
 #[test]
-fn conv2d_accumulate_adds() {
-    use flipsketch_kernels::conv2d_accumulate;
-    for prec in [Precision::F32, Precision::Bf16] {
-        // Large images (per-image panels) and small ones (panels across images).
-        for &(imgs, ci, hw, co) in &[(3, 8, 9, 7), (4, 6, 3, 5)] {
-            let g = ConvGeometry::new(ci, hw, hw, 1, 1, 1, 0).unwrap();
-            let x = random(imgs * ci * hw * hw, 70);
-            let w = PackedRows::new(prec, &random(co * ci, 71), co, ci);
-            let start = random(imgs * co * hw * hw, 72);
-            let mut plain = vec![0.0; start.len()];
-            conv2d(&x, imgs, &g, &w, None, &mut plain);
-            let mut acc = start.clone();
-            conv2d_accumulate(&x, imgs, &g, &w, &mut acc);
-            let want: Vec<f64> = start
-                .iter()
-                .zip(&plain)
-                .map(|(a, b)| (a + b) as f64)
-                .collect();
-            let e = rel_err(&acc, &want);
-            assert!(e < 1e-6, "{prec:?} accumulate {imgs}x{ci}x{hw}: {e:e}");
-        }
-    }
-}
-
-#[test]
 fn attention_first_key_matches_reference() {
     use flipsketch_kernels::{attention_first_key, AttentionShape, FirstKey};
     // Short (direct path) and long (blocked path) sequences.

@@ -314,12 +314,7 @@ impl Pipeline {
          -> Result<Tensor, PipelineError> {
             let mut outs = Vec::with_capacity(chunks.len());
             for &(v0, n) in &chunks {
-                let full = if cond { &cond_n } else { &uncond_n };
-                let e = if n == per_call {
-                    full.clone()
-                } else {
-                    full.narrow(0, 0, n)?
-                };
+                let e = (if cond { &cond_n } else { &uncond_n }).narrow(0, 0, n)?;
                 let x = latents.narrow(0, v0, n)?.contiguous()?;
                 let mut composer = compose.map(|(recorded, ref_frames)| Composer {
                     recorded,
