@@ -165,6 +165,21 @@ fn repeat(
             };
             println!("  {kernel:?}: {calls} calls, {secs:.3} s{rate}");
         }
+        println!("the longest matrix shapes (linear: rows x k x columns; conv: images x k x pixels x c_out):");
+        for s in flipsketch_kernels::stats::shapes().iter().take(16) {
+            let [a, b, c, d] = s.shape;
+            let shape = match s.kernel {
+                flipsketch_kernels::stats::Kernel::Linear => format!("{a}x{b}x{c}"),
+                _ => format!("{a}x{b}x{c}x{d}"),
+            };
+            println!(
+                "  {:?} {shape}: {} calls, {:.3} s, {:.0} GFLOP/s",
+                s.kernel,
+                s.calls,
+                s.seconds,
+                s.gflop / s.seconds.max(1e-12)
+            );
+        }
     }
     Ok(best)
 }

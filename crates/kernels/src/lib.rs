@@ -881,13 +881,18 @@ unsafe fn linear_raw(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, 
             let rows_first = ((512 << 10) / (4 * n.max(1)) / MR).clamp(4, 32) * MR;
             (&on_the_fly, tasks, rows_first)
         };
-    stats::timed(stats::Kernel::Linear, 2 * (m * n * k) as u64, || {
-        tasks.par_iter().for_each(|&(mr, nr)| {
-            let c = c;
-            // SAFETY: tasks cover disjoint tiles of `out`, which is m x n.
-            unsafe { run_task(w.prec, kslots, a, w, mr, nr, c.0, n, bias, Some(rows_first)) }
-        })
-    });
+    stats::timed(
+        stats::Kernel::Linear,
+        [m, k, n, 0],
+        2 * (m * n * k) as u64,
+        || {
+            tasks.par_iter().for_each(|&(mr, nr)| {
+                let c = c;
+                // SAFETY: tasks cover disjoint tiles of `out`, which is m x n.
+                unsafe { run_task(w.prec, kslots, a, w, mr, nr, c.0, n, bias, Some(rows_first)) }
+            })
+        },
+    );
 }
 
 /// Shape of a 2-D convolution (no groups, no dilation).
@@ -1062,6 +1067,7 @@ unsafe fn conv2d_impl(
         };
         stats::timed(
             stats::Kernel::Conv2d,
+            [images, k, pix, c_out],
             2 * (images * c_out * pix * k) as u64,
             || {
                 // Few columns: split the output channels between the threads instead.
@@ -1109,6 +1115,7 @@ unsafe fn conv2d_impl(
     let bias = bias.map_or(Bias::None, Bias::Rows);
     stats::timed(
         stats::Kernel::Conv2d,
+        [images, k, pix, c_out],
         2 * (images * c_out * pix * k) as u64,
         || {
             tasks.par_iter().for_each(|&(img, (p0, p1))| {

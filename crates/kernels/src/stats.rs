@@ -1,10 +1,12 @@
 //! Optional per-kernel wall time and FLOP counters (for `flipsketch bench --breakdown`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// The kernel families counted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Linear,
     Conv2d,
@@ -25,6 +27,9 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 static NANOS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 static FLOPS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 static CALLS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+/// Per (kernel, shape): calls, nanoseconds, FLOPs.
+type ShapeTable = HashMap<(Kernel, [usize; 4]), (u64, u64, u64)>;
+static SHAPES: Mutex<Option<ShapeTable>> = Mutex::new(None);
 
 /// Starts counting (from zero).
 pub fn enable() {
@@ -33,6 +38,7 @@ pub fn enable() {
         FLOPS[k].store(0, Ordering::Relaxed);
         CALLS[k].store(0, Ordering::Relaxed);
     }
+    *SHAPES.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
     ENABLED.store(true, Ordering::Relaxed);
 }
 
@@ -52,18 +58,52 @@ pub fn snapshot() -> Vec<(Kernel, u64, f64, f64)> {
         .collect()
 }
 
-/// Times `f` as one call of `kernel` doing `flops` floating-point operations.
+/// One line of [`shapes`].
+#[derive(Clone, Copy, Debug)]
+pub struct ShapeStat {
+    pub kernel: Kernel,
+    /// Linear: rows, k, columns, 0. Conv2d: images, k (c_in x taps), pixels, c_out.
+    pub shape: [usize; 4],
+    pub calls: u64,
+    pub seconds: f64,
+    pub gflop: f64,
+}
+
+/// The time per kernel and shape since [`enable`], longest first.
+pub fn shapes() -> Vec<ShapeStat> {
+    let table = SHAPES.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<ShapeStat> = table
+        .iter()
+        .flatten()
+        .map(|(&(kernel, shape), &(calls, nanos, flops))| ShapeStat {
+            kernel,
+            shape,
+            calls,
+            seconds: nanos as f64 * 1e-9,
+            gflop: flops as f64 * 1e-9,
+        })
+        .collect();
+    v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    v
+}
+
+/// Times `f` as one call of `kernel` at `shape` doing `flops` floating-point operations.
 #[inline]
-pub(crate) fn timed<R>(kernel: Kernel, flops: u64, f: impl FnOnce() -> R) -> R {
+pub(crate) fn timed<R>(kernel: Kernel, shape: [usize; 4], flops: u64, f: impl FnOnce() -> R) -> R {
     if !ENABLED.load(Ordering::Relaxed) {
         return f();
     }
     let t = Instant::now();
     let r = f();
+    let nanos = t.elapsed().as_nanos() as u64;
     let i = kernel as usize;
-    NANOS[i].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    NANOS[i].fetch_add(nanos, Ordering::Relaxed);
     FLOPS[i].fetch_add(flops, Ordering::Relaxed);
     CALLS[i].fetch_add(1, Ordering::Relaxed);
+    if let Some(table) = SHAPES.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        let e = table.entry((kernel, shape)).or_default();
+        *e = (e.0 + 1, e.1 + nanos, e.2 + flops);
+    }
     r
 }
 
