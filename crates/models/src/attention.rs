@@ -3,10 +3,10 @@
 //! hook FlipSketch's composition uses.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use flipsketch_kernels::{self as kernels, AttentionShape, Precision};
 
-use crate::nn::{layer_norm, linear, scoped_precision, with_cpu_f32, Linear};
+use crate::nn::{layer_norm, linear, scoped_precision, with_cpu_f32, LayerNorm, Linear};
 
 /// Which kind of self-attention (`attn1`) layer a hook call comes from. Decided by the layer's
 /// place in the model (a `Transformer2DModel` vs a `TransformerTemporalModel`), never by shapes.

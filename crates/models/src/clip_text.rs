@@ -6,11 +6,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::Error;
-use crate::nn::{layer_norm, linear, matmul, Linear};
+use crate::nn::{layer_norm, linear, matmul, LayerNorm, Linear};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {

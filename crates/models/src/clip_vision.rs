@@ -9,12 +9,12 @@
 use std::path::Path;
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::clip_text::{Activation, ClipEncoderLayer, LayerDims};
 use crate::error::Error;
-use crate::nn::{layer_norm, Linear};
+use crate::nn::{layer_norm, LayerNorm, Linear};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]

@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
-use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use flipsketch_kernels::{self as kernels, ConvGeometry, PackedCols, PackedRows, Precision};
 
 thread_local! {
@@ -424,7 +424,37 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     let weight = vb.get(dim, "weight")?;
     let bias = vb.get(dim, "bias")?;
-    Ok(LayerNorm::new(weight, bias, eps))
+    Ok(LayerNorm {
+        inner: candle_nn::LayerNorm::new(weight.clone(), bias.clone(), eps),
+        weight,
+        bias,
+        eps,
+    })
+}
+
+/// `nn.LayerNorm` over the last dimension: candle's fused op, which has no f64 version; f64
+/// tensors (the tests of the device-generic path) take the same formula in tensor ops.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    inner: candle_nn::LayerNorm,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != DType::F64 {
+            return self.inner.forward(x);
+        }
+        let last = x.rank() - 1;
+        let centred = x.broadcast_sub(&x.mean_keepdim(last)?)?;
+        let var = centred.sqr()?.mean_keepdim(last)?;
+        centred
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
 }
 
 /// `nn.GroupNorm` over (items, channels, ...) tensors, whose statistics may also span several
@@ -488,8 +518,10 @@ impl GroupNorm {
         if span == 0 || items % span != 0 {
             candle_core::bail!("group_norm: {items} items are not spans of {span} frames")
         }
-        if let (Some((w, b)), true) = (&self.values, x.device().is_cpu()) {
-            let dtype = x.dtype();
+        // The kernel for f32 activations on the CPU (what compute_plan gives there); any other
+        // dtype or device takes candle's ops below, like every other layer.
+        if let (Some((w, b)), true) = (&self.values, x.device().is_cpu() && x.dtype() == DType::F32)
+        {
             let mut out = kernels::zeroed(x.elem_count());
             let shape = kernels::GroupNormShape {
                 items,
@@ -501,12 +533,18 @@ impl GroupNorm {
             with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
                 kernels::group_norm(xs, shape, self.eps as f32, w, b, silu, &mut out)
             })?;
-            return Tensor::from_vec(out, dims, x.device())?.to_dtype(dtype);
+            return Tensor::from_vec(out, dims, x.device());
         }
         let dtype = x.dtype();
+        // Statistics in f32 at least (half-precision sums lose too much), f64 stays f64.
+        let stats = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let n = (c / self.groups) * plane;
         let xs = x
-            .to_dtype(DType::F32)?
+            .to_dtype(stats)?
             .reshape((items / span, span, self.groups, n))?;
         let count = (span * n) as f64;
         let mean = (xs.sum_keepdim(D::Minus1)?.sum_keepdim(1)? / count)?;
