@@ -81,6 +81,10 @@ pub struct AnimateArgs {
     /// Compute precision.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Precision,
+    /// Where the model runs: auto (a GPU when this binary has CUDA or Metal support and one is
+    /// there, else the CPU), cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: crate::device::DeviceArg,
     /// How a non-square sketch becomes square.
     #[arg(long, value_enum, default_value = "pad")]
     pub fit: FitArg,
@@ -281,7 +285,9 @@ fn check_new(path: &Path, overwrite: bool) -> Result<()> {
 pub fn run(a: AnimateArgs) -> Result<()> {
     let t_start = Instant::now();
     validate(&a)?;
-    // The sketch first: a bad file fails before any download or model loading.
+    // The device and the sketch first: a GPU that is not there or a bad file fails before any
+    // download or model loading.
+    let device = a.device.open()?;
     let sketch = flipsketch_media::sketch::read(&a.sketch)?;
     let init_noise = a.init_noise.as_deref().map(load_init_noise).transpose()?;
     if let Some(n) = &init_noise {
@@ -302,7 +308,6 @@ pub fn run(a: AnimateArgs) -> Result<()> {
         model_source::resolve(&a.model, &a.subfolder, &model_source::FLIPSKETCH, !a.quiet)?;
     let t_load = Instant::now();
     let dtype = a.dtype.dtype();
-    let device = Device::Cpu;
     let components = Components::load(&model_dir, dtype, &device, |name| {
         bars.spinner(&format!("loading {name}"))
     })
@@ -404,14 +409,14 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     let t_rank = Instant::now();
     let ranking = match a.rank {
         None => serde_json::Value::Null,
-        Some(RankArg::Clip) => rank_clip(&a, &on_white(&sketch), &variant_frames),
+        Some(RankArg::Clip) => rank_clip(&a, &device, &on_white(&sketch), &variant_frames),
     };
     let rank_s = t_rank.elapsed().as_secs_f64();
 
     let result = serde_json::json!({
         "sketch": a.sketch, "prompt": a.prompt, "model": model_dir,
         "variants": variants, "frames": frames, "steps": a.steps, "guidance": a.guidance,
-        "lambda": a.lambda, "tau": a.tau, "dtype": format!("{:?}", dtype).to_lowercase(),
+        "lambda": a.lambda, "tau": a.tau, "dtype": format!("{:?}", dtype).to_lowercase(), "device": crate::device::describe(&device),
         "seed": seed, "seeds": (0..variants).map(|i| seed.wrapping_add(i as u64)).collect::<Vec<_>>(),
         "unet_frame_evaluations": output.unet_frame_evals,
         "timings_s": {"load": load_s, "generate": run_s, "write": write_s, "rank": rank_s, "total": t_start.elapsed().as_secs_f64(),
@@ -439,12 +444,13 @@ pub fn run(a: AnimateArgs) -> Result<()> {
 /// message instead of failing the run.
 fn rank_clip(
     a: &AnimateArgs,
+    device: &Device,
     sketch: &image::RgbImage,
     variants: &[flipsketch_media::Frames],
 ) -> serde_json::Value {
     let result = (|| -> Result<Vec<f64>> {
         let dir = model_source::resolve(&a.clip_model, "", &model_source::CLIP, !a.quiet)?;
-        let (ranker, _) = ClipRanker::load(&dir, &Device::Cpu)?;
+        let (ranker, _) = ClipRanker::load(&dir, device)?;
         let (w, h) = sketch.dimensions();
         Ok(ranker.scores(
             Rgb {

@@ -34,6 +34,10 @@ pub struct Common {
     pub size: usize,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Precision,
+    /// Where the model runs: auto (a GPU when this binary has CUDA or Metal support and one is
+    /// there, else the CPU), cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: crate::device::DeviceArg,
     /// Timed repetitions after one warm-up.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
@@ -73,8 +77,8 @@ fn unet(u: UnetBench) -> Result<()> {
     let dir = a.model.join("unet");
     let cfg = UNet3DConfig::from_file(&dir.join("config.json"))?;
     let dtype = a.dtype.dtype();
-    let dev = Device::Cpu;
-    let unet = load("unet", &dir, dtype, |vb| {
+    let dev = a.device.open()?;
+    let unet = load("unet", &dir, dtype, &dev, |vb| {
         UNet3DConditionModel::new(&cfg, vb)
     })?;
     let sample = Tensor::randn(
@@ -100,8 +104,8 @@ fn vae(v: VaeBench) -> Result<()> {
     }
     let dir = a.model.join("vae");
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
-    let dev = Device::Cpu;
-    let vae = load("vae", &dir, a.dtype.dtype(), |vb| {
+    let dev = a.device.open()?;
+    let vae = load("vae", &dir, a.dtype.dtype(), &dev, |vb| {
         AutoencoderKL::new(&cfg, vb)
     })?;
     let latents = Tensor::randn(0f32, 1., (1, cfg.latent_channels, a.size, a.size), &dev)?;
@@ -111,23 +115,17 @@ fn vae(v: VaeBench) -> Result<()> {
     Ok(())
 }
 
-/// Loads one component on the CPU and prints its load time and the memory its weights take.
+/// Loads one component on `device` and prints its load time and the memory its weights take.
 fn load<M>(
     component: &str,
     dir: &std::path::Path,
     dtype: DType,
+    device: &Device,
     build: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<M>,
 ) -> Result<M> {
     let t0 = Instant::now();
-    let (model, _) = load_component(
-        component,
-        dir,
-        DIFFUSERS_WEIGHTS,
-        dtype,
-        &Device::Cpu,
-        build,
-    )
-    .with_context(|| format!("cannot load {}", dir.display()))?;
+    let (model, _) = load_component(component, dir, DIFFUSERS_WEIGHTS, dtype, device, build)
+        .with_context(|| format!("cannot load {}", dir.display()))?;
     println!("load_s {:.2}", t0.elapsed().as_secs_f64());
     println!("weights_mib {:.0}", crate::live_mib());
     Ok(model)

@@ -2,6 +2,7 @@
 
 mod animate;
 mod bench;
+mod device;
 mod model_source;
 mod serve;
 
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
 use flipsketch_pipeline::components::Components;
 
@@ -59,6 +60,9 @@ enum Command {
         /// Compute dtype the weights are converted to.
         #[arg(long, value_enum, default_value = "f32")]
         dtype: Precision,
+        /// Where the weights are loaded: auto, cpu, cuda[:N], metal[:N].
+        #[arg(long, default_value = "auto")]
+        device: device::DeviceArg,
     },
 }
 
@@ -79,14 +83,16 @@ pub(crate) fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn inspect(model: PathBuf, dtype: Precision) -> Result<()> {
+fn inspect(model: PathBuf, dtype: Precision, device: device::DeviceArg) -> Result<()> {
+    let device = device.open()?;
     let t0 = Instant::now();
-    let components = Components::load(&model, dtype.dtype(), &Device::Cpu, |name| {
+    let components = Components::load(&model, dtype.dtype(), &device, |name| {
         tracing::info!("loading {name}");
     })
     .with_context(|| format!("cannot load the model in {}", model.display()))?;
     println!("model: {}", model.display());
     println!("compute dtype: {:?}", dtype.dtype());
+    println!("device: {}", device::describe(&device));
     for r in &components.reports {
         println!("\n[{}] {}", r.name, r.summary);
         if let Some(w) = &r.weights {
@@ -186,6 +192,13 @@ pub(crate) fn live_mib() -> f64 {
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() -> ExitCode {
+    // A closed pipe (`flipsketch inspect ... | head`) ends the process quietly, as for other
+    // command-line tools, instead of a panic in println!.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // Never hand freed pages back to the OS: each UNet forward frees and reallocates the same
     // large buffers, and re-faulting them costs about 1.5 s per forward at 256 px.
     // MIMALLOC_PURGE_DELAY (milliseconds), when set, is mimalloc's own setting and wins.
@@ -201,7 +214,11 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Inspect { model, dtype } => inspect(model, dtype),
+        Command::Inspect {
+            model,
+            dtype,
+            device,
+        } => inspect(model, dtype, device),
         Command::Animate(args) => animate::run(*args),
         Command::Bench(b) => bench::run(b),
         Command::Serve(a) => serve::run(*a),

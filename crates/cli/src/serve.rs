@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+
 use clap::Args;
 use flipsketch_engine::{Engine, EngineConfig};
 use flipsketch_pipeline::components::Components;
@@ -28,6 +28,10 @@ pub struct ServeArgs {
     pub port: u16,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Precision,
+    /// Where the model runs: auto (a GPU when this binary has CUDA or Metal support and one is
+    /// there, else the CPU), cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: crate::device::DeviceArg,
     /// Jobs that may wait in the queue.
     #[arg(long, default_value_t = 8)]
     pub queue: usize,
@@ -79,18 +83,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let (model, subfolder, dtype) = (a.model.clone(), a.subfolder.clone(), a.dtype.dtype());
+        let device = a.device.open()?;
         let engine = Engine::start(
             config,
             Box::new(move || {
                 let dir =
                     model_source::resolve(&model, &subfolder, &model_source::FLIPSKETCH, true)
                         .map_err(|e| format!("{e:#}"))?;
-                let components = Components::load(&dir, dtype, &Device::Cpu, |name| {
+                let components = Components::load(&dir, dtype, &device, |name| {
                     tracing::info!("loading {name}")
                 })
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
                 eprintln!("model loaded from {}", dir.display());
-                Ok(Pipeline::new(components, Device::Cpu, dtype))
+                Ok(Pipeline::new(components, device, dtype))
             }),
         );
         eprintln!(

@@ -150,6 +150,7 @@ fn dump_matches_reference_pipeline() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/result.json")).unwrap())
             .unwrap();
     assert_eq!(result["variants"], 2);
+    assert_eq!(result["device"], "cpu");
     assert_eq!(
         result["unet_frame_evaluations"],
         6 * 5 + 2 * 6 * 8 + 4 + 3 + 2 + 1
@@ -326,6 +327,10 @@ fn bad_inputs_fail_with_clear_errors() {
         (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--init-noise", "other.safetensors"], "latents"),
         (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--init-noise", "wrong.safetensors", "--steps", "1"], "init noise"),
         (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--out", "notes.txt"], "notes.txt"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--device", "tpu"], "tpu"),
+        // not built in (the default build), or built in with no GPU here: named either way
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--device", "cuda"], "--device cuda:0"),
+        (vec!["--sketch", sk, "--prompt", "a", "--model", &t, "--device", "metal:1"], "--device metal:1"),
     ];
     for (args, needle) in cases {
         let mut a = args.clone();

@@ -39,9 +39,11 @@ pub(crate) fn scoped_precision() -> Precision {
 ///
 /// On the CPU, activations are always f32 (candle's CPU element-wise ops are fast in f32 only);
 /// bf16 means bf16 weights and bf16 products with f32 accumulation where the CPU has
-/// AVX512-BF16, and plain f32 elsewhere. On GPUs the dtype is used as it is.
+/// AVX512-BF16, and plain f32 elsewhere. On GPUs the dtype is used as it is, and so is f64 on
+/// the CPU: it runs on candle's ops, never the kernels, which makes it the CPU's way of running
+/// (and testing) the code that GPUs run.
 pub fn compute_plan(dtype: DType, device: &Device) -> (DType, Precision) {
-    if !device.is_cpu() {
+    if !device.is_cpu() || dtype == DType::F64 {
         return (dtype, Precision::F32);
     }
     let prec = if dtype == DType::BF16 && Precision::Bf16.is_native() {

@@ -223,7 +223,9 @@ impl Pipeline {
         // 1. sketch -> 5 identical frames -> VAE posterior -> (1, C, 5, h, w). The encoder
         // sees each frame on its own and the frames are copies, so one encode gives the
         // posterior of all five; only the posterior noise differs between them.
-        let one = vae.encode(&r.image.to_dtype(self.dtype)?.unsqueeze(0)?)?;
+        // Requests are built on the CPU; the model may live elsewhere.
+        let image = r.image.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let one = vae.encode(&image.unsqueeze(0)?)?;
         let post = DiagonalGaussian {
             mean: one.mean.repeat((5, 1, 1, 1))?,
             logvar: one.logvar.repeat((5, 1, 1, 1))?,
@@ -238,7 +240,7 @@ impl Pipeline {
                         noise.dims()
                     )));
                 }
-                post.sample(noise)?
+                post.sample(&noise.to_device(&self.device)?)?
             }
             Encode::SampleSeeded => post.sample(&seeded_noise(
                 r.seed,

@@ -4,92 +4,11 @@
 //! (the reference itself moves by ~5e-6 of it between f32 and f64); video (in [0, 1]) max abs
 //! error <= 1e-4.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
-use flipsketch_pipeline::components::Components;
-use flipsketch_pipeline::{Encode, Output, Pipeline, Request, Silent};
-use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn pipeline() -> Pipeline {
-    let c = Components::load(&fixtures().join("tiny"), DType::F32, &Device::Cpu, |_| {}).unwrap();
-    Pipeline::new(c, Device::Cpu, DType::F32)
-}
-
-fn case(name: &str) -> (Value, HashMap<String, Tensor>) {
-    let cases: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("golden/pipeline_cases.json")).unwrap(),
-    )
-    .unwrap();
-    let c = cases["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap()
-        .clone();
-    let t = candle_core::safetensors::load(
-        fixtures().join("golden").join(c["file"].as_str().unwrap()),
-        &Device::Cpu,
-    )
-    .unwrap();
-    (c, t)
-}
-
-fn request(c: &Value, t: &HashMap<String, Tensor>) -> Request {
-    Request {
-        image: t["image"].squeeze(0).unwrap(),
-        prompt: c["prompt"].as_str().unwrap().into(),
-        variants: 0,
-        frames: 0,
-        steps: c["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance: c["guidance_scale"].as_f64().unwrap(),
-        lambda: c["lam"].as_f64().unwrap(),
-        tau: c["tau"].as_i64().unwrap(),
-        seed: 0,
-        init_noise: Some(t["init_noise"].clone()),
-        encode: match t.get("posterior_noise") {
-            Some(n) => Encode::Sample(n.clone()),
-            None => Encode::Mean,
-        },
-    }
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    max_abs(&(a - b).unwrap())
-}
-
-fn check(name: &str, out: &Output, t: &HashMap<String, Tensor>) {
-    let inv = diff(&out.inv_latents, &t["inv_latents"]) / max_abs(&t["inv_latents"]);
-    let lat = diff(&out.latents, &t["latents"]) / max_abs(&t["latents"]);
-    let vid = diff(&out.video, &t["video"]);
-    eprintln!("{name}: inv_latents rel {inv:.2e}, latents rel {lat:.2e}, video abs {vid:.2e}");
-    assert!(inv <= 1e-4, "{name}: inv_latents relative error {inv:.3e}");
-    assert!(lat <= 1e-4, "{name}: latents relative error {lat:.3e}");
-    assert!(vid <= 1e-4, "{name}: video error {vid:.3e}");
-}
-
-fn run_case(p: &Pipeline, name: &str) -> Output {
-    let (c, t) = case(name);
-    let out = p.run(&request(&c, &t), &mut Silent).unwrap();
-    check(name, &out, &t);
-    out
-}
+use common::{case, check, diff, max_abs, pipeline, request, run_case};
+use flipsketch_pipeline::Silent;
 
 #[test]
 fn matches_reference_pipeline_all_cases() {
