@@ -7,21 +7,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixtures, golden};
+use common::{assert_close, golden, model_dir, unet_cases};
 use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
 use flipsketch_models::loading::{WeightStore, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS};
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 
 const TOL: f32 = 1e-4;
-
-fn model_dir(config: &str) -> std::path::PathBuf {
-    fixtures().join(match config {
-        "a" => "tiny",
-        "b" => "tiny-fp16",
-        other => panic!("unknown config {other}"),
-    })
-}
 
 /// Builds a component with f64 weights on the CPU, checking that every weight was used.
 fn build<M>(
@@ -56,34 +48,7 @@ fn unet(config: &str) {
     let unet = build(&dir, DIFFUSERS_WEIGHTS, |vb| {
         UNet3DConditionModel::new(&cfg, vb)
     });
-    for k in 0..3 {
-        let g = golden(&format!("unet_{config}_{k}.safetensors"));
-        let t = g["timestep"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()[0] as f64;
-        let out = unet
-            .forward(
-                &f64(&g["sample"]),
-                t,
-                &f64(&g["encoder_hidden_states"]),
-                None,
-            )
-            .unwrap();
-        assert_eq!(
-            out.dtype(),
-            DType::F64,
-            "the output keeps the compute dtype"
-        );
-        let dims = g["sample"].dims().to_vec();
-        assert_close(
-            &format!("generic unet {config} case {k} {dims:?}"),
-            &out,
-            &g["out"],
-            TOL,
-        );
-    }
+    unet_cases(config, &unet, DType::F64, TOL);
 }
 
 #[test]

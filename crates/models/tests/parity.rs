@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{assert_close, fixtures, golden, max_abs_diff};
+use common::{assert_close, fixtures, golden, max_abs_diff, model_dir, unet_cases};
 use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
 use flipsketch_models::loading::{
@@ -14,14 +14,6 @@ use flipsketch_models::loading::{
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 
 const TOL: f32 = 1e-4;
-
-fn model_dir(config: &str) -> std::path::PathBuf {
-    fixtures().join(match config {
-        "a" => "tiny",
-        "b" => "tiny-fp16",
-        other => panic!("unknown config {other}"),
-    })
-}
 
 pub fn load_unet(dir: &std::path::Path, dtype: DType) -> UNet3DConditionModel {
     let cfg = UNet3DConfig::from_file(&dir.join("config.json")).unwrap();
@@ -125,35 +117,24 @@ fn vae_b_fp16_on_disk_non_square() {
     vae("b");
 }
 
-fn unet_cases(config: &str, unet: &UNet3DConditionModel) {
-    for k in 0..3 {
-        let g = golden(&format!("unet_{config}_{k}.safetensors"));
-        let t = g["timestep"]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()[0] as f64;
-        let out = unet
-            .forward(&g["sample"], t, &g["encoder_hidden_states"], None)
-            .unwrap();
-        let dims = g["sample"].dims().to_vec();
-        assert_close(
-            &format!("unet {config} case {k} {dims:?} t={t}"),
-            &out,
-            &g["out"],
-            TOL,
-        );
-    }
-}
-
 #[test]
 fn unet_a_frames_batch_odd_sizes() {
-    unet_cases("a", &load_unet(&model_dir("a").join("unet"), DType::F32));
+    unet_cases(
+        "a",
+        &load_unet(&model_dir("a").join("unet"), DType::F32),
+        DType::F32,
+        TOL,
+    );
 }
 
 #[test]
 fn unet_b_sharded_fp16_three_levels() {
-    unet_cases("b", &load_unet(&model_dir("b").join("unet"), DType::F32));
+    unet_cases(
+        "b",
+        &load_unet(&model_dir("b").join("unet"), DType::F32),
+        DType::F32,
+        TOL,
+    );
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use flipsketch_models::unets::unet_3d_condition::UNet3DConditionModel;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -51,4 +52,38 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
     let e = rel_err(got, want);
     eprintln!("{what}: max abs error / max |ref| = {e:.3e} (tolerance {tol:.0e})");
     assert!(e <= tol, "{what}: relative error {e:.3e} exceeds {tol:.0e}");
+}
+
+/// The tiny model of a parity config: "a" (2 levels, f32 on disk) or "b" (3 levels, fp16, sharded).
+pub fn model_dir(config: &str) -> PathBuf {
+    fixtures().join(match config {
+        "a" => "tiny",
+        "b" => "tiny-fp16",
+        other => panic!("unknown config {other}"),
+    })
+}
+
+/// The three golden UNet cases of `config`, inputs given to the model in `dtype` (the output
+/// must come back in it), each within `tol` of the reference.
+pub fn unet_cases(config: &str, unet: &UNet3DConditionModel, dtype: DType, tol: f32) {
+    for k in 0..3 {
+        let g = golden(&format!("unet_{config}_{k}.safetensors"));
+        let t = g["timestep"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0] as f64;
+        let input = |name: &str| g[name].to_dtype(dtype).unwrap();
+        let out = unet
+            .forward(&input("sample"), t, &input("encoder_hidden_states"), None)
+            .unwrap();
+        assert_eq!(out.dtype(), dtype, "the output keeps the compute dtype");
+        let dims = g["sample"].dims().to_vec();
+        assert_close(
+            &format!("unet {config} {dtype:?} case {k} {dims:?} t={t}"),
+            &out,
+            &g["out"],
+            tol,
+        );
+    }
 }
