@@ -167,7 +167,11 @@ pub enum SubmitError {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Readiness {
     Loading,
-    Ready { image_size: usize },
+    /// `device`: where the model runs ("cpu", "cuda", "metal").
+    Ready {
+        image_size: usize,
+        device: &'static str,
+    },
     Failed(String),
 }
 
@@ -247,7 +251,7 @@ impl Engine {
         let image_size = match self.readiness() {
             Readiness::Loading => return Err(SubmitError::NotReady),
             Readiness::Failed(e) => return Err(SubmitError::LoadFailed(e)),
-            Readiness::Ready { image_size } => image_size,
+            Readiness::Ready { image_size, .. } => image_size,
         };
         let request = self.validate(&r, image_size)?;
         let mut st = self.lock();
@@ -567,6 +571,7 @@ fn worker_main(shared: Arc<Shared>, load: Loader) {
         Ok(p) => {
             lock(&shared).readiness = Readiness::Ready {
                 image_size: p.image_size(),
+                device: p.device_name(),
             };
             p
         }

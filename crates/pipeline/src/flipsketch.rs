@@ -139,6 +139,15 @@ impl Pipeline {
         }
     }
 
+    /// Where the model runs: "cpu", "cuda" or "metal".
+    pub fn device_name(&self) -> &'static str {
+        match self.device {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+            Device::Metal(_) => "metal",
+        }
+    }
+
     /// Sketch resolution the model works at: `unet.sample_size * vae downscale` (256 for the
     /// real checkpoint).
     pub fn image_size(&self) -> usize {

@@ -488,7 +488,7 @@
       try { body = await res.json(); } catch (_) { /* ignore */ }
       if (res.ok) {
         ready = true;
-        setHealth('ready', 'Ready');
+        setHealth('ready', body.device ? `Ready (model on ${body.device.toUpperCase()})` : 'Ready');
         updateSubmit();
         return;
       }

@@ -110,7 +110,11 @@ async fn asset(Path(name): Path<String>) -> Result<Response, ApiError> {
 
 async fn healthz(State(engine): State<Engine>) -> Response {
     match engine.readiness() {
-        Readiness::Ready { .. } => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Readiness::Ready { device, .. } => (
+            StatusCode::OK,
+            Json(json!({"status": "ok", "device": device})),
+        )
+            .into_response(),
         Readiness::Loading => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "loading"})),
@@ -125,12 +129,17 @@ async fn healthz(State(engine): State<Engine>) -> Response {
 }
 
 async fn info(State(engine): State<Engine>) -> Json<serde_json::Value> {
-    let image_size = match engine.readiness() {
-        Readiness::Ready { image_size } => Some(image_size),
-        _ => None,
+    let (image_size, device) = match engine.readiness() {
+        Readiness::Ready { image_size, device } => (Some(image_size), Some(device)),
+        _ => (None, None),
     };
     let c = engine.config();
-    Json(json!({"image_size": image_size, "defaults": c.defaults, "limits": c.limits}))
+    Json(json!({
+        "image_size": image_size,
+        "device": device,
+        "defaults": c.defaults,
+        "limits": c.limits
+    }))
 }
 
 fn parse<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, ApiError> {

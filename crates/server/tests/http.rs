@@ -438,7 +438,20 @@ async fn loading_is_503_then_ready() {
     let (code, v) = s.submit(s.form(QUICK)).await;
     assert_eq!(code, 503, "{v}");
     assert!(v["error"].as_str().unwrap().contains("loading"));
+    let (_, info) = s.get("/api/info").await;
+    assert!(
+        info["device"].is_null(),
+        "no device before the model is loaded: {info}"
+    );
     s.wait_ready().await;
+    let (code, v) = s.get("/healthz").await;
+    assert_eq!(
+        (code, &v["status"], &v["device"]),
+        (200, &"ok".into(), &"cpu".into()),
+        "{v}"
+    );
+    let (_, info) = s.get("/api/info").await;
+    assert_eq!(info["device"], "cpu");
     let (code, _) = s.submit(s.form(QUICK)).await;
     assert_eq!(code, 202);
 }
