@@ -89,12 +89,8 @@ impl DeviceArg {
                     .with_context(|| format!("--device {self}: cannot open the GPU"))
             }
             Self::Auto => {
-                for gpu in [Self::Cuda(0), Self::Metal(0)] {
-                    let built = matches!(gpu, Self::Cuda(_)) && CUDA_BUILT
-                        || matches!(gpu, Self::Metal(_)) && METAL_BUILT;
-                    if !built {
-                        continue;
-                    }
+                let built = [(Self::Cuda(0), CUDA_BUILT), (Self::Metal(0), METAL_BUILT)];
+                for (gpu, _) in built.into_iter().filter(|&(_, b)| b) {
                     match gpu.open() {
                         Ok(d) => return Ok(d),
                         Err(e) => eprintln!("{e:#}; using the CPU"),
@@ -103,15 +99,6 @@ impl DeviceArg {
                 Ok(Device::Cpu)
             }
         }
-    }
-}
-
-/// How a device is named in messages and result.json.
-pub fn describe(d: &Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(_) => "cuda".into(),
-        Device::Metal(_) => "metal".into(),
     }
 }
 

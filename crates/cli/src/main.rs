@@ -92,7 +92,7 @@ fn inspect(model: PathBuf, dtype: Precision, device: device::DeviceArg) -> Resul
     .with_context(|| format!("cannot load the model in {}", model.display()))?;
     println!("model: {}", model.display());
     println!("compute dtype: {:?}", dtype.dtype());
-    println!("device: {}", device::describe(&device));
+    println!("device: {}", flipsketch_pipeline::device_name(&device));
     for r in &components.reports {
         println!("\n[{}] {}", r.name, r.summary);
         if let Some(w) = &r.weights {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-
 use clap::Args;
 use flipsketch_engine::{Engine, EngineConfig};
 use flipsketch_pipeline::components::Components;

@@ -96,10 +96,7 @@ pub(crate) fn timed<R>(kernel: Kernel, shape: [usize; 4], flops: u64, f: impl Fn
     let t = Instant::now();
     let r = f();
     let nanos = t.elapsed().as_nanos() as u64;
-    let i = kernel as usize;
-    NANOS[i].fetch_add(nanos, Ordering::Relaxed);
-    FLOPS[i].fetch_add(flops, Ordering::Relaxed);
-    CALLS[i].fetch_add(1, Ordering::Relaxed);
+    count(kernel, nanos, flops);
     if let Some(table) = SHAPES.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
         let e = table.entry((kernel, shape)).or_default();
         *e = (e.0 + 1, e.1 + nanos, e.2 + flops);
@@ -123,10 +120,15 @@ impl Timer {
 impl Drop for Timer {
     fn drop(&mut self) {
         if let Some((kernel, flops, t)) = self.0 {
-            let i = kernel as usize;
-            NANOS[i].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            FLOPS[i].fetch_add(flops, Ordering::Relaxed);
-            CALLS[i].fetch_add(1, Ordering::Relaxed);
+            count(kernel, t.elapsed().as_nanos() as u64, flops);
         }
     }
+}
+
+/// Adds one call of `kernel` to its family's counters.
+fn count(kernel: Kernel, nanos: u64, flops: u64) {
+    let i = kernel as usize;
+    NANOS[i].fetch_add(nanos, Ordering::Relaxed);
+    FLOPS[i].fetch_add(flops, Ordering::Relaxed);
+    CALLS[i].fetch_add(1, Ordering::Relaxed);
 }

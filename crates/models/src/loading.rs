@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+/// The builder [`load_component`] hands to a model's constructor.
+pub use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 

@@ -426,36 +426,27 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     let weight = vb.get(dim, "weight")?;
     let bias = vb.get(dim, "bias")?;
-    Ok(LayerNorm {
-        inner: candle_nn::LayerNorm::new(weight.clone(), bias.clone(), eps),
-        weight,
-        bias,
-        eps,
-    })
+    Ok(LayerNorm(candle_nn::LayerNorm::new(weight, bias, eps)))
 }
 
 /// `nn.LayerNorm` over the last dimension: candle's fused op, which has no f64 version; f64
 /// tensors (the tests of the device-generic path) take the same formula in tensor ops.
 #[derive(Clone, Debug)]
-pub struct LayerNorm {
-    inner: candle_nn::LayerNorm,
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
+pub struct LayerNorm(candle_nn::LayerNorm);
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dtype() != DType::F64 {
-            return self.inner.forward(x);
-        }
+        let ln = &self.0;
+        let (Some(bias), DType::F64) = (ln.bias(), x.dtype()) else {
+            return ln.forward(x);
+        };
         let last = x.rank() - 1;
         let centred = x.broadcast_sub(&x.mean_keepdim(last)?)?;
         let var = centred.sqr()?.mean_keepdim(last)?;
         centred
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+            .broadcast_div(&(var + ln.eps())?.sqrt()?)?
+            .broadcast_mul(ln.weight())?
+            .broadcast_add(bias)
     }
 }
 
@@ -532,7 +523,7 @@ impl GroupNorm {
                 plane,
                 groups: self.groups,
             };
-            with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
+            with_cpu_f32(x, |xs| {
                 kernels::group_norm(xs, shape, self.eps as f32, w, b, silu, &mut out)
             })?;
             return Tensor::from_vec(out, dims, x.device());

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
 use flipsketch_models::loading::{
-    load_component, LoadReport, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
+    load_component, LoadReport, VarBuilder, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
 };
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 use flipsketch_schedulers::DdimScheduler;
@@ -151,68 +151,87 @@ impl Components {
 
 type Loaded<M> = Result<(M, ComponentReport), ComponentsError>;
 
-fn load_text_encoder(dir: &Path, dtype: DType, device: &Device) -> Loaded<ClipTextModel> {
+/// One model component of `dir`: its `config.json` read by `config`, its weights (one of
+/// `candidates`) built by `build`, and a report whose one-line summary `summary` writes.
+#[allow(clippy::too_many_arguments)]
+fn load_model<C, M>(
+    dir: &Path,
+    name: &'static str,
+    candidates: &[&str],
+    dtype: DType,
+    device: &Device,
+    config: impl FnOnce(&Path) -> flipsketch_models::error::Result<C>,
+    build: impl FnOnce(&C, VarBuilder<'static>) -> candle_core::Result<M>,
+    summary: impl FnOnce(&C) -> String,
+) -> Loaded<M> {
     let t0 = Instant::now();
-    let tdir = component_dir(dir, "text_encoder")?;
-    let tcfg = ClipTextConfig::from_file(&tdir.join("config.json"))?;
-    let (text_encoder, rep) = load_component(
+    let cdir = component_dir(dir, name)?;
+    let cfg = config(&cdir.join("config.json"))?;
+    let (model, rep) =
+        load_component(name, &cdir, candidates, dtype, device, |vb| build(&cfg, vb))?;
+    let report = ComponentReport {
+        name,
+        summary: summary(&cfg),
+        weights: Some(rep),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    Ok((model, report))
+}
+
+fn load_text_encoder(dir: &Path, dtype: DType, device: &Device) -> Loaded<ClipTextModel> {
+    load_model(
+        dir,
         "text_encoder",
-        &tdir,
         TRANSFORMERS_WEIGHTS,
         dtype,
         device,
-        |vb| ClipTextModel::new(&tcfg, vb),
-    )?;
-    let report = ComponentReport {
-        name: "text_encoder",
-        summary: format!(
-            "CLIPTextModel, {} wide, {} layers, {} heads, {:?}, vocab {}",
-            tcfg.hidden_size,
-            tcfg.num_hidden_layers,
-            tcfg.num_attention_heads,
-            tcfg.activation,
-            tcfg.vocab_size
-        ),
-        weights: Some(rep),
-        seconds: t0.elapsed().as_secs_f64(),
-    };
-    Ok((text_encoder, report))
+        ClipTextConfig::from_file,
+        ClipTextModel::new,
+        |c| {
+            format!(
+                "CLIPTextModel, {} wide, {} layers, {} heads, {:?}, vocab {}",
+                c.hidden_size,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.activation,
+                c.vocab_size
+            )
+        },
+    )
 }
 
 fn load_vae(dir: &Path, dtype: DType, device: &Device) -> Loaded<AutoencoderKL> {
-    let t0 = Instant::now();
-    let vdir = component_dir(dir, "vae")?;
-    let vcfg = AutoencoderKLConfig::from_file(&vdir.join("config.json"))?;
-    let (vae, rep) = load_component("vae", &vdir, DIFFUSERS_WEIGHTS, dtype, device, |vb| {
-        AutoencoderKL::new(&vcfg, vb)
-    })?;
-    let report = ComponentReport {
-        name: "vae",
-        summary: format!(
-            "AutoencoderKL, channels {:?}, {} layers per block, {} latent channels, scaling factor {}",
-            vcfg.block_out_channels, vcfg.layers_per_block, vcfg.latent_channels, vcfg.scaling_factor
-        ),
-        weights: Some(rep),
-        seconds: t0.elapsed().as_secs_f64(),
-    };
-    Ok((vae, report))
+    load_model(
+        dir,
+        "vae",
+        DIFFUSERS_WEIGHTS,
+        dtype,
+        device,
+        AutoencoderKLConfig::from_file,
+        AutoencoderKL::new,
+        |c| {
+            format!(
+                "AutoencoderKL, channels {:?}, {} layers per block, {} latent channels, scaling factor {}",
+                c.block_out_channels, c.layers_per_block, c.latent_channels, c.scaling_factor
+            )
+        },
+    )
 }
 
 fn load_unet(dir: &Path, dtype: DType, device: &Device) -> Loaded<UNet3DConditionModel> {
-    let t0 = Instant::now();
-    let udir = component_dir(dir, "unet")?;
-    let ucfg = UNet3DConfig::from_file(&udir.join("config.json"))?;
-    let (unet, rep) = load_component("unet", &udir, DIFFUSERS_WEIGHTS, dtype, device, |vb| {
-        UNet3DConditionModel::new(&ucfg, vb)
-    })?;
-    let report = ComponentReport {
-        name: "unet",
-        summary: format!(
-            "UNet3DConditionModel, channels {:?}, {} layers per block, head size {:?}, cross-attention {}, sample size {:?}",
-            ucfg.block_out_channels, ucfg.layers_per_block, ucfg.head_dim, ucfg.cross_attention_dim, ucfg.sample_size
-        ),
-        weights: Some(rep),
-        seconds: t0.elapsed().as_secs_f64(),
-    };
-    Ok((unet, report))
+    load_model(
+        dir,
+        "unet",
+        DIFFUSERS_WEIGHTS,
+        dtype,
+        device,
+        UNet3DConfig::from_file,
+        UNet3DConditionModel::new,
+        |c| {
+            format!(
+                "UNet3DConditionModel, channels {:?}, {} layers per block, head size {:?}, cross-attention {}, sample size {:?}",
+                c.block_out_channels, c.layers_per_block, c.head_dim, c.cross_attention_dim, c.sample_size
+            )
+        },
+    )
 }

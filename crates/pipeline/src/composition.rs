@@ -127,9 +127,8 @@ impl Composer<'_> {
         };
         // q_j . kref_0 * scale * (1 + lambda * j / 50), for every query frame j: in one CPU
         // kernel where it applies,
-        let frame_weight: Vec<f32> = (0..f)
-            .map(|j| (1.0 + self.lambda * j as f64 / 50.0) as f32)
-            .collect();
+        let frame = |j: usize| 1.0 + self.lambda * j as f64 / 50.0;
+        let frame_weight: Vec<f32> = (0..f).map(|j| frame(j) as f32).collect();
         if let Some(out) = attention_first_key(
             call.precision,
             call.query,
@@ -150,9 +149,7 @@ impl Composer<'_> {
             split_heads(call.value, h)?,
         );
         let k0 = split_heads(&k0, h)?; // (n, heads, 1, d)
-        let weights: Vec<f32> = (0..f)
-            .map(|j| (call.scale * (1.0 + self.lambda * j as f64 / 50.0)) as f32)
-            .collect();
+        let weights: Vec<f32> = (0..f).map(|j| (call.scale * frame(j)) as f32).collect();
         let weights = Tensor::from_vec(weights, (1, 1, f, 1), q.device())?.to_dtype(q.dtype())?;
         let col0 = flipsketch_models::nn::matmul(&q, &k0.t()?)?.broadcast_mul(&weights)?; // (n, heads, f, 1)
         let col0 = col0.reshape((n * h, f, 1))?;

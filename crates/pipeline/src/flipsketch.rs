@@ -113,6 +113,15 @@ pub fn seeded_noise(
     Tensor::from_vec(v, shape, device)
 }
 
+/// How a device is named in result.json, the HTTP API and messages: "cpu", "cuda" or "metal".
+pub fn device_name(device: &Device) -> &'static str {
+    match device {
+        Device::Cpu => "cpu",
+        Device::Cuda(_) => "cuda",
+        Device::Metal(_) => "metal",
+    }
+}
+
 /// ChaCha streams: variant start noise uses stream 0 with seed + i; the posterior stream 1.
 const POSTERIOR_STREAM: u64 = 1;
 
@@ -141,11 +150,7 @@ impl Pipeline {
 
     /// Where the model runs: "cpu", "cuda" or "metal".
     pub fn device_name(&self) -> &'static str {
-        match self.device {
-            Device::Cpu => "cpu",
-            Device::Cuda(_) => "cuda",
-            Device::Metal(_) => "metal",
-        }
+        device_name(&self.device)
     }
 
     /// Sketch resolution the model works at: `unet.sample_size * vae downscale` (256 for the

@@ -8,5 +8,6 @@ pub mod ranking;
 pub mod text;
 
 pub use flipsketch::{
-    video_to_frames, Encode, Output, Phase, Pipeline, PipelineError, Progress, Request, Silent,
+    device_name, video_to_frames, Encode, Output, Phase, Pipeline, PipelineError, Progress,
+    Request, Silent,
 };
