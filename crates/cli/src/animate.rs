@@ -15,7 +15,7 @@ use flipsketch_pipeline::ranking::{ClipRanker, Rgb};
 use flipsketch_pipeline::{video_to_frames, Encode, Phase, Pipeline, Progress, Request};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::model_source::{self, DEFAULT_REPO, DEFAULT_SUBFOLDER};
+use crate::model_source::{self, ModelArgs};
 use crate::Precision;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -51,12 +51,8 @@ pub struct AnimateArgs {
     /// Output folder (default: a new folder named after the sketch).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Model: a local folder (diffusers layout) or a hub repository id.
-    #[arg(long, default_value = DEFAULT_REPO)]
-    pub model: String,
-    /// Subfolder of a hub repository (or of a local clone) holding the model.
-    #[arg(long, default_value = DEFAULT_SUBFOLDER)]
-    pub subfolder: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Number of animations [default: 3].
     #[arg(long)]
     pub variants: Option<usize>,
@@ -304,11 +300,10 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     }
 
     let mut bars = Bars::new(a.quiet);
-    let model_dir =
-        model_source::resolve(&a.model, &a.subfolder, &model_source::FLIPSKETCH, !a.quiet)?;
+    let model_dir = a.model.resolve(!a.quiet)?;
     let t_load = Instant::now();
     let dtype = a.dtype.dtype();
-    let components = Components::load(&model_dir, dtype, &device, |name| {
+    let components = Components::load(&model_dir, dtype, &device, a.model.variant(), |name| {
         bars.spinner(&format!("loading {name}"))
     })
     .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
@@ -449,8 +444,16 @@ fn rank_clip(
     variants: &[flipsketch_media::Frames],
 ) -> serde_json::Value {
     let result = (|| -> Result<Vec<f64>> {
-        let dir = model_source::resolve(&a.clip_model, "", &model_source::CLIP, !a.quiet)?;
-        let (ranker, _) = ClipRanker::load(&dir, device)?;
+        let dir = model_source::resolve(
+            &a.clip_model,
+            "",
+            "main",
+            a.model.variant(),
+            &flipsketch_pipeline::ranking::CLIP_FILES,
+            flipsketch_hub::Fetch::CacheFirst,
+            !a.quiet,
+        )?;
+        let (ranker, _) = ClipRanker::load(&dir, device, a.model.variant())?;
         let (w, h) = sketch.dimensions();
         Ok(ranker.scores(
             Rgb {

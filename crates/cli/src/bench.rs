@@ -124,8 +124,15 @@ fn load<M>(
     build: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<M>,
 ) -> Result<M> {
     let t0 = Instant::now();
-    let (model, _) = load_component(component, dir, DIFFUSERS_WEIGHTS, dtype, device, build)
-        .with_context(|| format!("cannot load {}", dir.display()))?;
+    let (model, _) = load_component(
+        component,
+        dir,
+        &DIFFUSERS_WEIGHTS.candidates(None),
+        dtype,
+        device,
+        build,
+    )
+    .with_context(|| format!("cannot load {}", dir.display()))?;
     println!("load_s {:.2}", t0.elapsed().as_secs_f64());
     println!("weights_mib {:.0}", crate::live_mib());
     Ok(model)

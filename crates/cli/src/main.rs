@@ -3,11 +3,11 @@
 mod animate;
 mod bench;
 mod device;
+mod download;
 mod model_source;
 mod serve;
 
 use std::alloc::{GlobalAlloc, Layout};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -52,11 +52,13 @@ enum Command {
     Bench(bench::Bench),
     /// Animate a sketch: sketch + prompt -> GIFs (and PNG frames).
     Animate(Box<animate::AnimateArgs>),
+    /// Download the model (and optionally the CLIP ranking model) into the HuggingFace cache
+    /// ahead of time, check it, and print where it is.
+    Download(download::DownloadArgs),
     /// Load every component of a model folder and report what it holds.
     Inspect {
-        /// Model folder in the diffusers layout (e.g. checkpoint-2500/).
-        #[arg(long)]
-        model: PathBuf,
+        #[command(flatten)]
+        model: model_source::ModelArgs,
         /// Compute dtype the weights are converted to.
         #[arg(long, value_enum, default_value = "f32")]
         dtype: Precision,
@@ -83,10 +85,15 @@ pub(crate) fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn inspect(model: PathBuf, dtype: Precision, device: device::DeviceArg) -> Result<()> {
+fn inspect(
+    source: model_source::ModelArgs,
+    dtype: Precision,
+    device: device::DeviceArg,
+) -> Result<()> {
     let device = device.open()?;
+    let model = source.resolve(true)?;
     let t0 = Instant::now();
-    let components = Components::load(&model, dtype.dtype(), &device, |name| {
+    let components = Components::load(&model, dtype.dtype(), &device, source.variant(), |name| {
         tracing::info!("loading {name}");
     })
     .with_context(|| format!("cannot load the model in {}", model.display()))?;
@@ -221,6 +228,7 @@ fn main() -> ExitCode {
         } => inspect(model, dtype, device),
         Command::Animate(args) => animate::run(*args),
         Command::Bench(b) => bench::run(b),
+        Command::Download(a) => download::run(a),
         Command::Serve(a) => serve::run(*a),
     };
     match result {

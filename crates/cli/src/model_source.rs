@@ -1,57 +1,60 @@
-//! Where the model comes from: a local folder, or a HuggingFace hub repository (default
-//! `Hmrishav/t2v_sketch-lora`, subfolder `checkpoint-2500`) fetched into the standard cache
-//! (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`). A cached copy is used without any
-//! network access; `HF_HUB_OFFLINE=1` forbids downloading.
+//! Where a model comes from: a local folder, or a HuggingFace hub repository (default
+//! `Hmrishav/t2v_sketch-lora`, subfolder `checkpoint-2500`) fetched into the standard HF cache
+//! by `flipsketch-hub`, which `huggingface_hub` shares. A complete, intact cached copy is used
+//! without network access; `HF_HUB_OFFLINE=1` forbids downloading.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use flipsketch_models::loading::{DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS};
+use clap::Args;
+use flipsketch_hub::{DownloadProgress, Fetch, HubConfig, ModelRef};
+use flipsketch_models::loading::FolderLayout;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub const DEFAULT_REPO: &str = "Hmrishav/t2v_sketch-lora";
 pub const DEFAULT_SUBFOLDER: &str = "checkpoint-2500";
 
-/// The files a model folder of some kind consists of.
-pub struct Layout {
-    /// Files every such folder has (a missing `special_tokens_map.json` is tolerated).
-    pub plain_files: &'static [&'static str],
-    /// Per component subfolder ("" for the top), the weight file names tried in order.
-    pub weights: &'static [(&'static str, &'static [&'static str])],
-    /// A file whose presence marks a local folder of this kind.
-    pub marker: &'static str,
+/// The options naming the FlipSketch model, shared by every command that loads it.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Model: a local folder (diffusers layout, or a clone holding the subfolder) or a hub
+    /// repository id, fetched into the HuggingFace cache.
+    #[arg(long, default_value = DEFAULT_REPO)]
+    pub model: String,
+    /// Folder of the repository (or of a local clone) holding the model.
+    #[arg(long, default_value = DEFAULT_SUBFOLDER)]
+    pub subfolder: String,
+    /// Hub revision: a branch, a tag or a commit hash (pins the exact files).
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// Weight variant to prefer, e.g. `fp16` (`*.fp16.safetensors`); components without it
+    /// load their plain files.
+    #[arg(long)]
+    pub variant: Option<String>,
 }
 
-/// The diffusers text-to-video folder FlipSketch runs.
-pub const FLIPSKETCH: Layout = Layout {
-    plain_files: PLAIN_FILES,
-    weights: &[
-        ("text_encoder", TRANSFORMERS_WEIGHTS),
-        ("vae", DIFFUSERS_WEIGHTS),
-        ("unet", DIFFUSERS_WEIGHTS),
-    ],
-    marker: "unet/config.json",
-};
+impl ModelArgs {
+    /// The model folder, downloading what the cache lacks (`progress`: show a bar).
+    pub fn resolve(&self, progress: bool) -> Result<PathBuf> {
+        resolve(
+            &self.model,
+            &self.subfolder,
+            &self.revision,
+            self.variant.as_deref(),
+            &flipsketch_pipeline::components::MODEL_FILES,
+            Fetch::CacheFirst,
+            progress,
+        )
+    }
 
-/// A transformers CLIP model (vision tower used for ranking).
-pub const CLIP: Layout = Layout {
-    plain_files: &["config.json", "preprocessor_config.json"],
-    weights: &[("", TRANSFORMERS_WEIGHTS)],
-    marker: "config.json",
-};
-
-const PLAIN_FILES: &[&str] = &[
-    "scheduler/scheduler_config.json",
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
-    "text_encoder/config.json",
-    "vae/config.json",
-    "unet/config.json",
-];
+    pub fn variant(&self) -> Option<&str> {
+        self.variant.as_deref()
+    }
+}
 
 /// A model folder directly, or one with `subfolder/` inside (the repository as cloned).
-fn local_folder(path: &Path, subfolder: &str, layout: &Layout) -> Option<PathBuf> {
+fn local_folder(path: &Path, subfolder: &str, layout: &FolderLayout) -> Option<PathBuf> {
     if path.join(layout.marker).is_file() {
         return Some(path.to_path_buf());
     }
@@ -59,102 +62,27 @@ fn local_folder(path: &Path, subfolder: &str, layout: &Layout) -> Option<PathBuf
     inner.join(layout.marker).is_file().then_some(inner)
 }
 
-fn join(dir: &str, file: &str) -> String {
-    if dir.is_empty() {
-        file.to_string()
-    } else {
-        format!("{dir}/{file}")
-    }
+fn looks_like_repo(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
 }
 
-fn shard_names(index: &Path) -> Result<Vec<String>> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(index)?)
-        .with_context(|| format!("{}: not a shard index", index.display()))?;
-    let mut names: Vec<String> = v["weight_map"]
-        .as_object()
-        .with_context(|| format!("{}: no weight_map", index.display()))?
-        .values()
-        .filter_map(|s| s.as_str().map(String::from))
-        .collect();
-    names.sort();
-    names.dedup();
-    Ok(names)
-}
-
-/// The folder holding `layout.marker` in a snapshot, from the marker file's path.
-fn model_root(marker: &Path, layout: &Layout) -> Option<PathBuf> {
-    marker
-        .ancestors()
-        .nth(layout.marker.split('/').count())
-        .map(Path::to_path_buf)
-}
-
-/// The model folder of a cached hub snapshot, if every needed file is cached.
-fn from_cache(repo: &hf_hub::CacheRepo, subfolder: &str, layout: &Layout) -> Option<PathBuf> {
-    let path = |f: &str| join(subfolder, f);
-    for f in layout.plain_files {
-        if repo.get(&path(f)).is_none() && !f.ends_with("special_tokens_map.json") {
-            return None;
-        }
-    }
-    for (component, candidates) in layout.weights {
-        let found = candidates
-            .iter()
-            .find_map(|c| repo.get(&path(&join(component, c))).map(|p| (c, p)))?;
-        if found.0.ends_with(".index.json") {
-            for shard in shard_names(&found.1).ok()? {
-                repo.get(&path(&join(component, &shard)))?;
-            }
-        }
-    }
-    model_root(&repo.get(&path(layout.marker))?, layout)
-}
-
-fn download(repo_id: &str, subfolder: &str, layout: &Layout, progress: bool) -> Result<PathBuf> {
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(progress)
-        .build()?;
-    let repo = api.model(repo_id.to_string());
-    let info = repo
-        .info()
-        .with_context(|| format!("cannot reach the hub for {repo_id}"))?;
-    let path = |f: &str| join(subfolder, f);
-    let have: std::collections::HashSet<&str> =
-        info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-    let get = |p: &str| {
-        repo.get(p)
-            .with_context(|| format!("downloading {repo_id}/{p}"))
-    };
-    for f in layout.plain_files {
-        let p = path(f);
-        if !have.contains(p.as_str()) && f.ends_with("special_tokens_map.json") {
-            continue; // optional
-        }
-        get(&p)?;
-    }
-    for (component, candidates) in layout.weights {
-        let Some(c) = candidates
-            .iter()
-            .find(|c| have.contains(path(&join(component, c)).as_str()))
-        else {
-            bail!(
-                "{repo_id}: no weights in {:?} (looked for {})",
-                path(component),
-                candidates.join(", ")
-            );
-        };
-        let local = get(&path(&join(component, c)))?;
-        if c.ends_with(".index.json") {
-            for shard in shard_names(&local)? {
-                get(&path(&join(component, &shard)))?;
-            }
-        }
-    }
-    model_root(&get(&path(layout.marker))?, layout).context("unexpected cache layout")
-}
-
-/// Resolves `--model`: an existing local path, or `owner/name` on the hub (cache first).
-pub fn resolve(spec: &str, subfolder: &str, layout: &Layout, progress: bool) -> Result<PathBuf> {
+/// Resolves `--model`: an existing local path, or `owner/name` on the hub.
+pub fn resolve(
+    spec: &str,
+    subfolder: &str,
+    revision: &str,
+    variant: Option<&str>,
+    layout: &FolderLayout,
+    fetch: Fetch,
+    progress: bool,
+) -> Result<PathBuf> {
     let as_path = Path::new(spec);
     if as_path.exists() {
         return local_folder(as_path, subfolder, layout).with_context(|| {
@@ -164,29 +92,100 @@ pub fn resolve(spec: &str, subfolder: &str, layout: &Layout, progress: bool) -> 
             )
         });
     }
-    let looks_like_repo =
-        spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.ends_with('/');
-    if !looks_like_repo {
+    if !looks_like_repo(spec) {
         bail!("model {spec:?}: no such folder, and not a hub repository id (owner/name)");
     }
-    let cache = hf_hub::Cache::from_env();
-    if let Some(dir) = from_cache(&cache.model(spec.to_string()), subfolder, layout) {
-        tracing::info!("using the cached {spec} in {}", dir.display());
-        return Ok(dir);
+    let cfg = HubConfig::from_env();
+    let model = ModelRef {
+        repo: spec.to_string(),
+        revision: revision.to_string(),
+        subfolder: subfolder.to_string(),
+        variant: variant.map(String::from),
+    };
+    let mut bar = DownloadBar::new(progress);
+    let resolved = flipsketch_hub::resolve(&cfg, &model, layout, fetch, &mut bar)?;
+    bar.done(resolved.downloaded);
+    Ok(resolved.dir)
+}
+
+/// Progress of a download in the terminal: bytes, speed and time left for the whole model,
+/// the current file as the message. Off a terminal, a line at the start and at the end.
+struct DownloadBar {
+    bar: ProgressBar,
+    show: bool,
+    started: Option<Instant>,
+}
+
+impl DownloadBar {
+    fn new(show: bool) -> Self {
+        Self {
+            bar: ProgressBar::hidden(),
+            show,
+            started: None,
+        }
     }
-    let offline = std::env::var("HF_HUB_OFFLINE")
-        .map(|v| !v.is_empty() && v != "0")
-        .unwrap_or(false);
-    if offline {
-        bail!(
-            "model {spec} ({subfolder}) is not in the HuggingFace cache at {} and HF_HUB_OFFLINE is set",
-            cache.path().display()
+
+    fn done(&self, bytes: u64) {
+        self.bar.finish_and_clear();
+        if let (true, Some(t), true) = (self.show, self.started, bytes > 0) {
+            let s = t.elapsed().as_secs_f64();
+            eprintln!(
+                "downloaded {} in {s:.0} s ({}/s)",
+                indicatif::HumanBytes(bytes),
+                indicatif::HumanBytes((bytes as f64 / s.max(1e-3)) as u64)
+            );
+        }
+    }
+}
+
+impl DownloadProgress for DownloadBar {
+    fn start(&mut self, files: usize, bytes: u64) {
+        self.started = Some(Instant::now());
+        if !self.show || files == 0 {
+            return;
+        }
+        eprintln!(
+            "downloading {files} file(s), {} ...",
+            indicatif::HumanBytes(bytes)
         );
-    }
-    download(spec, subfolder, layout, progress).with_context(|| {
-        format!(
-            "model {spec} is not cached in {} and could not be downloaded",
-            cache.path().display()
+        let style = ProgressStyle::with_template(
+            "{bytes:>10}/{total_bytes} [{bar:30}] {binary_bytes_per_sec}, {eta} left  {msg}",
         )
-    })
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        self.bar = ProgressBar::with_draw_target(Some(bytes), ProgressDrawTarget::stderr())
+            .with_style(style);
+        self.bar.enable_steady_tick(Duration::from_millis(250));
+    }
+
+    fn file(&mut self, name: &str) {
+        self.bar.set_message(name.to_string());
+    }
+
+    fn bytes(&mut self, n: u64) {
+        self.bar.inc(n);
+    }
+
+    fn undo(&mut self, n: u64) {
+        self.bar.set_position(self.bar.position().saturating_sub(n));
+    }
+
+    fn finish(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_repo;
+
+    #[test]
+    fn repo_ids() {
+        assert!(looks_like_repo("Hmrishav/t2v_sketch-lora"));
+        assert!(looks_like_repo("openai/clip-vit-base-patch32"));
+        assert!(!looks_like_repo("./x/y"));
+        assert!(!looks_like_repo("a/b/c"));
+        assert!(!looks_like_repo("a/"));
+        assert!(!looks_like_repo("a b/c"));
+    }
 }

@@ -10,16 +10,13 @@ use flipsketch_engine::{Engine, EngineConfig};
 use flipsketch_pipeline::components::Components;
 use flipsketch_pipeline::Pipeline;
 
-use crate::model_source::{self, DEFAULT_REPO, DEFAULT_SUBFOLDER};
+use crate::model_source::ModelArgs;
 use crate::Precision;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Model: a local folder (diffusers layout) or a hub repository id.
-    #[arg(long, default_value = DEFAULT_REPO)]
-    pub model: String,
-    #[arg(long, default_value = DEFAULT_SUBFOLDER)]
-    pub subfolder: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Address to listen on (localhost only by default).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -81,15 +78,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        let (model, subfolder, dtype) = (a.model.clone(), a.subfolder.clone(), a.dtype.dtype());
+        let (model, dtype) = (a.model.clone(), a.dtype.dtype());
         let device = a.device.open()?;
         let engine = Engine::start(
             config,
             Box::new(move || {
-                let dir =
-                    model_source::resolve(&model, &subfolder, &model_source::FLIPSKETCH, true)
-                        .map_err(|e| format!("{e:#}"))?;
-                let components = Components::load(&dir, dtype, &device, |name| {
+                let dir = model.resolve(true).map_err(|e| format!("{e:#}"))?;
+                let components = Components::load(&dir, dtype, &device, model.variant(), |name| {
                     tracing::info!("loading {name}")
                 })
                 .map_err(|e| format!("{}: {e}", dir.display()))?;

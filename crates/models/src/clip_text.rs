@@ -229,7 +229,16 @@ pub struct ClipTextModel {
 
 impl ClipTextModel {
     pub fn new(c: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
-        let vb = vb.pp("text_model");
+        let vb = crate::loading::optional_prefix(
+            &vb,
+            "text_model",
+            &[
+                "embeddings.token_embedding.weight",
+                "embeddings.position_embedding.weight",
+                "final_layer_norm.weight",
+                "encoder.layers.0.layer_norm1.weight",
+            ],
+        );
         let emb = vb.pp("embeddings");
         let token_embedding = Embedding::new(
             emb.get((c.vocab_size, c.hidden_size), "token_embedding.weight")?,

@@ -126,7 +126,16 @@ pub struct ClipVisionModelWithProjection {
 
 impl ClipVisionModelWithProjection {
     pub fn new(c: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
-        let vm = vb.pp("vision_model");
+        let vm = crate::loading::optional_prefix(
+            &vb,
+            "vision_model",
+            &[
+                "embeddings.patch_embedding.weight",
+                "embeddings.class_embedding",
+                "pre_layrnorm.weight",
+                "post_layernorm.weight",
+            ],
+        );
         let emb = vm.pp("embeddings");
         let (h, p) = (c.hidden_size, c.patch_size);
         let positions = (c.image_size / p).pow(2) + 1;

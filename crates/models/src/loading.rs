@@ -18,26 +18,82 @@ pub use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 
-/// Weight file names tried in a component folder, in diffusers' order of preference.
-pub const DIFFUSERS_WEIGHTS: &[&str] = &[
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.safetensors.index.json",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "diffusion_pytorch_model.bin",
-    "diffusion_pytorch_model.bin.index.json",
-];
-/// Weight file names tried for a transformers model folder.
-pub const TRANSFORMERS_WEIGHTS: &[&str] = &[
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "model.fp16.safetensors",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-];
+/// The weight file names one library writes for a model folder (diffusers models, transformers
+/// models), single-file or sharded (`*.index.json`), safetensors or PyTorch pickle, with or
+/// without a variant (`diffusion_pytorch_model.fp16.safetensors`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightNames {
+    pub safetensors: &'static str,
+    pub pickle: &'static str,
+}
+
+/// diffusers' `ModelMixin.save_pretrained` names.
+pub const DIFFUSERS_WEIGHTS: WeightNames = WeightNames {
+    safetensors: "diffusion_pytorch_model.safetensors",
+    pickle: "diffusion_pytorch_model.bin",
+};
+/// transformers' `PreTrainedModel.save_pretrained` names.
+pub const TRANSFORMERS_WEIGHTS: WeightNames = WeightNames {
+    safetensors: "model.safetensors",
+    pickle: "pytorch_model.bin",
+};
+
+/// Variants tried when none is asked for and a folder holds no plain weight file.
+pub const FALLBACK_VARIANTS: &[&str] = &["fp16", "bf16"];
+
+/// diffusers/transformers `_add_variant`: the variant goes before the last dot-separated part
+/// (`model.safetensors` -> `model.fp16.safetensors`, `model.safetensors.index.json` ->
+/// `model.safetensors.index.fp16.json`).
+pub fn add_variant(name: &str, variant: Option<&str>) -> String {
+    match (variant, name.rsplit_once('.')) {
+        (Some(v), Some((head, ext))) => format!("{head}.{v}.{ext}"),
+        _ => name.to_string(),
+    }
+}
+
+impl WeightNames {
+    /// The file names a folder may hold for `variant`, most preferred first: safetensors before
+    /// pickles, a single file before a shard index, and the variant's files before the plain
+    /// ones (a component without variant files loads its plain files, as diffusers' pipeline
+    /// loader does). Without a variant the plain files come first, then those of
+    /// [`FALLBACK_VARIANTS`], so a folder that only has `*.fp16.safetensors` still loads.
+    pub fn candidates(&self, variant: Option<&str>) -> Vec<String> {
+        let of = |v: Option<&str>| {
+            [self.safetensors, self.pickle]
+                .into_iter()
+                .flat_map(move |base| {
+                    [
+                        add_variant(base, v),
+                        add_variant(&format!("{base}.index.json"), v),
+                    ]
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = Vec::new();
+        match variant {
+            Some(v) => {
+                out.extend(of(Some(v)));
+                out.extend(of(None));
+            }
+            None => {
+                out.extend(of(None));
+                for v in FALLBACK_VARIANTS {
+                    out.extend(of(Some(v)));
+                }
+            }
+        }
+        out
+    }
+
+    /// The first of [`Self::candidates`] for which `exists` says yes.
+    pub fn pick(&self, variant: Option<&str>, exists: impl Fn(&str) -> bool) -> Option<String> {
+        self.candidates(variant).into_iter().find(|c| exists(c))
+    }
+}
 
 /// Resolves the weight files of a component folder: the first candidate that exists, expanded
 /// through its `*.index.json` when sharded.
-pub fn find_weight_files(dir: &Path, candidates: &[&str]) -> Result<Vec<PathBuf>> {
+pub fn find_weight_files<S: AsRef<str>>(dir: &Path, candidates: &[S]) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
         return Err(Error::Io {
             path: dir.to_path_buf(),
@@ -45,60 +101,60 @@ pub fn find_weight_files(dir: &Path, candidates: &[&str]) -> Result<Vec<PathBuf>
         });
     }
     for name in candidates {
+        let name = name.as_ref();
         let path = dir.join(name);
         if !path.is_file() {
             continue;
         }
-        if name.ends_with(".index.json") {
+        if name.ends_with(".json") {
             return shard_files(&path);
         }
         return Ok(vec![path]);
     }
     Err(Error::NoWeights {
         dir: dir.to_path_buf(),
-        candidates: candidates.iter().map(|s| s.to_string()).collect(),
+        candidates: candidates.iter().map(|s| s.as_ref().to_string()).collect(),
     })
 }
 
-/// The shard files named by a `*.index.json` (`weight_map` values), in first-seen order.
-fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+/// The shard file names a `*.index.json` lists (its `weight_map` values), sorted, each once.
+pub fn shard_names(index_json: &str) -> std::result::Result<Vec<String>, String> {
     #[derive(serde::Deserialize)]
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let text = read_to_string(index)?;
-    let parsed: Index = serde_json::from_str(&text).map_err(|e| Error::BadFile {
-        path: index.to_path_buf(),
-        msg: format!("not a valid shard index: {e}"),
-    })?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let mut seen = HashSet::new();
-    let mut files = Vec::new();
-    let mut names: Vec<&String> = parsed.weight_map.values().collect();
+    let parsed: Index =
+        serde_json::from_str(index_json).map_err(|e| format!("not a valid shard index: {e}"))?;
+    let mut names: Vec<String> = parsed.weight_map.into_values().collect();
     names.sort();
-    for file in names {
-        if file.contains('/') || file.contains('\\') || file.contains("..") {
-            return Err(Error::BadFile {
-                path: index.to_path_buf(),
-                msg: format!("shard name {file:?} is not a plain file name"),
-            });
-        }
-        if seen.insert(file.clone()) {
-            let path = dir.join(file);
-            if !path.is_file() {
-                return Err(Error::BadFile {
-                    path: index.to_path_buf(),
-                    msg: format!("shard {} is missing", path.display()),
-                });
-            }
-            files.push(path);
-        }
+    names.dedup();
+    if let Some(bad) = names
+        .iter()
+        .find(|f| f.contains('/') || f.contains('\\') || f.contains(".."))
+    {
+        return Err(format!("shard name {bad:?} is not a plain file name"));
     }
-    if files.is_empty() {
-        return Err(Error::BadFile {
-            path: index.to_path_buf(),
-            msg: "empty weight_map".into(),
-        });
+    if names.is_empty() {
+        return Err("empty weight_map".into());
+    }
+    Ok(names)
+}
+
+/// The shard files named by a `*.index.json`, which must all exist.
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = read_to_string(index)?;
+    let bad = |msg: String| Error::BadFile {
+        path: index.to_path_buf(),
+        msg,
+    };
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files = Vec::new();
+    for name in shard_names(&text).map_err(bad)? {
+        let path = dir.join(&name);
+        if !path.is_file() {
+            return Err(bad(format!("shard {} is missing", path.display())));
+        }
+        files.push(path);
     }
     Ok(files)
 }
@@ -226,7 +282,11 @@ impl WeightStore {
     }
 
     /// Opens the weights of a component folder (see [`find_weight_files`]).
-    pub fn open_dir(component: &str, dir: &Path, candidates: &[&str]) -> Result<Arc<Self>> {
+    pub fn open_dir<S: AsRef<str>>(
+        component: &str,
+        dir: &Path,
+        candidates: &[S],
+    ) -> Result<Arc<Self>> {
         let files = find_weight_files(dir, candidates)?;
         Self::open(component, &files)
     }
@@ -417,14 +477,29 @@ fn release_pages(bytes: &[u8]) {
     }
 }
 
+/// The weights under `prefix` when the files use it, else at the root: transformers 4 writes a
+/// `CLIPTextModel` as `text_model.embeddings...` and transformers 5 as `embeddings...` (a
+/// `CLIPVisionModel` likewise with `vision_model.`). The layout is decided once, from which
+/// of the `probes` (tensor names below the prefix) exist; when neither layout has any, the
+/// prefixed one is used, so that a missing tensor is named as transformers 4 names it.
+pub fn optional_prefix<'a>(vb: &VarBuilder<'a>, prefix: &str, probes: &[&str]) -> VarBuilder<'a> {
+    let prefixed = vb.pp(prefix);
+    let any = |v: &VarBuilder| probes.iter().any(|p| v.contains_tensor(p));
+    if !any(&prefixed) && any(vb) {
+        vb.clone()
+    } else {
+        prefixed
+    }
+}
+
 /// Builds a model from a component folder and checks its weights in one go.
 ///
 /// `dtype` is the requested compute dtype; how it runs on `device` (on the CPU: f32 activations,
 /// bf16 or f32 matrix products) is [`crate::nn::compute_plan`]'s.
-pub fn load_component<M>(
+pub fn load_component<M, S: AsRef<str>>(
     component: &str,
     dir: &Path,
-    candidates: &[&str],
+    candidates: &[S],
     dtype: DType,
     device: &Device,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
@@ -436,4 +511,98 @@ pub fn load_component<M>(
     let model = build(vb)?;
     let report = store.finish()?;
     Ok((model, report))
+}
+
+/// The files a model folder consists of, relative to its root: what a download fetches and a
+/// cached copy must hold.
+#[derive(Clone, Copy, Debug)]
+pub struct FolderLayout {
+    /// Files every such folder has.
+    pub required: &'static [&'static str],
+    /// Files taken when present.
+    pub optional: &'static [&'static str],
+    /// Groups of alternatives: per group, the first alternative whose files all exist is
+    /// taken (a tokenizer as `vocab.json` + `merges.txt`, or as `tokenizer.json`).
+    pub one_of: &'static [&'static [&'static [&'static str]]],
+    /// Component folders ("" for the root) and the weight files their library writes.
+    pub weights: &'static [(&'static str, WeightNames)],
+    /// A file whose presence marks a folder of this kind.
+    pub marker: &'static str,
+}
+
+/// What [`FolderLayout::select`] found in a listing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Selection {
+    /// Files to use (shard indexes included; their shards are not, see `indexes`).
+    pub files: Vec<String>,
+    /// The picked `*.index.json` files, whose shards ([`shard_names`], relative to the index's
+    /// folder) belong to the selection too.
+    pub indexes: Vec<String>,
+    /// What is missing, one description per problem (file names, or the weight file names
+    /// looked for in a component folder).
+    pub missing: Vec<String>,
+}
+
+/// `dir/file`, or `file` when `dir` is empty.
+pub fn join_folder(dir: &str, file: &str) -> String {
+    if dir.is_empty() {
+        file.to_string()
+    } else {
+        format!("{dir}/{file}")
+    }
+}
+
+impl FolderLayout {
+    /// Picks this layout's files among those `exists` knows (paths relative to the folder),
+    /// weights by [`WeightNames::pick`] for `variant`.
+    pub fn select(&self, variant: Option<&str>, exists: impl Fn(&str) -> bool) -> Selection {
+        let mut s = Selection::default();
+        for f in self.required {
+            if exists(f) {
+                s.files.push(f.to_string());
+            } else {
+                s.missing.push(f.to_string());
+            }
+        }
+        s.files.extend(
+            self.optional
+                .iter()
+                .filter(|f| exists(f))
+                .map(|f| f.to_string()),
+        );
+        for group in self.one_of {
+            match group.iter().find(|alt| alt.iter().all(|f| exists(f))) {
+                Some(alt) => s.files.extend(alt.iter().map(|f| f.to_string())),
+                None => s.missing.push(
+                    group
+                        .iter()
+                        .map(|alt| alt.join(" + "))
+                        .collect::<Vec<_>>()
+                        .join(" or "),
+                ),
+            }
+        }
+        for (dir, names) in self.weights {
+            match names.pick(variant, |c| exists(&join_folder(dir, c))) {
+                Some(name) => {
+                    let path = join_folder(dir, &name);
+                    if name.ends_with(".json") {
+                        s.indexes.push(path.clone());
+                    }
+                    s.files.push(path);
+                }
+                None => s.missing.push(format!(
+                    "weights in {}/ (one of {})",
+                    if dir.is_empty() { "." } else { dir },
+                    names.candidates(variant).join(", ")
+                )),
+            }
+        }
+        s
+    }
+}
+
+/// The folder of a `*.index.json` path ("" at the root), for joining its shard names.
+pub fn index_folder(index: &str) -> &str {
+    index.rsplit_once('/').map_or("", |(d, _)| d)
 }

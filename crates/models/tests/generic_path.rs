@@ -10,7 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use common::{assert_close, golden, model_dir, unet_cases};
 use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
-use flipsketch_models::loading::{WeightStore, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS};
+use flipsketch_models::loading::{
+    WeightNames, WeightStore, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
+};
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 
 const TOL: f32 = 1e-4;
@@ -18,10 +20,10 @@ const TOL: f32 = 1e-4;
 /// Builds a component with f64 weights on the CPU, checking that every weight was used.
 fn build<M>(
     dir: &std::path::Path,
-    candidates: &[&str],
+    names: WeightNames,
     f: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<M>,
 ) -> M {
-    let store = WeightStore::open_dir("generic", dir, candidates).unwrap();
+    let store = WeightStore::open_dir("generic", dir, &names.candidates(None)).unwrap();
     let m = f(store.var_builder(DType::F64, &Device::Cpu)).unwrap();
     let report = store.finish().unwrap();
     assert!(report.unexpected.is_empty(), "{:?}", report.unexpected);

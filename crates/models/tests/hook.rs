@@ -21,7 +21,7 @@ fn unet() -> UNet3DConditionModel {
     load_component(
         "unet",
         &dir,
-        DIFFUSERS_WEIGHTS,
+        &DIFFUSERS_WEIGHTS.candidates(None),
         DType::F32,
         &Device::Cpu,
         |vb| UNet3DConditionModel::new(&cfg, vb),

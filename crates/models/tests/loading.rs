@@ -31,7 +31,7 @@ fn try_load(dir: &Path) -> Result<LoadReport, String> {
     load_component(
         "unet",
         dir,
-        DIFFUSERS_WEIGHTS,
+        &DIFFUSERS_WEIGHTS.candidates(None),
         DType::F32,
         &Device::Cpu,
         |vb| UNet3DConditionModel::new(&cfg, vb),
@@ -125,7 +125,7 @@ fn missing_folder_and_weights_are_named() {
     let err = load_component(
         "unet",
         &missing,
-        DIFFUSERS_WEIGHTS,
+        &DIFFUSERS_WEIGHTS.candidates(None),
         DType::F32,
         &Device::Cpu,
         |_| Ok(()),
@@ -135,7 +135,7 @@ fn missing_folder_and_weights_are_named() {
     let err = load_component(
         "unet",
         dir.path(),
-        DIFFUSERS_WEIGHTS,
+        &DIFFUSERS_WEIGHTS.candidates(None),
         DType::F32,
         &Device::Cpu,
         |_| Ok(()),

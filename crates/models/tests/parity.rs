@@ -17,9 +17,14 @@ const TOL: f32 = 1e-4;
 
 pub fn load_unet(dir: &std::path::Path, dtype: DType) -> UNet3DConditionModel {
     let cfg = UNet3DConfig::from_file(&dir.join("config.json")).unwrap();
-    let (m, report) = load_component("unet", dir, DIFFUSERS_WEIGHTS, dtype, &Device::Cpu, |vb| {
-        UNet3DConditionModel::new(&cfg, vb)
-    })
+    let (m, report) = load_component(
+        "unet",
+        dir,
+        &DIFFUSERS_WEIGHTS.candidates(None),
+        dtype,
+        &Device::Cpu,
+        |vb| UNet3DConditionModel::new(&cfg, vb),
+    )
     .unwrap();
     assert!(
         report.unexpected.is_empty(),
@@ -34,7 +39,7 @@ fn load_text_encoder(dir: &std::path::Path) -> (ClipTextModel, LoadReport) {
     load_component(
         "text_encoder",
         dir,
-        TRANSFORMERS_WEIGHTS,
+        &TRANSFORMERS_WEIGHTS.candidates(None),
         DType::F32,
         &Device::Cpu,
         |vb| ClipTextModel::new(&cfg, vb),
@@ -70,7 +75,7 @@ fn vae(config: &str) {
     let (m, report) = load_component(
         "vae",
         &dir,
-        DIFFUSERS_WEIGHTS,
+        &DIFFUSERS_WEIGHTS.candidates(None),
         DType::F32,
         &Device::Cpu,
         |vb| AutoencoderKL::new(&cfg, vb),
@@ -140,10 +145,18 @@ fn unet_b_sharded_fp16_three_levels() {
 #[test]
 fn unet_from_pickle_equals_safetensors() {
     use flipsketch_models::loading::WeightStore;
-    let st =
-        WeightStore::open_dir("unet", &model_dir("a").join("unet"), DIFFUSERS_WEIGHTS).unwrap();
-    let pk = WeightStore::open_dir("unet", &fixtures().join("tiny-bin/unet"), DIFFUSERS_WEIGHTS)
-        .unwrap();
+    let st = WeightStore::open_dir(
+        "unet",
+        &model_dir("a").join("unet"),
+        &DIFFUSERS_WEIGHTS.candidates(None),
+    )
+    .unwrap();
+    let pk = WeightStore::open_dir(
+        "unet",
+        &fixtures().join("tiny-bin/unet"),
+        &DIFFUSERS_WEIGHTS.candidates(None),
+    )
+    .unwrap();
     assert!(pk.files()[0].extension().unwrap() == "bin");
     let mut names: Vec<_> = st.names().cloned().collect();
     names.sort();

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
 use flipsketch_models::loading::{
-    load_component, LoadReport, VarBuilder, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
+    load_component, FolderLayout, LoadReport, VarBuilder, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
 };
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 use flipsketch_schedulers::DdimScheduler;
@@ -40,6 +40,32 @@ pub struct ComponentReport {
     pub seconds: f64,
 }
 
+/// The files of a model folder [`Components::load`] reads (what a download fetches).
+pub const MODEL_FILES: FolderLayout = FolderLayout {
+    required: &[
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "vae/config.json",
+        "unet/config.json",
+    ],
+    optional: &[
+        "model_index.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/special_tokens_map.json",
+    ],
+    // the tokenizer as transformers 4 writes it, or as transformers 5 does
+    one_of: &[&[
+        &["tokenizer/vocab.json", "tokenizer/merges.txt"],
+        &["tokenizer/tokenizer.json"],
+    ]],
+    weights: &[
+        ("text_encoder", TRANSFORMERS_WEIGHTS),
+        ("vae", DIFFUSERS_WEIGHTS),
+        ("unet", DIFFUSERS_WEIGHTS),
+    ],
+    marker: "unet/config.json",
+};
+
 pub struct Components {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
@@ -63,12 +89,15 @@ fn component_dir(dir: &Path, name: &'static str) -> Result<PathBuf, ComponentsEr
 
 impl Components {
     /// Loads tokenizer, text encoder, VAE, UNet and scheduler from a diffusers-layout folder,
-    /// weights converted to `dtype` on `device`. `on_component` is told each component's name
-    /// before it loads (for progress display).
+    /// weights converted to `dtype` on `device`. `variant` (e.g. "fp16") prefers each
+    /// component's `*.<variant>.*` weight files, taking its plain files where it has none, as
+    /// diffusers' pipeline loader does. `on_component` is told each component's name before it
+    /// loads (for progress display).
     pub fn load(
         dir: &Path,
         dtype: DType,
         device: &Device,
+        variant: Option<&str>,
         mut on_component: impl FnMut(&'static str),
     ) -> Result<Self, ComponentsError> {
         if !dir.is_dir() {
@@ -124,11 +153,11 @@ impl Components {
         on_component("unet");
         let (side, unet) = std::thread::scope(|scope| {
             let side = scope.spawn(|| {
-                let te = load_text_encoder(dir, dtype, device)?;
-                let vae = load_vae(dir, dtype, device)?;
+                let te = load_text_encoder(dir, dtype, device, variant)?;
+                let vae = load_vae(dir, dtype, device, variant)?;
                 Ok::<_, ComponentsError>((te, vae))
             });
-            let unet = load_unet(dir, dtype, device);
+            let unet = load_unet(dir, dtype, device, variant);
             (side.join(), unet)
         });
         let ((text_encoder, te_report), (vae, vae_report)) = match side {
@@ -157,7 +186,7 @@ type Loaded<M> = Result<(M, ComponentReport), ComponentsError>;
 fn load_model<C, M>(
     dir: &Path,
     name: &'static str,
-    candidates: &[&str],
+    candidates: &[String],
     dtype: DType,
     device: &Device,
     config: impl FnOnce(&Path) -> flipsketch_models::error::Result<C>,
@@ -178,11 +207,16 @@ fn load_model<C, M>(
     Ok((model, report))
 }
 
-fn load_text_encoder(dir: &Path, dtype: DType, device: &Device) -> Loaded<ClipTextModel> {
+fn load_text_encoder(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    variant: Option<&str>,
+) -> Loaded<ClipTextModel> {
     load_model(
         dir,
         "text_encoder",
-        TRANSFORMERS_WEIGHTS,
+        &TRANSFORMERS_WEIGHTS.candidates(variant),
         dtype,
         device,
         ClipTextConfig::from_file,
@@ -200,11 +234,16 @@ fn load_text_encoder(dir: &Path, dtype: DType, device: &Device) -> Loaded<ClipTe
     )
 }
 
-fn load_vae(dir: &Path, dtype: DType, device: &Device) -> Loaded<AutoencoderKL> {
+fn load_vae(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    variant: Option<&str>,
+) -> Loaded<AutoencoderKL> {
     load_model(
         dir,
         "vae",
-        DIFFUSERS_WEIGHTS,
+        &DIFFUSERS_WEIGHTS.candidates(variant),
         dtype,
         device,
         AutoencoderKLConfig::from_file,
@@ -218,11 +257,16 @@ fn load_vae(dir: &Path, dtype: DType, device: &Device) -> Loaded<AutoencoderKL> 
     )
 }
 
-fn load_unet(dir: &Path, dtype: DType, device: &Device) -> Loaded<UNet3DConditionModel> {
+fn load_unet(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    variant: Option<&str>,
+) -> Loaded<UNet3DConditionModel> {
     load_model(
         dir,
         "unet",
-        DIFFUSERS_WEIGHTS,
+        &DIFFUSERS_WEIGHTS.candidates(variant),
         dtype,
         device,
         UNet3DConfig::from_file,

@@ -10,9 +10,18 @@ use flipsketch_media::Frames;
 use flipsketch_models::clip_vision::{
     cosine_similarity, ClipVisionConfig, ClipVisionModelWithProjection,
 };
-use flipsketch_models::loading::{load_component, LoadReport, TRANSFORMERS_WEIGHTS};
+use flipsketch_models::loading::{load_component, FolderLayout, LoadReport, TRANSFORMERS_WEIGHTS};
 
 use crate::components::ComponentsError;
+
+/// The files of a CLIP folder [`ClipRanker::load`] reads.
+pub const CLIP_FILES: FolderLayout = FolderLayout {
+    required: &["config.json", "preprocessor_config.json"],
+    optional: &[],
+    one_of: &[],
+    weights: &[("", TRANSFORMERS_WEIGHTS)],
+    marker: "config.json",
+};
 
 pub struct ClipRanker {
     model: ClipVisionModelWithProjection,
@@ -28,8 +37,13 @@ pub struct Rgb<'a> {
 }
 
 impl ClipRanker {
-    /// Loads a CLIP folder: `config.json`, `preprocessor_config.json` and the weights.
-    pub fn load(dir: &Path, device: &Device) -> Result<(Self, LoadReport), ComponentsError> {
+    /// Loads a CLIP folder: `config.json`, `preprocessor_config.json` and the weights
+    /// (`variant` as for [`crate::components::Components::load`]).
+    pub fn load(
+        dir: &Path,
+        device: &Device,
+        variant: Option<&str>,
+    ) -> Result<(Self, LoadReport), ComponentsError> {
         let config = ClipVisionConfig::from_file(&dir.join("config.json"))?;
         let pre_path = dir.join("preprocessor_config.json");
         let pre_json: serde_json::Value = flipsketch_models::loading::read_json(&pre_path)?;
@@ -52,7 +66,7 @@ impl ClipRanker {
         let (model, report) = load_component(
             "clip",
             dir,
-            TRANSFORMERS_WEIGHTS,
+            &TRANSFORMERS_WEIGHTS.candidates(variant),
             DType::F32,
             device,
             |vb| ClipVisionModelWithProjection::new(&config, vb),
@@ -75,10 +89,16 @@ impl ClipRanker {
             all.extend(self.preprocess.pixels(im.data, im.width, im.height));
         }
         let pixels = Tensor::from_vec(all, (images.len(), 3, ch, cw), &self.device)?;
+        self.embed_pixel_values(&pixels)
+    }
+
+    /// Image embeddings of preprocessed `pixel_values` (n, 3, crop, crop).
+    pub fn embed_pixel_values(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         // batches of 16 keep memory bounded
+        let n = pixels.dim(0)?;
         let mut out = Vec::new();
-        for start in (0..images.len()).step_by(16) {
-            let len = 16.min(images.len() - start);
+        for start in (0..n).step_by(16) {
+            let len = 16.min(n - start);
             out.push(self.model.forward(&pixels.narrow(0, start, len)?)?.0);
         }
         Tensor::cat(&out, 0)

@@ -107,9 +107,35 @@ fn token_str(v: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
+/// One BPE merge: `"a b"` (merges.txt, older tokenizer.json) or `["a", "b"]` (tokenizer.json
+/// since tokenizers 0.20).
+fn parse_merge(v: &serde_json::Value) -> Option<(String, String)> {
+    match v {
+        serde_json::Value::String(line) => {
+            let mut parts = line.split(' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => {
+                    Some((a.to_string(), b.to_string()))
+                }
+                _ => None,
+            }
+        }
+        serde_json::Value::Array(pair) => match pair.as_slice() {
+            [serde_json::Value::String(a), serde_json::Value::String(b)] => {
+                Some((a.clone(), b.clone()))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 impl ClipTokenizer {
-    /// Reads `vocab.json`, `merges.txt` and `tokenizer_config.json` (and
-    /// `special_tokens_map.json` when present) of a tokenizer folder.
+    /// Reads a tokenizer folder: the BPE table from `vocab.json` + `merges.txt` (transformers
+    /// 4) or, when those are absent, from `tokenizer.json` (what transformers 5 writes), and
+    /// the special tokens and length from `tokenizer_config.json` (and
+    /// `special_tokens_map.json` when present). Either way the text is cleaned and split as
+    /// the slow `CLIPTokenizer` does.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let file_err = |path: &Path, msg: String| TokenizerError::File {
             path: path.to_path_buf(),
@@ -121,27 +147,56 @@ impl ClipTokenizer {
                 .map_err(|e| file_err(&p, e.to_string()))
                 .map(|s| (p, s))
         };
-        let (vp, vocab_text) = read("vocab.json")?;
-        let vocab: Vocab = serde_json::from_str(&vocab_text)
-            .map_err(|e| file_err(&vp, format!("not a vocabulary: {e}")))?;
-        let (mp, merges_text) = read("merges.txt")?;
-        let mut merges = Vec::new();
-        for (i, line) in merges_text.lines().skip(1).take(CLIP_MERGES).enumerate() {
-            if line.is_empty() {
-                continue;
-            }
-            let mut parts = line.split(' ');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
-                _ => {
-                    return Err(file_err(
-                        &mp,
-                        format!("line {}: expected two symbols, got {line:?}", i + 2),
-                    ))
+        let (vp, vocab, merges) =
+            if dir.join("vocab.json").is_file() || !dir.join("tokenizer.json").is_file() {
+                let (vp, vocab_text) = read("vocab.json")?;
+                let vocab: Vocab = serde_json::from_str(&vocab_text)
+                    .map_err(|e| file_err(&vp, format!("not a vocabulary: {e}")))?;
+                let (mp, merges_text) = read("merges.txt")?;
+                let mut merges = Vec::new();
+                // line 0 is the "#version" header
+                for (i, line) in merges_text.lines().skip(1).take(CLIP_MERGES).enumerate() {
+                    if line.is_empty() {
+                        continue;
+                    }
+                    match parse_merge(&serde_json::Value::String(line.to_string())) {
+                        Some(m) => merges.push(m),
+                        None => {
+                            return Err(file_err(
+                                &mp,
+                                format!("line {}: expected two symbols, got {line:?}", i + 2),
+                            ))
+                        }
+                    }
                 }
-            }
-        }
-
+                (vp, vocab, merges)
+            } else {
+                // transformers 5 writes a CLIP tokenizer as tokenizer.json alone: the same BPE
+                // table, as the fast tokenizer's `model.vocab` and `model.merges`.
+                let (tp, text) = read("tokenizer.json")?;
+                let bad = |msg: String| file_err(&tp, msg);
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+                let model = &v["model"];
+                if model["type"].as_str() != Some("BPE") {
+                    return Err(bad(format!(
+                        "model.type is {}, a CLIP tokenizer is \"BPE\"",
+                        model["type"]
+                    )));
+                }
+                let vocab: Vocab = serde_json::from_value(model["vocab"].clone())
+                    .map_err(|e| bad(format!("model.vocab is not a vocabulary: {e}")))?;
+                let list = model["merges"]
+                    .as_array()
+                    .ok_or_else(|| bad("model.merges is not a list".into()))?;
+                let mut merges = Vec::new();
+                for (i, m) in list.iter().take(CLIP_MERGES).enumerate() {
+                    merges.push(parse_merge(m).ok_or_else(|| {
+                        bad(format!("model.merges[{i}]: expected two symbols, got {m}"))
+                    })?);
+                }
+                (tp, vocab, merges)
+            };
         let mut config = serde_json::Map::new();
         for name in ["special_tokens_map.json", "tokenizer_config.json"] {
             let p = dir.join(name);
@@ -182,7 +237,7 @@ impl ClipTokenizer {
             .end_of_word_suffix("</w>".into())
             .unk_token(unk)
             .build()
-            .map_err(|e| file_err(&mp, format!("cannot build BPE: {e}")))?;
+            .map_err(|e| file_err(&vp, format!("cannot build BPE: {e}")))?;
         let split = Split::new(
             SplitPattern::Regex(CLIP_PATTERN.into()),
             SplitDelimiterBehavior::Removed,

@@ -39,7 +39,7 @@ fn vision_tower_matches_transformers() {
     let (m, report) = load_component(
         "clip",
         &dir,
-        TRANSFORMERS_WEIGHTS,
+        &TRANSFORMERS_WEIGHTS.candidates(None),
         candle_core::DType::F32,
         &Device::Cpu,
         |vb| ClipVisionModelWithProjection::new(&cfg, vb),
@@ -96,7 +96,7 @@ fn preprocessing_matches_clip_image_processor() {
 
 #[test]
 fn ranker_embeds_and_scores() {
-    let (ranker, _) = ClipRanker::load(&fixtures().join("clip"), &Device::Cpu).unwrap();
+    let (ranker, _) = ClipRanker::load(&fixtures().join("clip"), &Device::Cpu, None).unwrap();
     let g = golden("clip_preprocess.safetensors");
     let imgs: Vec<image::RgbImage> = (0..7)
         .map(|k| {

@@ -12,9 +12,13 @@ fn fixtures() -> PathBuf {
 
 fn coverage(folder: &str, expected: &[(&str, usize)]) {
     let mut order = Vec::new();
-    let c = Components::load(&fixtures().join(folder), DType::F32, &Device::Cpu, |n| {
-        order.push(n)
-    })
+    let c = Components::load(
+        &fixtures().join(folder),
+        DType::F32,
+        &Device::Cpu,
+        None,
+        |n| order.push(n),
+    )
     .unwrap();
     assert_eq!(
         order,
@@ -60,14 +64,20 @@ fn config_b_fp16_every_tensor_used() {
 #[test]
 fn missing_component_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Components::load(dir.path(), DType::F32, &Device::Cpu, |_| {})
+    let err = Components::load(dir.path(), DType::F32, &Device::Cpu, None, |_| {})
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("tokenizer/"), "{err}");
-    let err = Components::load(&dir.path().join("x"), DType::F32, &Device::Cpu, |_| {})
-        .err()
-        .unwrap()
-        .to_string();
+    let err = Components::load(
+        &dir.path().join("x"),
+        DType::F32,
+        &Device::Cpu,
+        None,
+        |_| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("does not exist"), "{err}");
 }

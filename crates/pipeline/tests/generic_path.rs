@@ -16,7 +16,14 @@ use flipsketch_pipeline::Pipeline;
 /// tolerances as the f32 runs.
 #[test]
 fn generic_path_matches_reference_pipeline() {
-    let c = Components::load(&fixtures().join("tiny"), DType::F64, &Device::Cpu, |_| {}).unwrap();
+    let c = Components::load(
+        &fixtures().join("tiny"),
+        DType::F64,
+        &Device::Cpu,
+        None,
+        |_| {},
+    )
+    .unwrap();
     let mut p = Pipeline::new(c, Device::Cpu, DType::F64);
     p.variants_per_call = None;
     flipsketch_kernels::stats::enable();

@@ -40,8 +40,14 @@ async fn start(tweak: impl FnOnce(&mut EngineConfig), delay: Duration, fail: boo
             if fail {
                 return Err("weights are broken".into());
             }
-            let c = Components::load(&fixtures().join("tiny"), DType::F32, &Device::Cpu, |_| {})
-                .map_err(|e| e.to_string())?;
+            let c = Components::load(
+                &fixtures().join("tiny"),
+                DType::F32,
+                &Device::Cpu,
+                None,
+                |_| {},
+            )
+            .map_err(|e| e.to_string())?;
             Ok(Pipeline::new(c, Device::Cpu, DType::F32))
         }),
     );

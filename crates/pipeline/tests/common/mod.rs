@@ -14,7 +14,14 @@ pub fn fixtures() -> PathBuf {
 }
 
 pub fn pipeline() -> Pipeline {
-    let c = Components::load(&fixtures().join("tiny"), DType::F32, &Device::Cpu, |_| {}).unwrap();
+    let c = Components::load(
+        &fixtures().join("tiny"),
+        DType::F32,
+        &Device::Cpu,
+        None,
+        |_| {},
+    )
+    .unwrap();
     Pipeline::new(c, Device::Cpu, DType::F32)
 }
 
