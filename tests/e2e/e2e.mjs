@@ -16,6 +16,16 @@ import { fileURLToPath } from 'node:url';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BASE = (process.env.FLIPSKETCH_URL || '').replace(/\/+$/, '');
+
+// Waits until the page's paper has ink (an example is drawn from its PNG asynchronously).
+async function waitInked(p) {
+  await p.waitForFunction(() => {
+    const c = document.querySelector('#canvas');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    for (let i = 0; i < d.length; i += 4) if (d[i] < 128) return true;
+    return false;
+  });
+}
 const ARTIFACTS = path.resolve(process.env.E2E_ARTIFACTS || path.join(HERE, 'artifacts'));
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const secs = (name, def) => Number(process.env[name] || def) * 1000;
@@ -322,18 +332,29 @@ try {
   });
 
   await test('example sketches have thumbnails and draw onto the canvas', async () => {
+    await page.waitForFunction(() => document.querySelectorAll('.example').length > 0);
     const n = await page.locator('.example').count();
     assert.ok(n >= 4, `${n} examples`);
-    const thumbsInked = await page.$$eval('.example canvas', (cs) => cs.map((c) => {
-      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    // the thumbnails are the repository's examples/*.png, served by the binary
+    await page.waitForFunction(() => Array.from(document.querySelectorAll('.example img')).every((i) => i.complete && i.naturalWidth > 0));
+    const thumbsInked = await page.$$eval('.example img', (imgs) => imgs.map((img) => {
+      const c = document.createElement('canvas');
+      c.width = img.naturalWidth; c.height = img.naturalHeight;
+      const cc = c.getContext('2d');
+      cc.drawImage(img, 0, 0);
+      const d = cc.getImageData(0, 0, c.width, c.height).data;
       let dark = 0;
       for (let i = 0; i < d.length; i += 4) if (d[i] < 128) dark++;
       return dark;
     }));
     assert.ok(thumbsInked.every((d) => d > 50), `every thumbnail shows a drawing: ${thumbsInked}`);
+    const manifest = await (await fetch(`${BASE}/examples/examples.json`)).json();
+    assert.equal(manifest.length, n, 'one button per example of examples/examples.json');
     await page.fill('#prompt', '');
     await page.locator('.example').first().click();
-    assert.notEqual((await page.inputValue('#prompt')).trim(), '', 'an empty prompt gets the example\'s suggestion');
+    await page.waitForFunction(() => document.querySelector('#prompt').value.trim() !== '');
+    assert.equal((await page.inputValue('#prompt')).trim(), manifest[0].prompt, 'an empty prompt gets the example\'s suggestion');
+    await waitInked(page);
     const ex = await canvasStats();
     assert.ok(ex.dark > 500, 'the example is drawn');
     await shot('09-example');
@@ -355,6 +376,7 @@ try {
     await pageB.goto(`${BASE}/`);
     await waitReady(pageB);
     await pageB.locator('.example').nth(2).click();
+    await waitInked(pageB);
     await pageB.fill('#variants', '1');
     await openAdvanced(pageB);
     await pageB.fill('#frames', '2');

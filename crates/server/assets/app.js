@@ -46,7 +46,7 @@
   const PAPER = '#ffffff';
   let tool = 'pen';
   let penWidth = 5;
-  let history = []; // {type:'stroke', stroke} | {type:'image', image} | {type:'example', strokes} | {type:'clear'}
+  let history = []; // {type:'stroke', stroke} | {type:'image', image} | {type:'clear'}
   let redoStack = [];
   let current = null; // the stroke being drawn
   let activePointer = null;
@@ -91,7 +91,6 @@
       case 'stroke': drawStroke(c, step.stroke); break;
       case 'clear': paint(c, PAPER); break;
       case 'image': paint(c, PAPER); c.drawImage(step.image, 0, 0); break;
-      case 'example': paint(c, PAPER); step.strokes.forEach((s) => drawStroke(c, s)); break;
       default: break;
     }
   }
@@ -313,134 +312,53 @@
     if (item) { e.preventDefault(); useFile(item.getAsFile()); }
   });
 
-  // ------------------------------------------------------------------ examples (0..100 space)
-  function rng(seed) {
-    let s = seed >>> 0;
-    return () => { s = (s * 1664525 + 1013904223) >>> 0; return s / 4294967296; };
-  }
-  const ell = (cx, cy, rx, ry, a0 = 0, a1 = 360, rot = 0, n = 0) => {
-    const pts = [];
-    const steps = n || Math.max(8, Math.round(Math.abs(a1 - a0) / 10));
-    const cr = Math.cos((rot * Math.PI) / 180), sr = Math.sin((rot * Math.PI) / 180);
-    for (let i = 0; i <= steps; i++) {
-      const a = ((a0 + ((a1 - a0) * i) / steps) * Math.PI) / 180;
-      const x = rx * Math.cos(a), y = ry * Math.sin(a);
-      pts.push([cx + x * cr - y * sr, cy + x * sr + y * cr]);
-    }
-    return pts;
-  };
-  const circle = (cx, cy, r) => ell(cx, cy, r, r, -90, 275);
-  // Straight segments become a few points so the smoothing keeps them straight-ish but hand-made.
-  const line = (...pts) => {
-    const out = [pts[0]];
-    for (let i = 1; i < pts.length; i++) {
-      const [x0, y0] = pts[i - 1], [x1, y1] = pts[i];
-      const n = Math.max(2, Math.round(Math.hypot(x1 - x0, y1 - y0) / 6));
-      for (let j = 1; j <= n; j++) out.push([x0 + ((x1 - x0) * j) / n, y0 + ((y1 - y0) * j) / n]);
-      if (i < pts.length - 1) out.push([x1, y1]); // keep the corner
-    }
-    return out;
-  };
-
-  const EXAMPLES = [
-    {
-      name: 'Cat', prompt: 'the cat stretches and yawns',
-      strokes: [
-        ell(50, 56, 31, 27, 200, 520),
-        line([22, 44], [26, 15], [42, 30]),
-        line([58, 30], [74, 15], [78, 44]),
-        ell(39, 50, 3.5, 4.5), ell(61, 50, 3.5, 4.5),
-        line([46.5, 60], [53.5, 60], [50, 64], [46.5, 60]),
-        line([50, 64], [50, 67]),
-        ell(46, 67, 4, 3.5, 0, 160), ell(54, 67, 4, 3.5, 20, 180),
-        line([30, 60], [13, 56]), line([30, 64], [12, 67]),
-        line([70, 60], [87, 56]), line([70, 64], [88, 67]),
-      ],
-    },
-    {
-      name: 'Person', prompt: 'a person waving hello',
-      strokes: [
-        circle(50, 20, 9),
-        line([50, 29], [50, 61]),
-        line([50, 38], [33, 52]),
-        line([50, 38], [64, 30], [70, 17]),
-        line([50, 61], [38, 86]),
-        line([50, 61], [62, 86]),
-        ell(50, 21, 4, 3, 20, 160),
-        [[46.5, 17.5]], [[53.5, 17.5]],
-      ],
-    },
-    {
-      name: 'Fish', prompt: 'the fish swims and wiggles its tail',
-      strokes: [
-        ell(45, 54, 28, 17, 0, 360),
-        line([72, 54], [89, 39], [87, 69], [72, 54]),
-        circle(30, 50, 2.8),
-        ell(29, 54, 14, 14, -48, 48),
-        line([38, 38], [48, 28], [58, 39]),
-        circle(16, 32, 2.6), circle(11, 21, 3.6),
-      ],
-    },
-    {
-      name: 'Flower', prompt: 'the flower sways in the wind',
-      strokes: [
-        circle(50, 32, 7),
-        ...[0, 60, 120, 180, 240, 300].map((a) => {
-          const r = (a * Math.PI) / 180;
-          return ell(50 + 15.5 * Math.cos(r), 32 + 15.5 * Math.sin(r), 8.5, 5.5, 0, 360, a);
-        }),
-        [[50, 39.5], [51.5, 52], [50.5, 66], [51.5, 82], [50.5, 97]],
-        [[52, 72], [58, 64], [70, 60], [64, 69], [52, 73]],
-        [[50, 82], [43, 73], [31, 71], [37, 80], [50, 83]],
-      ],
-    },
-  ];
-  // Hand-drawn wobble, fixed per example so its thumbnail and its drawing match.
-  EXAMPLES.forEach((ex, k) => {
-    const r = rng(7 + k * 101);
-    ex.strokes = ex.strokes.map((pts) => pts.map(([x, y]) => [x + (r() - 0.5) * 0.6, y + (r() - 0.5) * 0.6]));
-  });
-  const EX_WIDTH = 5.5; // in canvas pixels
-
-  function exampleStrokes(ex) {
-    const k = SIZE / 100;
-    // Keep a margin so nothing touches the paper's edge.
-    const m = 0.08 * SIZE, s = (SIZE - 2 * m) / SIZE;
-    return ex.strokes.map((pts) => ({
-      color: INK, width: EX_WIDTH, pts: pts.map(([x, y]) => [m + x * k * s, m + y * k * s]),
-    }));
-  }
-
+  // ------------------------------------------------------------------ examples
+  // The sketches of the repository's examples/ folder (examples.json: name, file, prompt),
+  // served by the binary; picking one puts it on the paper like an uploaded image.
   let autoPrompt = '';
-  EXAMPLES.forEach((ex) => {
-    const b = document.createElement('button');
-    b.type = 'button';
-    b.className = 'example';
-    b.dataset.name = ex.name;
-    b.title = `Draw the ${ex.name.toLowerCase()} example`;
-    b.setAttribute('aria-label', `${ex.name} example`);
-    const c = document.createElement('canvas');
-    const T = 160; // drawn at 2x for sharp thumbnails
-    c.width = c.height = T;
-    c.setAttribute('aria-hidden', 'true');
-    const tc = c.getContext('2d');
-    paint(tc, PAPER);
-    exampleStrokes(ex).forEach((s) => drawStroke(tc, s, T / SIZE, 2));
-    const label = document.createElement('span');
-    label.textContent = ex.name;
-    b.append(c, label);
-    b.addEventListener('click', () => {
-      commit({ type: 'example', strokes: exampleStrokes(ex) });
-      const p = el.prompt.value.trim();
-      if (!p || p === autoPrompt) {
-        el.prompt.value = ex.prompt;
-        autoPrompt = ex.prompt;
-        el.prompt.removeAttribute('aria-invalid');
-      }
-      clearError();
+  async function loadExamples() {
+    let list = [];
+    try {
+      const res = await fetch('/examples/examples.json');
+      if (res.ok) list = await res.json();
+    } catch (_) { /* no examples: the row stays empty */ }
+    list.forEach((ex) => {
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.className = 'example';
+      b.dataset.name = ex.name;
+      b.title = `Draw the ${ex.name.toLowerCase()} example`;
+      b.setAttribute('aria-label', `${ex.name} example`);
+      const img = document.createElement('img');
+      img.src = `/examples/${encodeURIComponent(ex.file)}`;
+      img.alt = '';
+      img.setAttribute('aria-hidden', 'true');
+      const label = document.createElement('span');
+      label.textContent = ex.name;
+      b.append(img, label);
+      b.addEventListener('click', async () => {
+        if (!img.complete || !img.naturalWidth) {
+          try { await img.decode(); } catch (_) { showError(`The ${ex.name.toLowerCase()} example could not be loaded.`); return; }
+        }
+        const c = document.createElement('canvas');
+        c.width = c.height = SIZE;
+        const cc = c.getContext('2d');
+        paint(cc, PAPER);
+        cc.imageSmoothingQuality = 'high';
+        cc.drawImage(img, 0, 0, SIZE, SIZE);
+        commit({ type: 'image', image: c });
+        const p = el.prompt.value.trim();
+        if (!p || p === autoPrompt) {
+          el.prompt.value = ex.prompt;
+          autoPrompt = ex.prompt;
+          el.prompt.removeAttribute('aria-invalid');
+        }
+        clearError();
+      });
+      el.examples.append(b);
     });
-    el.examples.append(b);
-  });
+  }
+  loadExamples();
 
   // ------------------------------------------------------------------ server info and health
   let info = null;

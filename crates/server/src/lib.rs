@@ -69,6 +69,16 @@ impl From<axum::extract::multipart::MultipartError> for ApiError {
     }
 }
 
+/// The example sketches of the repository's `examples/` folder, built into the binary: the
+/// page offers them, and README's first command animates one.
+const EXAMPLES: &[(&str, &[u8])] = &[
+    ("examples.json", include_bytes!("../../../examples/examples.json")),
+    ("cat.png", include_bytes!("../../../examples/cat.png")),
+    ("person.png", include_bytes!("../../../examples/person.png")),
+    ("fish.png", include_bytes!("../../../examples/fish.png")),
+    ("flower.png", include_bytes!("../../../examples/flower.png")),
+];
+
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const APP_JS: &str = include_str!("../assets/app.js");
 const APP_CSS: &str = include_str!("../assets/app.css");
@@ -79,6 +89,7 @@ pub fn router(engine: Engine) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/assets/{name}", get(asset))
+        .route("/examples/{name}", get(example))
         .route("/healthz", get(healthz))
         .route("/api/info", get(info))
         .route(
@@ -106,6 +117,19 @@ async fn asset(Path(name): Path<String>) -> Result<Response, ApiError> {
         _ => return Err(ApiError::NotFound(format!("no asset {name:?}"))),
     };
     Ok(([(header::CONTENT_TYPE, mime)], body).into_response())
+}
+
+async fn example(Path(name): Path<String>) -> Result<Response, ApiError> {
+    let (_, body) = EXAMPLES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| ApiError::NotFound(format!("no example {name:?}")))?;
+    let mime = if name.ends_with(".json") {
+        "application/json"
+    } else {
+        "image/png"
+    };
+    Ok(([(header::CONTENT_TYPE, mime)], *body).into_response())
 }
 
 async fn healthz(State(engine): State<Engine>) -> Response {

@@ -461,3 +461,43 @@ async fn loading_is_503_then_ready() {
     let (code, _) = s.submit(s.form(QUICK)).await;
     assert_eq!(code, 202);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_repository_examples_are_served() {
+    let s = start(|_| {}, Duration::ZERO, false).await;
+    let examples = fixtures().join("../../examples");
+    let (code, list) = s.get("/examples/examples.json").await;
+    assert_eq!(code, 200);
+    let list = list.as_array().unwrap().clone();
+    let mut pngs: Vec<String> = std::fs::read_dir(&examples)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".png"))
+        .collect();
+    pngs.sort();
+    let mut listed: Vec<String> = list
+        .iter()
+        .map(|e| e["file"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, pngs, "examples.json lists every examples/*.png");
+    for e in &list {
+        assert!(!e["prompt"].as_str().unwrap().trim().is_empty());
+        let file = e["file"].as_str().unwrap();
+        let r = s
+            .client
+            .get(format!("{}/examples/{file}", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "image/png");
+        let body = r.bytes().await.unwrap();
+        assert_eq!(body.as_ref(), std::fs::read(examples.join(file)).unwrap(), "{file}");
+    }
+    let (code, v) = s.get("/examples/../Cargo.toml").await;
+    assert_eq!(code, 404, "{v}");
+    let (code, v) = s.get("/examples/nope.png").await;
+    assert_eq!(code, 404);
+    assert!(v["error"].as_str().unwrap().contains("nope.png"));
+}

@@ -243,6 +243,11 @@ impl TestHub {
             .push_back(fault);
     }
 
+    /// Drops the faults still queued.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
     /// Entries per page of the tree listing.
     pub fn set_page_size(&self, n: usize) {
         self.lock().page_size = n.max(1);
