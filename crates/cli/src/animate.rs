@@ -310,7 +310,7 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     bars.done();
     let load_s = t_load.elapsed().as_secs_f64();
     let loaded_mib = crate::live_mib();
-    let pipeline = Pipeline::new(components, device.clone(), dtype);
+    let pipeline = Pipeline::new(components, device.clone());
 
     let size = pipeline.image_size() as u32;
     let fit = match a.fit {

@@ -121,7 +121,7 @@ fn load<M>(
     dir: &std::path::Path,
     dtype: DType,
     device: &Device,
-    build: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<M>,
+    build: impl FnOnce(flipsketch_models::compute::Vb) -> candle_core::Result<M>,
 ) -> Result<M> {
     let t0 = Instant::now();
     let (model, _) = load_component(

@@ -89,7 +89,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 })
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
                 eprintln!("model loaded from {}", dir.display());
-                Ok(Pipeline::new(components, device, dtype))
+                Ok(Pipeline::new(components, device))
             }),
         );
         eprintln!(

@@ -20,11 +20,19 @@ fn tiny_files() -> Vec<(String, Vec<u8>)> {
         if c.is_dir() {
             for f in std::fs::read_dir(&c).unwrap() {
                 let f = f.unwrap().path();
-                let rel = f.strip_prefix(&base).unwrap().to_string_lossy().into_owned();
+                let rel = f
+                    .strip_prefix(&base)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
                 out.push((format!("checkpoint-2500/{rel}"), std::fs::read(&f).unwrap()));
             }
         } else {
-            let rel = c.strip_prefix(&base).unwrap().to_string_lossy().into_owned();
+            let rel = c
+                .strip_prefix(&base)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             out.push((format!("checkpoint-2500/{rel}"), std::fs::read(&c).unwrap()));
         }
     }
@@ -68,16 +76,25 @@ fn download_then_animate_and_inspect_offline() {
         .join("checkpoint-2500");
     assert_eq!(PathBuf::from(&printed), want);
     // off a terminal: a line with what is fetched, one with how long it took
-    assert!(stderr.contains("downloading ") && stderr.contains("downloaded "), "{stderr}");
     assert!(
-        hub.seen().iter().any(|s| s.range.as_deref() == Some("bytes=1048576-")),
+        stderr.contains("downloading ") && stderr.contains("downloaded "),
+        "{stderr}"
+    );
+    assert!(
+        hub.seen()
+            .iter()
+            .any(|s| s.range.as_deref() == Some("bytes=1048576-")),
         "the cut file was resumed"
     );
 
     // the default model (the hub id) offline: inspect and a short animation
     let dead = "http://127.0.0.1:9";
     let out = flipsketch(home.path(), dead, true, &["inspect"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&want.display().to_string()), "{text}");
     let sketch = root().join("examples/cat.png");
@@ -86,16 +103,39 @@ fn download_then_animate_and_inspect_offline() {
         dead,
         true,
         &[
-            "animate", "--sketch", sketch.to_str().unwrap(), "--prompt", "a cat", "--steps", "2",
-            "--frames", "2", "--variants", "1", "--size", "32", "--out", "o", "--quiet",
+            "animate",
+            "--sketch",
+            sketch.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--frames",
+            "2",
+            "--variants",
+            "1",
+            "--size",
+            "32",
+            "--out",
+            "o",
+            "--quiet",
         ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(home.path().join("o/variant-0.gif").is_file());
 
     // download again: nothing to fetch, the same folder
     let before = hub.seen().len();
-    let out = flipsketch(home.path(), &hub.endpoint(), false, &["download", "--quiet"]);
+    let out = flipsketch(
+        home.path(),
+        &hub.endpoint(),
+        false,
+        &["download", "--quiet"],
+    );
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), printed);
     let content = hub.seen()[before..]
@@ -109,18 +149,39 @@ fn download_then_animate_and_inspect_offline() {
 fn download_errors_name_what_is_missing() {
     let hub = TestHub::start();
     let home = tempfile::tempdir().unwrap();
-    let out = flipsketch(home.path(), &hub.endpoint(), false, &["download", "--model", "someone/nothing"]);
+    let out = flipsketch(
+        home.path(),
+        &hub.endpoint(),
+        false,
+        &["download", "--model", "someone/nothing"],
+    );
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("someone/nothing") && e.contains("repository not found"), "{e}");
+    assert!(
+        e.contains("someone/nothing") && e.contains("repository not found"),
+        "{e}"
+    );
 
     hub.push(REPO, &["main"], tiny_files());
-    let out = flipsketch(home.path(), &hub.endpoint(), false, &["download", "--subfolder", "checkpoint-9"]);
+    let out = flipsketch(
+        home.path(),
+        &hub.endpoint(),
+        false,
+        &["download", "--subfolder", "checkpoint-9"],
+    );
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("no folder checkpoint-9/") && e.contains("checkpoint-2500/"), "{e}");
+    assert!(
+        e.contains("no folder checkpoint-9/") && e.contains("checkpoint-2500/"),
+        "{e}"
+    );
 
-    let out = flipsketch(home.path(), &hub.endpoint(), false, &["download", "--revision", "v7"]);
+    let out = flipsketch(
+        home.path(),
+        &hub.endpoint(),
+        false,
+        &["download", "--revision", "v7"],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such revision"));
 

@@ -63,7 +63,10 @@ fn readme_first_command_runs_on_the_tiny_model() {
         .position(|a| a == "--sketch")
         .map(|i| &args[i + 1])
         .expect("--sketch");
-    assert!(root().join(sketch).is_file(), "{sketch} is not in the repository");
+    assert!(
+        root().join(sketch).is_file(),
+        "{sketch} is not in the repository"
+    );
     // Run from a folder laid out like the repository's root (its examples/), so that the
     // relative path resolves and the default output folder lands in the temporary folder.
     let work = tempfile::tempdir().unwrap();
@@ -79,15 +82,22 @@ fn readme_first_command_runs_on_the_tiny_model() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{line}\n{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stem = std::path::Path::new(sketch).file_stem().unwrap().to_string_lossy();
+    let stem = std::path::Path::new(sketch)
+        .file_stem()
+        .unwrap()
+        .to_string_lossy();
     let folder = work.path().join(format!("{stem}-flipsketch"));
     let result: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(folder.join("result.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(folder.join("result.json")).unwrap())
+            .unwrap();
     assert_eq!(result["variants"], 3);
     assert_eq!(result["frames"], 10);
     for k in 0..3 {
         let gif = folder.join(format!("variant-{k}.gif"));
-        assert!(stdout.contains(&gif.file_name().unwrap().to_string_lossy().to_string()), "{stdout}");
+        assert!(
+            stdout.contains(&gif.file_name().unwrap().to_string_lossy().to_string()),
+            "{stdout}"
+        );
         let bytes = std::fs::read(&gif).unwrap();
         assert!(bytes.starts_with(b"GIF8"));
     }

@@ -218,14 +218,20 @@ fn a_connection_cut_halfway_resumes_without_restarting_the_file() {
     let cache = tempfile::tempdir().unwrap();
     let cfg = config(&hub, cache.path());
     let (r, rec) = get(&cfg, &model("main"), Fetch::CacheFirst).unwrap();
-    assert_eq!(content_gets(&hub, UNET), vec![None, Some(format!("bytes={half}-"))]);
+    assert_eq!(
+        content_gets(&hub, UNET),
+        vec![None, Some(format!("bytes={half}-"))]
+    );
     let total: u64 = r.files.len() as u64;
     assert!(total > 0);
     // every byte was fetched once
     assert_eq!(rec.undone, 0);
     assert_eq!(rec.bytes, rec.starts[0].1);
     assert_eq!(r.downloaded, rec.starts[0].1);
-    assert_eq!(std::fs::read(r.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(), unet_bytes());
+    assert_eq!(
+        std::fs::read(r.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
+        unet_bytes()
+    );
 }
 
 #[test]
@@ -240,8 +246,14 @@ fn a_stalled_connection_is_resumed_after_the_read_timeout() {
     let t0 = std::time::Instant::now();
     let (r, _) = get(&cfg, &model("main"), Fetch::CacheFirst).unwrap();
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
-    assert_eq!(content_gets(&hub, UNET), vec![None, Some(format!("bytes={third}-"))]);
-    assert_eq!(std::fs::read(r.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(), unet_bytes());
+    assert_eq!(
+        content_gets(&hub, UNET),
+        vec![None, Some(format!("bytes={third}-"))]
+    );
+    assert_eq!(
+        std::fs::read(r.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
+        unet_bytes()
+    );
 }
 
 #[test]
@@ -255,22 +267,36 @@ fn a_partial_file_from_an_earlier_run_is_continued() {
     }
     let cache = tempfile::tempdir().unwrap();
     let cfg = config(&hub, cache.path());
-    let err = get(&cfg, &model("main"), Fetch::CacheFirst).err().expect("the hub keeps failing");
+    let err = get(&cfg, &model("main"), Fetch::CacheFirst)
+        .err()
+        .expect("the hub keeps failing");
     let msg = err.to_string();
-    assert!(msg.contains("diffusion_pytorch_model.safetensors") && msg.contains("in a row"), "{msg}");
+    assert!(
+        msg.contains("diffusion_pytorch_model.safetensors") && msg.contains("in a row"),
+        "{msg}"
+    );
     let rc = RepoCache::new(cache.path(), REPO);
     let etag = sha256_hex(&unet_bytes());
     let incomplete = rc.blob_path(&format!("{etag}.incomplete"));
     assert_eq!(std::fs::metadata(&incomplete).unwrap().len(), part as u64);
-    assert!(!rc.blob_path(&etag).exists(), "a partial file is never a blob");
+    assert!(
+        !rc.blob_path(&etag).exists(),
+        "a partial file is never a blob"
+    );
     // the next run starts where the last one stopped
     hub.clear_faults();
     hub.clear_seen();
     let (r, rec) = get(&cfg, &model("main"), Fetch::CacheFirst).unwrap();
-    assert_eq!(content_gets(&hub, UNET), vec![Some(format!("bytes={part}-"))]);
+    assert_eq!(
+        content_gets(&hub, UNET),
+        vec![Some(format!("bytes={part}-"))]
+    );
     let unet_total = unet_bytes().len() as u64;
     assert!(rec.starts[0].1 >= unet_total - part as u64);
-    assert_eq!(std::fs::read(r.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(), unet_bytes());
+    assert_eq!(
+        std::fs::read(r.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
+        unet_bytes()
+    );
     assert!(!incomplete.exists());
 }
 
@@ -282,11 +308,19 @@ fn a_server_that_ignores_the_range_restarts_the_file() {
     hub.fault(UNET, Fault::CutAfter(half));
     hub.fault(UNET, Fault::IgnoreRange);
     let cache = tempfile::tempdir().unwrap();
-    let (r, rec) = get(&config(&hub, cache.path()), &model("main"), Fetch::CacheFirst).unwrap();
+    let (r, rec) = get(
+        &config(&hub, cache.path()),
+        &model("main"),
+        Fetch::CacheFirst,
+    )
+    .unwrap();
     // the half received first is counted back, and the whole file came with the 200
     assert_eq!(rec.undone, half as u64);
     assert_eq!(rec.bytes - rec.undone, rec.starts[0].1);
-    assert_eq!(std::fs::read(r.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(), unet_bytes());
+    assert_eq!(
+        std::fs::read(r.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
+        unet_bytes()
+    );
 }
 
 #[test]
@@ -299,7 +333,10 @@ fn a_corrupted_download_is_fetched_again_and_never_used() {
     let (r, rec) = get(&cfg, &model("main"), Fetch::CacheFirst).unwrap();
     assert_eq!(content_gets(&hub, UNET).len(), 2);
     assert_eq!(rec.undone, unet_bytes().len() as u64);
-    assert_eq!(std::fs::read(r.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(), unet_bytes());
+    assert_eq!(
+        std::fs::read(r.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
+        unet_bytes()
+    );
 
     // corrupt twice in a row: an error naming the file, and nothing of it in the cache
     let hub = TestHub::start();
@@ -307,9 +344,13 @@ fn a_corrupted_download_is_fetched_again_and_never_used() {
     hub.fault(UNET, Fault::Corrupt);
     hub.fault(UNET, Fault::Corrupt);
     let cache = tempfile::tempdir().unwrap();
-    let err = get(&config(&hub, cache.path()), &model("main"), Fetch::CacheFirst)
-        .err()
-        .expect("corrupt twice");
+    let err = get(
+        &config(&hub, cache.path()),
+        &model("main"),
+        Fetch::CacheFirst,
+    )
+    .err()
+    .expect("corrupt twice");
     assert!(matches!(err, HubError::Checksum { .. }), "{err}");
     assert!(err.to_string().contains(UNET), "{err}");
     let rc = RepoCache::new(cache.path(), REPO);
@@ -349,16 +390,30 @@ fn a_damaged_cached_file_is_detected_and_fetched_again() {
         std::fs::write(&blob, &bytes).unwrap();
 
         // offline: refused, naming the file
-        let offline = HubConfig { offline: true, ..cfg.clone() };
-        let err = get(&offline, &model("main"), Fetch::CacheFirst).err().expect(damage);
+        let offline = HubConfig {
+            offline: true,
+            ..cfg.clone()
+        };
+        let err = get(&offline, &model("main"), Fetch::CacheFirst)
+            .err()
+            .expect(damage);
         let msg = err.to_string();
-        assert!(matches!(err, HubError::OfflineIncomplete { .. }), "{damage}: {msg}");
-        assert!(msg.contains(UNET) && msg.contains("corrupt"), "{damage}: {msg}");
+        assert!(
+            matches!(err, HubError::OfflineIncomplete { .. }),
+            "{damage}: {msg}"
+        );
+        assert!(
+            msg.contains(UNET) && msg.contains("corrupt"),
+            "{damage}: {msg}"
+        );
         // online: fetched again, intact
         hub.clear_seen();
         let (again, _) = get(&cfg, &model("main"), Fetch::CacheFirst).unwrap();
         assert_eq!(content_gets(&hub, UNET).len(), 1, "{damage}");
-        assert_eq!(std::fs::read(again.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(), unet_bytes());
+        assert_eq!(
+            std::fs::read(again.dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
+            unet_bytes()
+        );
         assert_eq!(again.dir, r.dir);
     }
 }
@@ -382,13 +437,18 @@ fn offline_with_a_complete_cache_works_and_with_a_partial_one_names_what_is_miss
     let rc = RepoCache::new(cache.path(), REPO);
     std::fs::remove_file(rc.pointer_path(&r.commit, &format!("{SUB}/vae/config.json"))).unwrap();
     std::fs::remove_file(unet_blob(cache.path())).unwrap();
-    let err = get(&offline, &model("main"), Fetch::CacheFirst).err().unwrap();
+    let err = get(&offline, &model("main"), Fetch::CacheFirst)
+        .err()
+        .unwrap();
     let msg = err.to_string();
     assert!(msg.contains("HF_HUB_OFFLINE"), "{msg}");
     assert!(msg.contains(&format!("{SUB}/vae/config.json")), "{msg}");
     assert!(msg.contains("unet/"), "{msg}");
     // an unknown revision offline
-    let err = get(&offline, &model("v9"), Fetch::CacheFirst).err().unwrap().to_string();
+    let err = get(&offline, &model("v9"), Fetch::CacheFirst)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("\"v9\""), "{err}");
 }
 
@@ -410,8 +470,14 @@ fn missing_repository_subfolder_and_files_are_named() {
     let hub = TestHub::start();
     let cache = tempfile::tempdir().unwrap();
     let cfg = config(&hub, cache.path());
-    let err = get(&cfg, &model("main"), Fetch::CacheFirst).err().unwrap().to_string();
-    assert!(err.contains(REPO) && err.contains("repository not found"), "{err}");
+    let err = get(&cfg, &model("main"), Fetch::CacheFirst)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(REPO) && err.contains("repository not found"),
+        "{err}"
+    );
 
     // a repository without checkpoint-2500/
     let files: Vec<(String, Vec<u8>)> = repo_files()
@@ -422,7 +488,10 @@ fn missing_repository_subfolder_and_files_are_named() {
     let err = get(&cfg, &model("main"), Fetch::CacheFirst).err().unwrap();
     let msg = err.to_string();
     assert!(matches!(err, HubError::NoSubfolder { .. }), "{msg}");
-    assert!(msg.contains("checkpoint-2500/") && msg.contains("checkpoint-2000/"), "{msg}");
+    assert!(
+        msg.contains("checkpoint-2500/") && msg.contains("checkpoint-2000/"),
+        "{msg}"
+    );
 
     // checkpoint-2500/ without UNet weights and tokenizer merges
     let files: Vec<(String, Vec<u8>)> = repo_files()
@@ -433,11 +502,20 @@ fn missing_repository_subfolder_and_files_are_named() {
     let err = get(&cfg, &model("main"), Fetch::CacheFirst).err().unwrap();
     let msg = err.to_string();
     assert!(matches!(err, HubError::MissingFiles { .. }), "{msg}");
-    assert!(msg.contains("weights in unet/") && msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
-    assert!(msg.contains("tokenizer/vocab.json + tokenizer/merges.txt or tokenizer/tokenizer.json"), "{msg}");
+    assert!(
+        msg.contains("weights in unet/") && msg.contains("diffusion_pytorch_model.safetensors"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("tokenizer/vocab.json + tokenizer/merges.txt or tokenizer/tokenizer.json"),
+        "{msg}"
+    );
 
     // an unknown revision
-    let err = get(&cfg, &model("no-such-branch"), Fetch::CacheFirst).err().unwrap().to_string();
+    let err = get(&cfg, &model("no-such-branch"), Fetch::CacheFirst)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("no such revision"), "{err}");
 }
 
@@ -466,14 +544,23 @@ fn a_revision_pins_a_commit_and_refresh_follows_the_branch() {
     );
     assert_ne!(first, second);
     // the cached main is used as long as the cache is trusted ...
-    assert_eq!(get(&cfg, &model("main"), Fetch::CacheFirst).unwrap().0.commit, first);
+    assert_eq!(
+        get(&cfg, &model("main"), Fetch::CacheFirst)
+            .unwrap()
+            .0
+            .commit,
+        first
+    );
     // ... a refresh asks the hub, fetches only the changed file and moves refs/main
     hub.clear_seen();
     let (b, rec) = get(&cfg, &model("main"), Fetch::Refresh).unwrap();
     assert_eq!(b.commit, second);
     assert_eq!(rec.starts[0].0, 1, "only the changed file is fetched");
     let rc = RepoCache::new(cache.path(), REPO);
-    assert_eq!(std::fs::read_to_string(rc.repo_dir.join("refs/main")).unwrap(), second);
+    assert_eq!(
+        std::fs::read_to_string(rc.repo_dir.join("refs/main")).unwrap(),
+        second
+    );
     // a commit hash or a tag pins the first commit, without writing a ref for the hash
     for rev in [first.as_str(), "v1"] {
         let (p, _) = get(&cfg, &model(rev), Fetch::Refresh).unwrap();
@@ -481,7 +568,10 @@ fn a_revision_pins_a_commit_and_refresh_follows_the_branch() {
         assert_eq!(p.dir, rc.snapshot_dir(&first).join(SUB));
     }
     assert!(!rc.repo_dir.join(format!("refs/{first}")).exists());
-    assert_eq!(std::fs::read_to_string(rc.repo_dir.join("refs/v1")).unwrap(), first);
+    assert_eq!(
+        std::fs::read_to_string(rc.repo_dir.join("refs/v1")).unwrap(),
+        first
+    );
 }
 
 #[test]
@@ -500,20 +590,44 @@ fn listing_pages_variants_shards_and_the_token() {
     let mut m = model("main");
     m.variant = Some("fp16".into());
     let (r, _) = get(&cfg, &m, Fetch::CacheFirst).unwrap();
-    let names: Vec<&str> = r.files.iter().map(|f| f.strip_prefix("checkpoint-2500/").unwrap()).collect();
-    assert!(names.contains(&"unet/diffusion_pytorch_model.safetensors.index.fp16.json"), "{names:?}");
+    let names: Vec<&str> = r
+        .files
+        .iter()
+        .map(|f| f.strip_prefix("checkpoint-2500/").unwrap())
+        .collect();
+    assert!(
+        names.contains(&"unet/diffusion_pytorch_model.safetensors.index.fp16.json"),
+        "{names:?}"
+    );
     for k in 1..=3 {
         let shard = format!("unet/diffusion_pytorch_model.fp16-0000{k}-of-00003.safetensors");
         assert!(names.contains(&shard.as_str()), "{names:?}");
     }
     assert!(names.contains(&"text_encoder/model.fp16.safetensors"));
     assert!(names.contains(&"tokenizer/tokenizer.json"));
-    assert!(!names.iter().any(|n| *n == "unet/diffusion_pytorch_model.safetensors"), "the plain UNet is not fetched");
+    assert!(
+        !names
+            .iter()
+            .any(|n| *n == "unet/diffusion_pytorch_model.safetensors"),
+        "the plain UNet is not fetched"
+    );
     // the tree came in pages
-    assert!(hub.seen().iter().filter(|s| s.target.contains("/tree/")).count() > 3);
+    assert!(
+        hub.seen()
+            .iter()
+            .filter(|s| s.target.contains("/tree/"))
+            .count()
+            > 3
+    );
     // the token went to the hub, never to the CDN
     let seen = hub.seen();
-    assert!(seen.iter().filter(|s| !s.cdn).all(|s| s.authorization.as_deref() == Some("Bearer hf_secret")));
+    assert!(seen
+        .iter()
+        .filter(|s| !s.cdn)
+        .all(|s| s.authorization.as_deref() == Some("Bearer hf_secret")));
     assert!(seen.iter().any(|s| s.cdn));
-    assert!(seen.iter().filter(|s| s.cdn).all(|s| s.authorization.is_none()));
+    assert!(seen
+        .iter()
+        .filter(|s| s.cdn)
+        .all(|s| s.authorization.is_none()));
 }

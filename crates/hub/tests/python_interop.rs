@@ -32,7 +32,10 @@ fn walk(dir: &Path, base: &Path, out: &mut BTreeMap<String, String>) {
         let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
         let meta = std::fs::symlink_metadata(&p).unwrap();
         if meta.file_type().is_symlink() {
-            out.insert(rel, format!("-> {}", std::fs::read_link(&p).unwrap().display()));
+            out.insert(
+                rel,
+                format!("-> {}", std::fs::read_link(&p).unwrap().display()),
+            );
         } else if meta.is_dir() {
             walk(&p, base, out);
         } else if rel.starts_with("trees/") {
@@ -79,7 +82,9 @@ fn python(py: &str, hub: &TestHub, cache: &Path, offline: bool, script: &str) ->
 #[test]
 fn the_cache_is_shared_with_huggingface_hub() {
     let Ok(py) = std::env::var("FLIPSKETCH_HF_PYTHON") else {
-        eprintln!("SKIPPED: set FLIPSKETCH_HF_PYTHON to a python with huggingface_hub to run this test");
+        eprintln!(
+            "SKIPPED: set FLIPSKETCH_HF_PYTHON to a python with huggingface_hub to run this test"
+        );
         return;
     };
     let hub = TestHub::start();
@@ -92,7 +97,10 @@ fn the_cache_is_shared_with_huggingface_hub() {
                 stack.push(p);
             } else {
                 let rel = p.strip_prefix(fixtures().join("tiny")).unwrap();
-                files.push((format!("{SUB}/{}", rel.display()), std::fs::read(&p).unwrap()));
+                files.push((
+                    format!("{SUB}/{}", rel.display()),
+                    std::fs::read(&p).unwrap(),
+                ));
             }
         }
     }
@@ -139,7 +147,10 @@ fn the_cache_is_shared_with_huggingface_hub() {
     );
     let (a, b) = (layout(ours.path()), layout(theirs.path()));
     assert!(a.keys().any(|k| k.starts_with("trees/")), "{a:#?}");
-    assert_eq!(a, b, "flipsketch's cache (left) and huggingface_hub's (right) differ");
+    assert_eq!(
+        a, b,
+        "flipsketch's cache (left) and huggingface_hub's (right) differ"
+    );
 
     // flipsketch offline on Python's cache
     let offline = HubConfig {

@@ -43,9 +43,16 @@ pub enum Isa {
     Portable,
 }
 
+/// What this CPU runs, once per process. `FLIPSKETCH_OPS=portable` makes it [`Isa::Portable`]
+/// on any CPU, so that the portable code (what CPUs without AVX-512 run) can be tested here.
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
+        let forced = std::env::var("FLIPSKETCH_OPS")
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("portable"));
+        if forced {
+            return Isa::Portable;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             let f = std::arch::is_x86_feature_detected!("avx512f")

@@ -31,6 +31,14 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
 // Both precisions accumulate in f32: the error is the f32 summation error of the products.
 const TOL: f64 = 2e-6;
 
+/// [`TOL`] for sums of `k` products: the f32 rounding error of a sum grows with the square
+/// root of its length (measured at k = 2560, f32: 2.19e-6 with the portable kernels, 1.96e-6
+/// with the AVX-512 ones, whose first tolerance of 2e-6 was that close), so beyond k = 1024
+/// the bound grows with sqrt(k / 1024).
+fn tol(k: usize) -> f64 {
+    TOL * (k as f64 / 1024.0).sqrt().max(1.0)
+}
+
 #[test]
 fn linear_matches_reference() {
     for prec in [Precision::F32, Precision::Bf16] {
@@ -65,7 +73,7 @@ fn linear_matches_reference() {
                     .collect();
                 let e = rel_err(&out, &want);
                 assert!(
-                    e < TOL,
+                    e < tol(k),
                     "{prec:?} linear {m}x{k}x{n} bias {with_bias}: rel err {e:e}"
                 );
             }
@@ -159,7 +167,7 @@ fn conv2d_matches_reference() {
             }
             let e = rel_err(&out, &want);
             assert!(
-                e < TOL,
+                e < tol(ci * kh * kw),
                 "{prec:?} conv {imgs}x{ci}x{h}x{w} -> {co} k{kh}x{kw} s{st} p{pad}: rel err {e:e}"
             );
         }
@@ -191,7 +199,7 @@ fn matmul_matches_reference() {
                 .collect();
             let e = rel_err(&out, &want);
             assert!(
-                e < TOL,
+                e < tol(k),
                 "{prec:?} matmul {batch}x{m}x{k}x{n}: rel err {e:e}"
             );
         }
@@ -565,7 +573,7 @@ fn conv_frames_matches_reference() {
             }
             let e = rel_err(&got, &want);
             assert!(
-                e < TOL,
+                e < tol(3 * c),
                 "{prec:?} conv_frames {f}x{c}x{h}x{w} -> {co}: rel err {e:e}"
             );
         }

@@ -3,10 +3,10 @@
 //! hook FlipSketch's composition uses.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::VarBuilder;
 use flipsketch_kernels::{self as kernels, AttentionShape, Precision};
 
-use crate::nn::{layer_norm, linear, scoped_precision, with_cpu_f32, LayerNorm, Linear};
+use crate::compute::{OpPath, Vb};
+use crate::nn::{layer_norm, linear, with_cpu_f32, LayerNorm, Linear};
 
 /// Which kind of self-attention (`attn1`) layer a hook call comes from. Decided by the layer's
 /// place in the model (a `Transformer2DModel` vs a `TransformerTemporalModel`), never by shapes.
@@ -32,8 +32,8 @@ pub struct SelfAttnCall<'a> {
     pub value: &'a Tensor,
     pub heads: usize,
     pub scale: f64,
-    /// Precision of the layer's CPU matrix products (for hooks that compute attention).
-    pub precision: Precision,
+    /// How the layer computes attention (for hooks that compute it too).
+    pub path: OpPath,
 }
 
 /// Observes or replaces self-attention. With no hook the attention is plain.
@@ -52,23 +52,13 @@ pub const ATTN_SCORES_BUDGET_BYTES: usize = 256 << 20;
 /// softmax(q k^T * scale) v over (batch, heads, seq, head_dim) tensors, processed in chunks of
 /// (batch*heads) so that at most [`ATTN_SCORES_BUDGET_BYTES`] of scores exist at a time.
 pub fn scaled_dot_product_attention(
+    path: OpPath,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    scaled_dot_product_attention_in(Precision::F32, q, k, v, scale)
-}
-
-/// [`scaled_dot_product_attention`] with the CPU products in `prec`.
-fn scaled_dot_product_attention_in(
-    prec: Precision,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-) -> Result<Tensor> {
-    if fusable(q) {
+    if let OpPath::Kernels(prec) = path {
         let (b, h, lq, _) = q.dims4()?;
         let shape = split_heads_shape(q, k, v)?;
         return fused_attention(prec, q, k, v, shape, scale)?.reshape((b, h, lq, ()));
@@ -95,17 +85,17 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 
 /// Multi-head softmax(q k^T * scale) v over projections in their own layout: q (batch, lq,
 /// heads * d), k (batch, lk, heads * d), v (batch, lk, heads * dv); returns (batch, lq,
-/// heads * dv). On the CPU one kernel reads the heads in place (no split or merge copies);
-/// elsewhere the heads are split for candle's ops.
+/// heads * dv). The kernel reads the heads in place (no split or merge copies); for candle's
+/// ops the heads are split.
 pub fn multi_head_attention(
-    prec: Precision,
+    path: OpPath,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    if fusable(q) {
+    if let OpPath::Kernels(prec) = path {
         let shape = merged_shape(q, k, v, heads)?;
         return fused_attention(prec, q, k, v, shape, scale);
     }
@@ -114,9 +104,7 @@ pub fn multi_head_attention(
         split_heads(k, heads)?,
         split_heads(v, heads)?,
     );
-    merge_heads(&scaled_dot_product_attention_in(
-        prec, &qs, &ks, &vs, scale,
-    )?)
+    merge_heads(&scaled_dot_product_attention(path, &qs, &ks, &vs, scale)?)
 }
 
 /// The kernel's shape for (batch, seq, heads * d) projections.
@@ -162,11 +150,10 @@ fn split_heads_shape(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttentionShap
 
 /// [`multi_head_attention`] (same layouts) where the unscaled score of query j on key 0 is
 /// `q_j . key0 * weight[j]`, `key0`: (batch, 1, heads * d), one key per (item, head).
-/// Computed by the CPU kernel; `None` where it does not apply (not CPU f32), for the caller's
-/// own fallback.
+/// Computed by the kernel; `None` on candle's path, for the caller's own form of it.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_first_key(
-    prec: Precision,
+    path: OpPath,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -175,9 +162,9 @@ pub fn attention_first_key(
     weight: &[f32],
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    if !fusable(q) {
+    let OpPath::Kernels(prec) = path else {
         return Ok(None);
-    }
+    };
     let shape = merged_shape(q, k, v, heads)?;
     if key0.dims() != [shape.batch, 1, heads * shape.d] || weight.len() != shape.lq {
         candle_core::bail!(
@@ -276,8 +263,8 @@ pub struct Attention {
     heads: usize,
     scale: f64,
     name: String,
-    /// Precision of the fused CPU attention (that of the model's matrix products).
-    cpu_precision: Precision,
+    /// How the attention itself is computed (the plan's).
+    path: OpPath,
 }
 
 impl Attention {
@@ -287,7 +274,7 @@ impl Attention {
         heads: usize,
         dim_head: usize,
         bias: bool,
-        vb: VarBuilder,
+        vb: Vb,
     ) -> Result<Self> {
         let inner = heads * dim_head;
         let kv_dim = cross_attention_dim.unwrap_or(query_dim);
@@ -299,7 +286,7 @@ impl Attention {
             heads,
             scale: (dim_head as f64).powf(-0.5),
             name: vb.prefix(),
-            cpu_precision: scoped_precision(),
+            path: vb.plan().other,
         })
     }
 
@@ -326,7 +313,7 @@ impl Attention {
                 value: &v,
                 heads: self.heads,
                 scale: self.scale,
-                precision: self.cpu_precision,
+                path: self.path,
             };
             if let Some(out) = hook.self_attention(&call)? {
                 let (b, l, _) = q.dims3()?;
@@ -341,15 +328,10 @@ impl Attention {
                 return self.to_out.forward(&out);
             }
         }
-        let out = multi_head_attention(self.cpu_precision, &q, &k, &v, self.heads, self.scale)
+        let out = multi_head_attention(self.path, &q, &k, &v, self.heads, self.scale)
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.name)))?;
         self.to_out.forward(&out)
     }
-}
-
-/// Whether the fused CPU kernel computes this attention (f32 activations on the CPU).
-fn fusable(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 fn fused_attention(
@@ -379,13 +361,14 @@ fn fused_attention(
 #[derive(Clone, Debug)]
 struct GeGlu {
     proj: Linear,
+    path: OpPath,
 }
 
 impl GeGlu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
         let half = h.dim(D::Minus1)? / 2;
-        if h.device().is_cpu() && h.dtype() == DType::F32 {
+        if let OpPath::Kernels(_) = self.path {
             let mut dims = h.dims().to_vec();
             *dims.last_mut().expect("non-scalar") = half;
             let mut out = kernels::zeroed(h.elem_count() / 2);
@@ -409,11 +392,12 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, vb: Vb) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
             geglu: GeGlu {
                 proj: linear(dim, inner * 2, true, vb.pp("net.0.proj"))?,
+                path: vb.plan().other,
             },
             out: linear(inner, dim, true, vb.pp("net.2"))?,
         })
@@ -461,7 +445,7 @@ impl BasicTransformerBlock {
         dim_head: usize,
         cross_attention_dim: Option<usize>,
         kind: SelfAttnKind,
-        vb: VarBuilder,
+        vb: Vb,
     ) -> Result<Self> {
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,

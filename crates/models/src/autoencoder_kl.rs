@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
+use crate::compute::{OpPath, Vb};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::attention::scaled_dot_product_attention;
@@ -160,11 +160,18 @@ struct VaeAttention {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
+    /// The attention itself: the kernels' in f32 products (as ever for the VAE) or candle's.
+    path: OpPath,
 }
 
 impl VaeAttention {
-    fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, groups: usize, vb: Vb) -> Result<Self> {
+        let path = match vb.plan().other {
+            OpPath::Kernels(_) => OpPath::Kernels(flipsketch_kernels::Precision::F32),
+            OpPath::Candle => OpPath::Candle,
+        };
         Ok(Self {
+            path,
             group_norm: group_norm(groups, c, VAE_EPS, vb.pp("group_norm"))?,
             to_q: linear(c, c, true, vb.pp("to_q"))?,
             to_k: linear(c, c, true, vb.pp("to_k"))?,
@@ -185,7 +192,8 @@ impl VaeAttention {
         let q = heads(self.to_q.forward(&hs)?)?;
         let k = heads(self.to_k.forward(&hs)?)?;
         let v = heads(self.to_v.forward(&hs)?)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, (c as f64).powf(-0.5))?.squeeze(1)?;
+        let out = scaled_dot_product_attention(self.path, &q, &k, &v, (c as f64).powf(-0.5))?
+            .squeeze(1)?;
         let out = self.to_out.forward(&out)?;
         let out = out.transpose(1, 2)?.reshape((n, c, h, w))?;
         out + x
@@ -201,7 +209,7 @@ struct UNetMidBlock2D {
 }
 
 impl UNetMidBlock2D {
-    fn new(c: usize, groups: usize, add_attention: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, groups: usize, add_attention: bool, vb: Vb) -> Result<Self> {
         let resnet = |i: usize| {
             ResnetBlock2D::new(
                 c,
@@ -262,7 +270,7 @@ fn resnets(
     in_c: usize,
     out_c: usize,
     groups: usize,
-    vb: &VarBuilder,
+    vb: &Vb,
 ) -> Result<Vec<ResnetBlock2D>> {
     (0..n)
         .map(|i| {
@@ -290,7 +298,7 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(c: &AutoencoderKLConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &AutoencoderKLConfig, vb: Vb) -> Result<Self> {
         let bo = &c.block_out_channels;
         let g = c.norm_num_groups;
         let mut down_blocks = Vec::new();
@@ -347,7 +355,7 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn new(c: &AutoencoderKLConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &AutoencoderKLConfig, vb: Vb) -> Result<Self> {
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let g = c.norm_num_groups;
         let mut up_blocks = Vec::new();
@@ -429,7 +437,7 @@ pub struct AutoencoderKL {
 pub const VAE_CHUNK: usize = 4;
 
 impl AutoencoderKL {
-    pub fn new(c: &AutoencoderKLConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(c: &AutoencoderKLConfig, vb: Vb) -> Result<Self> {
         let l = c.latent_channels;
         Ok(Self {
             encoder: Encoder::new(c, vb.pp("encoder"))?,

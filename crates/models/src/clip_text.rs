@@ -6,7 +6,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::Embedding;
+
+use crate::compute::Vb;
 use serde::Deserialize;
 
 use crate::error::Error;
@@ -144,7 +146,7 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn new(c: LayerDims, vb: VarBuilder) -> Result<Self> {
+    fn new(c: LayerDims, vb: Vb) -> Result<Self> {
         let h = c.hidden;
         Ok(Self {
             q_proj: linear(h, h, true, vb.pp("q_proj"))?,
@@ -190,7 +192,7 @@ pub(crate) struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    pub(crate) fn new(c: LayerDims, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(c: LayerDims, vb: Vb) -> Result<Self> {
         Ok(Self {
             layer_norm1: layer_norm(c.hidden, c.eps, vb.pp("layer_norm1"))?,
             self_attn: ClipAttention::new(c, vb.pp("self_attn"))?,
@@ -228,7 +230,7 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    pub fn new(c: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(c: &ClipTextConfig, vb: Vb) -> Result<Self> {
         let vb = crate::loading::optional_prefix(
             &vb,
             "text_model",

@@ -8,8 +8,8 @@
 
 use std::path::Path;
 
+use crate::compute::Vb;
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::clip_text::{Activation, ClipEncoderLayer, LayerDims};
@@ -125,7 +125,7 @@ pub struct ClipVisionModelWithProjection {
 }
 
 impl ClipVisionModelWithProjection {
-    pub fn new(c: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(c: &ClipVisionConfig, vb: Vb) -> Result<Self> {
         let vm = crate::loading::optional_prefix(
             &vb,
             "vision_model",
@@ -160,6 +160,7 @@ impl ClipVisionModelWithProjection {
             visual_projection: Linear::new(
                 vb.get((c.projection_dim, h), "visual_projection.weight")?,
                 None,
+                vb.plan().matmul,
             )?,
             config: c.clone(),
         })

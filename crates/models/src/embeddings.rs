@@ -1,7 +1,7 @@
 //! diffusers `embeddings.py`: `Timesteps` (sinusoidal) and `TimestepEmbedding`.
 
+use crate::compute::Vb;
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::nn::{linear, Linear};
 
@@ -51,7 +51,7 @@ pub struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
-    pub fn new(in_channels: usize, time_embed_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(in_channels: usize, time_embed_dim: usize, vb: Vb) -> Result<Self> {
         Ok(Self {
             linear_1: linear(in_channels, time_embed_dim, true, vb.pp("linear_1"))?,
             linear_2: linear(time_embed_dim, time_embed_dim, true, vb.pp("linear_2"))?,

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod autoencoder_kl;
 pub mod clip_text;
 pub mod clip_vision;
+pub mod compute;
 pub mod embeddings;
 pub mod error;
 pub mod loading;

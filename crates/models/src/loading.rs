@@ -11,10 +11,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::compute::ComputePlan;
+pub use crate::compute::Vb;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-/// The builder [`load_component`] hands to a model's constructor.
-pub use candle_nn::VarBuilder;
+use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 
@@ -299,10 +300,14 @@ impl WeightStore {
         self.index.keys()
     }
 
-    /// A `VarBuilder` reading from this store, converting to `dtype` on `device`.
-    pub fn var_builder(self: &Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    /// The builder of a model reading from this store for `plan`, tensors converted to
+    /// `plan.dtype` on `device`.
+    pub fn var_builder(self: &Arc<Self>, plan: ComputePlan, device: &Device) -> Vb {
         let backend: Box<dyn SimpleBackend> = Box::new(Tracked(self.clone()));
-        VarBuilder::from_backend(backend, dtype, device.clone())
+        Vb::new(
+            VarBuilder::from_backend(backend, plan.dtype, device.clone()),
+            plan,
+        )
     }
 
     /// Loads one tensor as stored (no shape check, no tracking).
@@ -482,9 +487,9 @@ fn release_pages(bytes: &[u8]) {
 /// `CLIPVisionModel` likewise with `vision_model.`). The layout is decided once, from which
 /// of the `probes` (tensor names below the prefix) exist; when neither layout has any, the
 /// prefixed one is used, so that a missing tensor is named as transformers 4 names it.
-pub fn optional_prefix<'a>(vb: &VarBuilder<'a>, prefix: &str, probes: &[&str]) -> VarBuilder<'a> {
+pub fn optional_prefix(vb: &Vb, prefix: &str, probes: &[&str]) -> Vb {
     let prefixed = vb.pp(prefix);
-    let any = |v: &VarBuilder| probes.iter().any(|p| v.contains_tensor(p));
+    let any = |v: &Vb| probes.iter().any(|p| v.contains_tensor(p));
     if !any(&prefixed) && any(vb) {
         vb.clone()
     } else {
@@ -494,20 +499,19 @@ pub fn optional_prefix<'a>(vb: &VarBuilder<'a>, prefix: &str, probes: &[&str]) -
 
 /// Builds a model from a component folder and checks its weights in one go.
 ///
-/// `dtype` is the requested compute dtype; how it runs on `device` (on the CPU: f32 activations,
-/// bf16 or f32 matrix products) is [`crate::nn::compute_plan`]'s.
+/// `dtype` is the requested compute dtype; how it runs on `device` (which ops take the CPU
+/// kernels, in which precision) is [`ComputePlan::current`]'s.
 pub fn load_component<M, S: AsRef<str>>(
     component: &str,
     dir: &Path,
     candidates: &[S],
     dtype: DType,
     device: &Device,
-    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+    build: impl FnOnce(Vb) -> candle_core::Result<M>,
 ) -> Result<(M, LoadReport)> {
+    let plan = ComputePlan::current(dtype, device).map_err(Error::Invalid)?;
     let store = WeightStore::open_dir(component, dir, candidates)?;
-    let (storage, precision) = crate::nn::compute_plan(dtype, device);
-    let _scope = crate::nn::CpuPrecisionScope::enter(precision);
-    let vb = store.var_builder(storage, device);
+    let vb = store.var_builder(plan, device);
     let model = build(vb)?;
     let report = store.finish()?;
     Ok((model, report))

@@ -1,58 +1,13 @@
 //! Small building blocks shared by the model modules: constructors that read checkpoint
 //! tensors under their exact names, and the frame-aware GroupNorm.
 
-use std::cell::Cell;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_core::{DType, Module, Result, Storage, Tensor, D};
+use candle_nn::Conv2dConfig;
 use flipsketch_kernels::{self as kernels, ConvGeometry, PackedCols, PackedRows, Precision};
 
-thread_local! {
-    /// Matrix precision for the CPU weights packed by model constructors on this thread.
-    static CPU_PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
-}
-
-/// While alive, `Linear` and `Conv2d` built on this thread pack their CPU weights for
-/// `precision` (default: f32).
-pub struct CpuPrecisionScope(Precision);
-
-impl CpuPrecisionScope {
-    pub fn enter(precision: Precision) -> Self {
-        Self(CPU_PRECISION.with(|p| p.replace(precision)))
-    }
-}
-
-impl Drop for CpuPrecisionScope {
-    fn drop(&mut self) {
-        CPU_PRECISION.with(|p| p.set(self.0));
-    }
-}
-
-/// The matrix precision of the current [`CpuPrecisionScope`] (f32 outside any).
-pub(crate) fn scoped_precision() -> Precision {
-    CPU_PRECISION.with(|p| p.get())
-}
-
-/// How a requested compute dtype runs on `device`: the dtype of activations and stored
-/// tensors, and the precision of the CPU matrix products.
-///
-/// On the CPU, activations are always f32 (candle's CPU element-wise ops are fast in f32 only);
-/// bf16 means bf16 weights and bf16 products with f32 accumulation where the CPU has
-/// AVX512-BF16, and plain f32 elsewhere. On GPUs the dtype is used as it is, and so is f64 on
-/// the CPU: it runs on candle's ops, never the kernels, which makes it the CPU's way of running
-/// (and testing) the code that GPUs run.
-pub fn compute_plan(dtype: DType, device: &Device) -> (DType, Precision) {
-    if !device.is_cpu() || dtype == DType::F64 {
-        return (dtype, Precision::F32);
-    }
-    let prec = if dtype == DType::BF16 && Precision::Bf16.is_native() {
-        Precision::Bf16
-    } else {
-        Precision::F32
-    };
-    (DType::F32, prec)
-}
+use crate::compute::{OpPath, Vb};
 
 /// candle's CPU backend has no bf16 GEMM: widen to f32 there. Everywhere else (f32, f16, bf16
 /// on CUDA/Metal) the operands go to candle as they are.
@@ -86,8 +41,8 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result
 }
 
 /// `x` (batch, rows, cols) with its last two dimensions swapped, contiguous, plus `add`
-/// (batch, cols, rows) if given: one pass on the CPU, candle's transpose and add elsewhere.
-pub fn transpose_add(x: &Tensor, add: Option<&Tensor>) -> Result<Tensor> {
+/// (batch, cols, rows) if given: one pass in the kernels, candle's transpose and add otherwise.
+pub fn transpose_add(path: OpPath, x: &Tensor, add: Option<&Tensor>) -> Result<Tensor> {
     let (b, r, c) = x.dims3()?;
     if let Some(a) = add {
         if a.dims() != [b, c, r] {
@@ -98,8 +53,7 @@ pub fn transpose_add(x: &Tensor, add: Option<&Tensor>) -> Result<Tensor> {
             )
         }
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 && add.is_none_or(|a| a.dtype() == DType::F32)
-    {
+    if let OpPath::Kernels(_) = path {
         let out = with_cpu_f32(x, |xs| match add {
             Some(a) => with_cpu_f32(a, |av| kernels::transpose(xs, b, r, c, Some(av))),
             None => Ok(kernels::transpose(xs, b, r, c, None)),
@@ -113,11 +67,19 @@ pub fn transpose_add(x: &Tensor, add: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-/// A CPU weight in the packed layout of the kernels, when they will do the products: f32
-/// tensors on the CPU, with native kernels for this thread's [`CpuPrecisionScope`].
-fn cpu_packing(weight: &Tensor) -> Option<Precision> {
-    let prec = scoped_precision();
-    (weight.device().is_cpu() && weight.dtype() == DType::F32 && prec.is_native()).then_some(prec)
+/// The precision to pack a weight in for the kernels, when they do the products (`path`).
+fn packing(path: OpPath, weight: &Tensor) -> Result<Option<Precision>> {
+    match path {
+        OpPath::Kernels(p) if weight.device().is_cpu() && weight.dtype() == DType::F32 => {
+            Ok(Some(p))
+        }
+        OpPath::Kernels(_) => candle_core::bail!(
+            "the CPU kernels take f32 weights on the CPU, not {:?} on {:?}",
+            weight.dtype(),
+            weight.device()
+        ),
+        OpPath::Candle => Ok(None),
+    }
 }
 
 fn cpu_values(t: &Tensor) -> Result<Vec<f32>> {
@@ -141,9 +103,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    /// `path`: the plan's matrix path (the weight is packed for the kernels at once).
+    pub fn new(weight: Tensor, bias: Option<Tensor>, path: OpPath) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
-        let weight = match cpu_packing(&weight) {
+        let weight = match packing(path, &weight)? {
             Some(prec) => {
                 let w = with_cpu_f32(&weight, |v| {
                     PackedCols::from_transposed(prec, v, out_dim, in_dim)
@@ -217,11 +180,17 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn new(weight: Tensor, bias: Option<Tensor>, config: Conv2dConfig) -> Result<Self> {
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        config: Conv2dConfig,
+        path: OpPath,
+    ) -> Result<Self> {
         let dims = weight.dims4()?;
         let (o, i, kh, kw) = dims;
         let packable = config.groups == 1 && config.dilation == 1;
-        let weight = match cpu_packing(&weight).filter(|_| packable) {
+        let path = if packable { path } else { OpPath::Candle };
+        let weight = match packing(path, &weight)? {
             Some(prec) => {
                 let w = with_cpu_f32(&weight, |v| PackedRows::new(prec, v, o, i * kh * kw))?;
                 let b = bias.as_ref().map(cpu_values).transpose()?.map(Arc::from);
@@ -303,12 +272,12 @@ enum FrameConvWeight {
 
 impl FrameConv {
     /// `weight`: (out, in, 3, 1, 1), `bias`: (out).
-    pub fn new(weight: Tensor, bias: Tensor) -> Result<Self> {
+    pub fn new(weight: Tensor, bias: Tensor, path: OpPath) -> Result<Self> {
         let (out_dim, in_dim, kt, kh, kw) = weight.dims5()?;
         if (kt, kh, kw) != (3, 1, 1) {
             candle_core::bail!("frame conv: kernel ({kt}, {kh}, {kw}) is not (3, 1, 1)")
         }
-        let weight = match cpu_packing(&weight) {
+        let weight = match packing(path, &weight)? {
             Some(prec) => {
                 // (out, in, 3) -> (out, 3, in): row o is [tap 0 | tap 1 | tap 2] over the inputs
                 let w = weight
@@ -322,7 +291,7 @@ impl FrameConv {
             None => {
                 let tap = |k: usize, bias: Option<Tensor>| -> Result<Conv2d> {
                     let t = weight.narrow(2, k, 1)?.squeeze(4)?.contiguous()?;
-                    Conv2d::new(t, bias, Default::default())
+                    Conv2d::new(t, bias, Default::default(), OpPath::Candle)
                 };
                 FrameConvWeight::Taps(Box::new([
                     tap(0, None)?,
@@ -353,7 +322,7 @@ impl FrameConv {
         let samples = bf / num_frames;
         let (f, o) = (num_frames, self.out_dim);
         match &self.weight {
-            FrameConvWeight::Packed(wp, bias) if x.device().is_cpu() => {
+            FrameConvWeight::Packed(wp, bias) => {
                 let dtype = x.dtype();
                 let sample_len = f * c * h * w;
                 let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
@@ -367,9 +336,6 @@ impl FrameConv {
                     out
                 })?;
                 Tensor::from_vec(out, (bf, o, h, w), x.device())?.to_dtype(dtype)
-            }
-            FrameConvWeight::Packed(..) => {
-                candle_core::bail!("temporal conv: CPU weights, input on {:?}", x.device())
             }
             FrameConvWeight::Taps(taps) => {
                 let z = |k: usize| -> Result<Tensor> {
@@ -388,14 +354,14 @@ impl FrameConv {
 }
 
 /// `nn.Linear(in_dim, out_dim, bias=bias)`.
-pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: Vb) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = if bias {
         Some(vb.get(out_dim, "bias")?)
     } else {
         None
     };
-    Linear::new(weight, bias)
+    Linear::new(weight, bias, vb.plan().matmul)
 }
 
 /// `nn.Conv2d(in_c, out_c, kernel, stride, padding)` with bias.
@@ -405,7 +371,7 @@ pub fn conv2d(
     kernel: usize,
     stride: usize,
     padding: usize,
-    vb: VarBuilder,
+    vb: Vb,
 ) -> Result<Conv2d> {
     let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
     let bias = vb.get(out_c, "bias")?;
@@ -414,16 +380,16 @@ pub fn conv2d(
         stride,
         ..Default::default()
     };
-    Conv2d::new(weight, Some(bias), cfg)
+    Conv2d::new(weight, Some(bias), cfg, vb.plan().matmul)
 }
 
 /// `nn.GroupNorm(groups, channels, eps, affine=True)`.
-pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: Vb) -> Result<GroupNorm> {
     GroupNorm::new(groups, channels, eps, vb)
 }
 
 /// `nn.LayerNorm(dim, eps)` with affine weight and bias.
-pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+pub fn layer_norm(dim: usize, eps: f64, vb: Vb) -> Result<LayerNorm> {
     let weight = vb.get(dim, "weight")?;
     let bias = vb.get(dim, "bias")?;
     Ok(LayerNorm(candle_nn::LayerNorm::new(weight, bias, eps)))
@@ -456,14 +422,14 @@ impl Module for LayerNorm {
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
-    /// weight and bias as f32 values, for the CPU kernel.
+    /// weight and bias as f32 values, when the kernel computes it.
     values: Option<(Arc<[f32]>, Arc<[f32]>)>,
     groups: usize,
     eps: f64,
 }
 
 impl GroupNorm {
-    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: Vb) -> Result<Self> {
         if groups == 0 || channels % groups != 0 {
             candle_core::bail!(
                 "{}: GroupNorm groups ({groups}) must divide channels ({channels})",
@@ -472,12 +438,13 @@ impl GroupNorm {
         }
         let weight = vb.get(channels, "weight")?;
         let bias = vb.get(channels, "bias")?;
-        let values = if weight.device().is_cpu() {
-            let w = cpu_values(&weight.to_dtype(DType::F32)?)?;
-            let b = cpu_values(&bias.to_dtype(DType::F32)?)?;
-            Some((Arc::from(w), Arc::from(b)))
-        } else {
-            None
+        let values = match vb.plan().other {
+            OpPath::Kernels(_) => {
+                let w = cpu_values(&weight.to_dtype(DType::F32)?)?;
+                let b = cpu_values(&bias.to_dtype(DType::F32)?)?;
+                Some((Arc::from(w), Arc::from(b)))
+            }
+            OpPath::Candle => None,
         };
         Ok(Self {
             weight,
@@ -511,10 +478,9 @@ impl GroupNorm {
         if span == 0 || items % span != 0 {
             candle_core::bail!("group_norm: {items} items are not spans of {span} frames")
         }
-        // The kernel for f32 activations on the CPU (what compute_plan gives there); any other
-        // dtype or device takes candle's ops below, like every other layer.
-        if let (Some((w, b)), true) = (&self.values, x.device().is_cpu() && x.dtype() == DType::F32)
-        {
+        // The kernel when the plan says so (f32 activations on the CPU), candle's ops below
+        // otherwise.
+        if let Some((w, b)) = &self.values {
             let mut out = kernels::zeroed(x.elem_count());
             let shape = kernels::GroupNormShape {
                 items,
@@ -574,7 +540,7 @@ impl Module for GroupNorm {
 pub struct FrameGroupNorm(GroupNorm);
 
 impl FrameGroupNorm {
-    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: Vb) -> Result<Self> {
         GroupNorm::new(groups, channels, eps, vb).map(Self)
     }
 
@@ -593,19 +559,24 @@ impl FrameGroupNorm {
 mod tests {
     use super::*;
 
-    /// The CPU's single GEMM (f32 weights, packed) and the three-tap fallback (any other
-    /// dtype, here f64) agree, with 2 samples of 3 frames and with 1 frame.
+    use candle_core::Device;
+
+    /// The kernels' single GEMM (f32 weights, packed; whatever code this CPU runs) and
+    /// candle's three-tap form (here in f64) agree, with 2 samples of 3 frames and with 1
+    /// frame.
     #[test]
     fn frame_conv_paths_agree() {
         let dev = Device::Cpu;
         let (o, c, h, w) = (5, 4, 3, 6);
         let weight = Tensor::randn(0f32, 1., (o, c, 3, 1, 1), &dev).unwrap();
         let bias = Tensor::randn(0f32, 1., o, &dev).unwrap();
-        let packed = FrameConv::new(weight.clone(), bias.clone()).unwrap();
+        let kernels = OpPath::Kernels(Precision::F32);
+        let packed = FrameConv::new(weight.clone(), bias.clone(), kernels).unwrap();
         assert!(matches!(packed.weight, FrameConvWeight::Packed(..)));
         let taps = FrameConv::new(
             weight.to_dtype(DType::F64).unwrap(),
             bias.to_dtype(DType::F64).unwrap(),
+            OpPath::Candle,
         )
         .unwrap();
         assert!(matches!(taps.weight, FrameConvWeight::Taps(..)));

@@ -1,8 +1,8 @@
 //! diffusers `resnet.py`: `ResnetBlock2D`, `TemporalConvLayer`; and `Downsample2D`,
 //! `Upsample2D` (`downsampling.py`, `upsampling.py`).
 
+use crate::compute::Vb;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::nn::{conv2d, group_norm, linear, Conv2d, FrameConv, FrameGroupNorm, GroupNorm, Linear};
 
@@ -28,7 +28,7 @@ impl ResnetBlock2D {
         groups: usize,
         eps: f64,
         output_scale_factor: f64,
-        vb: VarBuilder,
+        vb: Vb,
     ) -> Result<Self> {
         let time_emb_proj = match temb_channels {
             Some(t) => Some(linear(t, out_channels, true, vb.pp("time_emb_proj"))?),
@@ -97,14 +97,14 @@ impl TemporalConv {
         out_dim: usize,
         groups: usize,
         conv_index: usize,
-        vb: VarBuilder,
+        vb: Vb,
     ) -> Result<Self> {
         let conv_vb = vb.pp(conv_index);
         let w = conv_vb.get((out_dim, in_dim, 3, 1, 1), "weight")?;
         let bias = conv_vb.get(out_dim, "bias")?;
         Ok(Self {
             norm: FrameGroupNorm::new(groups, in_dim, 1e-5, vb.pp(0))?,
-            conv: FrameConv::new(w, bias)?,
+            conv: FrameConv::new(w, bias, vb.plan().matmul)?,
         })
     }
 
@@ -123,7 +123,7 @@ pub struct TemporalConvLayer {
 }
 
 impl TemporalConvLayer {
-    pub fn new(in_dim: usize, out_dim: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(in_dim: usize, out_dim: usize, groups: usize, vb: Vb) -> Result<Self> {
         if in_dim != out_dim {
             // conv4 maps back to in_dim and the residual adds the input; the UNet3D only ever
             // builds square layers.
@@ -157,12 +157,7 @@ pub struct Downsample2D {
 }
 
 impl Downsample2D {
-    pub fn new(
-        channels: usize,
-        out_channels: usize,
-        padding: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(channels: usize, out_channels: usize, padding: usize, vb: Vb) -> Result<Self> {
         Ok(Self {
             conv: conv2d(channels, out_channels, 3, 2, padding, vb.pp("conv"))?,
             pad_bottom_right: padding == 0,
@@ -186,7 +181,7 @@ pub struct Upsample2D {
 }
 
 impl Upsample2D {
-    pub fn new(channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(channels: usize, out_channels: usize, vb: Vb) -> Result<Self> {
         Ok(Self {
             conv: conv2d(channels, out_channels, 3, 1, 1, vb.pp("conv"))?,
         })

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{assert_close, golden, model_dir, unet_cases};
 use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
+use flipsketch_models::compute::{ComputePlan, Ops};
 use flipsketch_models::loading::{
     WeightNames, WeightStore, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
 };
@@ -21,10 +22,11 @@ const TOL: f32 = 1e-4;
 fn build<M>(
     dir: &std::path::Path,
     names: WeightNames,
-    f: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<M>,
+    f: impl FnOnce(flipsketch_models::compute::Vb) -> candle_core::Result<M>,
 ) -> M {
     let store = WeightStore::open_dir("generic", dir, &names.candidates(None)).unwrap();
-    let m = f(store.var_builder(DType::F64, &Device::Cpu)).unwrap();
+    let plan = ComputePlan::new(DType::F64, &Device::Cpu, Ops::Auto);
+    let m = f(store.var_builder(plan, &Device::Cpu)).unwrap();
     let report = store.finish().unwrap();
     assert!(report.unexpected.is_empty(), "{:?}", report.unexpected);
     m

@@ -61,7 +61,7 @@ impl AttentionHook for Recorder {
                 split_heads(call.value, h)?,
             );
             return Ok(Some(merge_heads(&scaled_dot_product_attention(
-                &q, &k, &v, call.scale,
+                call.path, &q, &k, &v, call.scale,
             )?)?));
         }
         Ok(None)

@@ -8,12 +8,15 @@ use candle_core::{DType, Device};
 use common::{assert_close, fixtures, golden, max_abs_diff, model_dir, unet_cases};
 use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
+use flipsketch_models::compute::ComputePlan;
 use flipsketch_models::loading::{
     load_component, LoadReport, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
 };
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 
 const TOL: f32 = 1e-4;
+/// bf16 everywhere (activations included, as on a GPU) against the f32 reference.
+pub const BF16_TOL: f32 = 3e-2;
 
 pub fn load_unet(dir: &std::path::Path, dtype: DType) -> UNet3DConditionModel {
     let cfg = UNet3DConfig::from_file(&dir.join("config.json")).unwrap();
@@ -197,9 +200,10 @@ fn text_encoder_from_pickle() {
     );
 }
 
-/// bf16 compute stays near f32. On the CPU that is bf16 weights and bf16 matrix products with
-/// f32 accumulation and f32 activations (`compute_plan`); the error must show that bf16 was
-/// really used where the CPU has AVX512-BF16.
+/// bf16 compute stays near f32. On the CPU kernels that is bf16 weights and bf16 matrix
+/// products with f32 accumulation and f32 activations; on candle's ops (FLIPSKETCH_OPS=candle)
+/// bf16 everything (what a GPU runs). The error must show that bf16 was really used wherever
+/// the plan says it is (AVX512-BF16 CPUs, the portable kernels, candle).
 #[test]
 fn unet_bf16_close_to_f32() {
     let unet = load_unet(&model_dir("a").join("unet"), DType::BF16);
@@ -207,10 +211,18 @@ fn unet_bf16_close_to_f32() {
     let out = unet
         .forward(&g["sample"], 999.0, &g["encoder_hidden_states"], None)
         .unwrap();
-    let (activations, precision) = flipsketch_models::nn::compute_plan(DType::BF16, &Device::Cpu);
-    assert_eq!(out.dtype(), activations);
-    assert_close("unet a bf16 vs f32 reference", &out, &g["out"], 2e-2);
-    if precision == flipsketch_kernels::Precision::Bf16 {
+    let plan = ComputePlan::current(DType::BF16, &Device::Cpu).unwrap();
+    assert_eq!(out.dtype(), plan.dtype);
+    // bf16 products with f32 activations (the CPU kernels): measured 1.35e-2; bf16 everywhere,
+    // activations included (candle's ops, what GPUs run): 2.23e-2. PyTorch's own bf16 (bf16
+    // activations too) is 1.8e-2 from its f32 on this case.
+    let tol = if plan.dtype == DType::BF16 {
+        BF16_TOL
+    } else {
+        2e-2
+    };
+    assert_close("unet a bf16 vs f32 reference", &out, &g["out"], tol);
+    if plan.dtype == DType::BF16 || plan.precision() == Some(flipsketch_kernels::Precision::Bf16) {
         let e = common::rel_err(&out, &g["out"]);
         assert!(
             e > 1e-4,

@@ -6,8 +6,9 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
+use flipsketch_models::compute::ComputePlan;
 use flipsketch_models::loading::{
-    load_component, FolderLayout, LoadReport, VarBuilder, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
+    load_component, FolderLayout, LoadReport, Vb, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
 };
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 use flipsketch_schedulers::DdimScheduler;
@@ -73,6 +74,8 @@ pub struct Components {
     pub unet: UNet3DConditionModel,
     pub scheduler: DdimScheduler,
     pub reports: Vec<ComponentReport>,
+    /// How the models run (which ops take the CPU kernels, the activations' dtype).
+    pub plan: ComputePlan,
 }
 
 fn component_dir(dir: &Path, name: &'static str) -> Result<PathBuf, ComponentsError> {
@@ -103,6 +106,9 @@ impl Components {
         if !dir.is_dir() {
             return Err(ComponentsError::NoFolder(dir.to_path_buf()));
         }
+        // the plan every load_component below makes too
+        let plan = ComputePlan::current(dtype, device)
+            .map_err(|e| ComponentsError::Model(flipsketch_models::Error::Invalid(e)))?;
         let mut reports = Vec::new();
 
         on_component("tokenizer");
@@ -174,6 +180,7 @@ impl Components {
             unet,
             scheduler,
             reports,
+            plan,
         })
     }
 }
@@ -190,7 +197,7 @@ fn load_model<C, M>(
     dtype: DType,
     device: &Device,
     config: impl FnOnce(&Path) -> flipsketch_models::error::Result<C>,
-    build: impl FnOnce(&C, VarBuilder<'static>) -> candle_core::Result<M>,
+    build: impl FnOnce(&C, Vb) -> candle_core::Result<M>,
     summary: impl FnOnce(&C) -> String,
 ) -> Loaded<M> {
     let t0 = Instant::now();

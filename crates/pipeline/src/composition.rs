@@ -94,14 +94,7 @@ impl Composer<'_> {
             Tensor::cat(&[&head, &q.narrow(1, cc, f - cc)?], 1)?
         };
         let q = q.reshape((bf, l, inner))?;
-        multi_head_attention(
-            call.precision,
-            &q,
-            call.key,
-            call.value,
-            call.heads,
-            call.scale,
-        )
+        multi_head_attention(call.path, &q, call.key, call.value, call.heads, call.scale)
     }
 
     fn temporal(&self, call: &SelfAttnCall, k_ref: &Tensor) -> Result<Tensor> {
@@ -130,7 +123,7 @@ impl Composer<'_> {
         let frame = |j: usize| 1.0 + self.lambda * j as f64 / 50.0;
         let frame_weight: Vec<f32> = (0..f).map(|j| frame(j) as f32).collect();
         if let Some(out) = attention_first_key(
-            call.precision,
+            call.path,
             call.query,
             call.key,
             call.value,
@@ -170,6 +163,7 @@ impl Composer<'_> {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+    use flipsketch_models::compute::OpPath;
     use flipsketch_models::Precision;
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -215,7 +209,12 @@ mod tests {
                     value: &v,
                     heads,
                     scale: 0.3,
-                    precision: Precision::F32,
+                    // the kernels for f32, candle's ops for the f64 run
+                    path: if dtype == DType::F32 {
+                        OpPath::Kernels(Precision::F32)
+                    } else {
+                        OpPath::Candle
+                    },
                 };
                 let mut c = Composer {
                     recorded: rec,
@@ -246,7 +245,9 @@ mod tests {
                 "{kind:?}: kernel and fallback differ by {diff:e}"
             );
             // and the composition changed something
-            let plain = multi_head_attention(Precision::F32, &q, &k, &v, heads, 0.3).unwrap();
+            let plain =
+                multi_head_attention(OpPath::Kernels(Precision::F32), &q, &k, &v, heads, 0.3)
+                    .unwrap();
             let moved = max_abs_diff(&kernel, &plain);
             assert!(moved > 1e-3, "{kind:?}: composition had no effect");
         }

@@ -135,10 +135,9 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// `dtype` is the requested compute dtype (the activations' dtype follows
-    /// [`flipsketch_models::nn::compute_plan`]: f32 on the CPU).
-    pub fn new(components: Components, device: Device, dtype: DType) -> Self {
-        let dtype = flipsketch_models::nn::compute_plan(dtype, &device).0;
+    /// The components' compute plan (made when they were loaded) gives the activations' dtype.
+    pub fn new(components: Components, device: Device) -> Self {
+        let dtype = components.plan.dtype;
         let variants_per_call = device.is_cpu().then_some(1);
         Self {
             components,

@@ -24,7 +24,7 @@ fn generic_path_matches_reference_pipeline() {
         |_| {},
     )
     .unwrap();
-    let mut p = Pipeline::new(c, Device::Cpu, DType::F64);
+    let mut p = Pipeline::new(c, Device::Cpu);
     p.variants_per_call = None;
     flipsketch_kernels::stats::enable();
     for name in ["default", "mean", "no_composition", "single_variant"] {

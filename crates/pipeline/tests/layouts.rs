@@ -116,7 +116,7 @@ fn current_layout_plain_files_match_the_reference_pipeline() {
         );
     }
     // the same weights as tests/fixtures/tiny: the end-to-end reference applies unchanged
-    let pipeline = Pipeline::new(c, Device::Cpu, DType::F32);
+    let pipeline = Pipeline::new(c, Device::Cpu);
     let (case, t) = common::case("default");
     let out = pipeline
         .run(&common::request(&case, &t), &mut Silent)

@@ -52,10 +52,14 @@ fn variants_per_call_do_not_change_the_result() {
         check(&format!("default, {per_call:?} per call"), &out, &t);
         assert_eq!(out.unet_frame_evals, one.unet_frame_evals);
         let d = diff(&out.latents, &one.latents) / max_abs(&one.latents);
-        assert!(
-            d <= 1e-6,
-            "{per_call:?} variants per call differ by {d:.3e}"
-        );
+        // The kernels' products do not depend on how many rows they get; candle's CPU GEMM
+        // (FLIPSKETCH_OPS=candle) blocks by the row count, which moves the rounding (1.4e-6
+        // measured), not the values.
+        let tol = match p.components.plan.matmul {
+            flipsketch_models::compute::OpPath::Kernels(_) => 1e-6,
+            flipsketch_models::compute::OpPath::Candle => 1e-5,
+        };
+        assert!(d <= tol, "{per_call:?} variants per call differ by {d:.3e}");
     }
 }
 

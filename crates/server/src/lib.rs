@@ -72,7 +72,10 @@ impl From<axum::extract::multipart::MultipartError> for ApiError {
 /// The example sketches of the repository's `examples/` folder, built into the binary: the
 /// page offers them, and README's first command animates one.
 const EXAMPLES: &[(&str, &[u8])] = &[
-    ("examples.json", include_bytes!("../../../examples/examples.json")),
+    (
+        "examples.json",
+        include_bytes!("../../../examples/examples.json"),
+    ),
     ("cat.png", include_bytes!("../../../examples/cat.png")),
     ("person.png", include_bytes!("../../../examples/person.png")),
     ("fish.png", include_bytes!("../../../examples/fish.png")),

@@ -48,7 +48,7 @@ async fn start(tweak: impl FnOnce(&mut EngineConfig), delay: Duration, fail: boo
                 |_| {},
             )
             .map_err(|e| e.to_string())?;
-            Ok(Pipeline::new(c, Device::Cpu, DType::F32))
+            Ok(Pipeline::new(c, Device::Cpu))
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -493,7 +493,11 @@ async fn the_repository_examples_are_served() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], "image/png");
         let body = r.bytes().await.unwrap();
-        assert_eq!(body.as_ref(), std::fs::read(examples.join(file)).unwrap(), "{file}");
+        assert_eq!(
+            body.as_ref(),
+            std::fs::read(examples.join(file)).unwrap(),
+            "{file}"
+        );
     }
     let (code, v) = s.get("/examples/../Cargo.toml").await;
     assert_eq!(code, 404, "{v}");

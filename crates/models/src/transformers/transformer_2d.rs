@@ -4,7 +4,8 @@
 //! `proj_in`/`proj_out` weights applied after the pixels are flattened.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
+
+use crate::compute::{OpPath, Vb};
 
 use crate::attention::{reborrow, BasicTransformerBlock, Hook, SelfAttnKind};
 use crate::nn::{group_norm, linear, transpose_add, GroupNorm, Linear};
@@ -15,6 +16,8 @@ pub struct Transformer2DModel {
     proj_in: Linear,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Linear,
+    /// How the token transposes run (the plan's).
+    path: OpPath,
 }
 
 impl Transformer2DModel {
@@ -25,7 +28,7 @@ impl Transformer2DModel {
         num_layers: usize,
         cross_attention_dim: usize,
         norm_num_groups: usize,
-        vb: VarBuilder,
+        vb: Vb,
     ) -> Result<Self> {
         let inner = num_attention_heads * attention_head_dim;
         let transformer_blocks = (0..num_layers)
@@ -45,6 +48,7 @@ impl Transformer2DModel {
             proj_in: linear(in_channels, inner, true, vb.pp("proj_in"))?,
             transformer_blocks,
             proj_out: linear(inner, in_channels, true, vb.pp("proj_out"))?,
+            path: vb.plan().other,
         })
     }
 
@@ -60,7 +64,7 @@ impl Transformer2DModel {
         let residual = x;
         // 1. input: norm, flatten pixels, project
         let x = self.norm.forward(x)?;
-        let x = transpose_add(&x.reshape((b, c, h * w))?, None)?;
+        let x = transpose_add(self.path, &x.reshape((b, c, h * w))?, None)?;
         let mut x = self.proj_in.forward(&x)?;
         // 2. blocks
         for block in &self.transformer_blocks {
@@ -74,6 +78,6 @@ impl Transformer2DModel {
         // 3. output
         let x = self.proj_out.forward(&x)?;
         let residual = residual.reshape((b, c, h * w))?;
-        transpose_add(&x, Some(&residual))?.reshape((b, c, h, w))
+        transpose_add(self.path, &x, Some(&residual))?.reshape((b, c, h, w))
     }
 }

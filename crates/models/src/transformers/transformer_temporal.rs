@@ -3,7 +3,8 @@
 //! too, and no text reaches it.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
+
+use crate::compute::{OpPath, Vb};
 
 use crate::attention::{reborrow, BasicTransformerBlock, Hook, SelfAttnKind};
 use crate::nn::{linear, transpose_add, FrameGroupNorm, Linear};
@@ -14,6 +15,8 @@ pub struct TransformerTemporalModel {
     proj_in: Linear,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Linear,
+    /// How the token transposes run (the plan's).
+    path: OpPath,
 }
 
 impl TransformerTemporalModel {
@@ -23,7 +26,7 @@ impl TransformerTemporalModel {
         in_channels: usize,
         num_layers: usize,
         norm_num_groups: usize,
-        vb: VarBuilder,
+        vb: Vb,
     ) -> Result<Self> {
         let inner = num_attention_heads * attention_head_dim;
         let transformer_blocks = (0..num_layers)
@@ -43,6 +46,7 @@ impl TransformerTemporalModel {
             proj_in: linear(in_channels, inner, true, vb.pp("proj_in"))?,
             transformer_blocks,
             proj_out: linear(inner, in_channels, true, vb.pp("proj_out"))?,
+            path: vb.plan().other,
         })
     }
 
@@ -54,11 +58,8 @@ impl TransformerTemporalModel {
         // 1. norm over all frames of a sample, then one sequence of frames per pixel
         // (b, frames * c, h * w) -> (b, h * w, frames * c): a sequence of frames per pixel
         let x = self.norm.forward(x, num_frames)?;
-        let x = transpose_add(&x.reshape((b, num_frames * c, h * w))?, None)?.reshape((
-            b * h * w,
-            num_frames,
-            c,
-        ))?;
+        let x = transpose_add(self.path, &x.reshape((b, num_frames * c, h * w))?, None)?
+            .reshape((b * h * w, num_frames, c))?;
         let mut x = self.proj_in.forward(&x)?;
         // 2. blocks
         for block in &self.transformer_blocks {
@@ -70,6 +71,6 @@ impl TransformerTemporalModel {
             .forward(&x)?
             .reshape((b, h * w, num_frames * c))?;
         let residual = residual.reshape((b, num_frames * c, h * w))?;
-        transpose_add(&x, Some(&residual))?.reshape((bf, c, h, w))
+        transpose_add(self.path, &x, Some(&residual))?.reshape((bf, c, h, w))
     }
 }

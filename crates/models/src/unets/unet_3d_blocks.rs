@@ -5,8 +5,8 @@
 //! -> TransformerTemporalModel]; the spatial transformer's heads are `channels / head_dim`
 //! (DESIGN trap 1: the config's `attention_head_dim` is the head size).
 
+use crate::compute::Vb;
 use candle_core::{Result, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::attention::{reborrow, Hook};
 use crate::resnet::{Downsample2D, ResnetBlock2D, TemporalConvLayer, Upsample2D};
@@ -33,7 +33,7 @@ struct AttnPair {
 }
 
 impl AttnPair {
-    fn new(channels: usize, s: &BlockSettings, i: usize, vb: &VarBuilder) -> Result<Self> {
+    fn new(channels: usize, s: &BlockSettings, i: usize, vb: &Vb) -> Result<Self> {
         if channels % s.head_dim != 0 {
             candle_core::bail!(
                 "{}: {channels} channels are not a multiple of attention_head_dim {}",
@@ -80,7 +80,7 @@ fn resnet_and_temp_conv(
     out_c: usize,
     s: &BlockSettings,
     i: usize,
-    vb: &VarBuilder,
+    vb: &Vb,
 ) -> Result<(ResnetBlock2D, TemporalConvLayer)> {
     Ok((
         ResnetBlock2D::new(
@@ -142,7 +142,7 @@ impl DownBlock {
         add_downsample: bool,
         downsample_padding: usize,
         s: &BlockSettings,
-        vb: VarBuilder,
+        vb: Vb,
     ) -> Result<Self> {
         let mut layers = Vec::with_capacity(num_layers);
         for i in 0..num_layers {
@@ -207,7 +207,7 @@ pub struct UNetMidBlock3DCrossAttn {
 }
 
 impl UNetMidBlock3DCrossAttn {
-    pub fn new(channels: usize, s: &BlockSettings, vb: VarBuilder) -> Result<Self> {
+    pub fn new(channels: usize, s: &BlockSettings, vb: Vb) -> Result<Self> {
         let (resnet, temp_conv) = resnet_and_temp_conv(channels, channels, s, 0, &vb)?;
         let first = Layer {
             resnet,
@@ -263,7 +263,7 @@ impl UpBlock {
         prev_output_channel: usize,
         add_upsample: bool,
         s: &BlockSettings,
-        vb: VarBuilder,
+        vb: Vb,
     ) -> Result<Self> {
         let mut layers = Vec::with_capacity(num_layers);
         for i in 0..num_layers {

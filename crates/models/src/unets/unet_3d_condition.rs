@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
+use crate::compute::Vb;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::attention::{reborrow, Hook};
@@ -222,7 +222,7 @@ pub struct UNet3DConditionModel {
 }
 
 impl UNet3DConditionModel {
-    pub fn new(config: &UNet3DConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(config: &UNet3DConfig, vb: Vb) -> Result<Self> {
         let c = config;
         let bo = &c.block_out_channels;
         let n = bo.len();

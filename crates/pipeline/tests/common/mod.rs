@@ -22,7 +22,7 @@ pub fn pipeline() -> Pipeline {
         |_| {},
     )
     .unwrap();
-    Pipeline::new(c, Device::Cpu, DType::F32)
+    Pipeline::new(c, Device::Cpu)
 }
 
 pub fn case(name: &str) -> (Value, HashMap<String, Tensor>) {

@@ -1,0 +1,222 @@
+//! The one place that decides how each op runs: on this project's CPU kernels
+//! (`flipsketch-kernels`) or on candle's ops (any device, any dtype: what CUDA and Metal run).
+//!
+//! A [`ComputePlan`] is made once per model load from the requested dtype, the device and the
+//! process-wide [`Ops`] choice, travels with the weights in a [`Vb`], and every layer stores the
+//! [`OpPath`] it gets from it at construction; nothing looks at a tensor's device or dtype to
+//! pick an implementation at run time.
+//!
+//! `FLIPSKETCH_OPS` forces a path on any machine, so that each can be tested anywhere:
+//! - `auto` (default): on the CPU, the kernels with the best code this CPU has (AVX-512,
+//!   AVX512-BF16); the matrix products on candle's GEMM when the CPU lacks AVX-512 (faster
+//!   than the portable kernels there). On GPUs, candle.
+//! - `portable`: the kernels everywhere on the CPU, matrix products included, with their
+//!   portable (non-SIMD) code even on an AVX-512 CPU (`flipsketch_kernels::isa` reads the same
+//!   variable): what a laptop or an ARM machine runs.
+//! - `candle`: candle's ops everywhere, also on the CPU, in the requested dtype (bf16
+//!   activations included, as on a GPU): the GPU code path, run on the CPU.
+
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use flipsketch_kernels::Precision;
+
+/// Which implementations run (`FLIPSKETCH_OPS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ops {
+    Auto,
+    Portable,
+    Candle,
+}
+
+impl FromStr for Ops {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Ops::Auto),
+            "portable" => Ok(Ops::Portable),
+            "candle" => Ok(Ops::Candle),
+            other => Err(format!(
+                "FLIPSKETCH_OPS={other:?}: expected auto, portable or candle"
+            )),
+        }
+    }
+}
+
+impl Ops {
+    /// The process's choice: `FLIPSKETCH_OPS`, read once (auto when unset).
+    pub fn current() -> std::result::Result<Self, String> {
+        static OPS: std::sync::OnceLock<std::result::Result<Ops, String>> =
+            std::sync::OnceLock::new();
+        OPS.get_or_init(|| {
+            std::env::var("FLIPSKETCH_OPS")
+                .map(|v| v.parse())
+                .unwrap_or(Ok(Ops::Auto))
+        })
+        .clone()
+    }
+}
+
+/// The implementation of one op family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpPath {
+    /// The CPU kernels, f32 activations, matrix products in this precision.
+    Kernels(Precision),
+    /// candle's ops.
+    Candle,
+}
+
+impl OpPath {
+    pub fn kernels(self) -> Option<Precision> {
+        match self {
+            OpPath::Kernels(p) => Some(p),
+            OpPath::Candle => None,
+        }
+    }
+}
+
+/// How a model runs, decided once when it is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ComputePlan {
+    /// The dtype of activations and of every tensor candle computes with.
+    pub dtype: DType,
+    /// Linear, Conv2d and the temporal convolutions (weights packed at load for the kernels).
+    pub matmul: OpPath,
+    /// Attention, GroupNorm(+SiLU), GEGLU and the token transposes.
+    pub other: OpPath,
+}
+
+impl ComputePlan {
+    /// The plan for running a model in `dtype` on `device` with `ops`.
+    ///
+    /// On the CPU with the kernels, activations are f32 (candle's CPU element-wise ops are
+    /// fast in f32 only) and bf16 means bf16 weights and products with f32 accumulation:
+    /// natively on CPUs with AVX512-BF16, with the portable code under `portable`, and as f32
+    /// under `auto` elsewhere. f64 always runs on candle (the kernels have no f64), which makes
+    /// it the CPU's way of testing the GPU code path at full precision.
+    pub fn new(dtype: DType, device: &Device, ops: Ops) -> Self {
+        let candle = Self {
+            dtype,
+            matmul: OpPath::Candle,
+            other: OpPath::Candle,
+        };
+        if !device.is_cpu() || dtype == DType::F64 || ops == Ops::Candle {
+            return candle;
+        }
+        let precision = match (dtype, ops) {
+            (DType::BF16, Ops::Portable) => Precision::Bf16,
+            (DType::BF16, _) if Precision::Bf16.is_native() => Precision::Bf16,
+            _ => Precision::F32,
+        };
+        let kernels = OpPath::Kernels(precision);
+        let matmul = if ops == Ops::Portable || precision.is_native() {
+            kernels
+        } else {
+            OpPath::Candle
+        };
+        Self {
+            dtype: DType::F32,
+            matmul,
+            other: kernels,
+        }
+    }
+
+    /// [`ComputePlan::new`] with the process's [`Ops::current`].
+    pub fn current(dtype: DType, device: &Device) -> std::result::Result<Self, String> {
+        Ok(Self::new(dtype, device, Ops::current()?))
+    }
+
+    /// The matrix precision of the kernels, when any kernel runs.
+    pub fn precision(&self) -> Option<Precision> {
+        self.matmul.kernels().or(self.other.kernels())
+    }
+}
+
+/// A `VarBuilder` that also carries the model's [`ComputePlan`]: what every model constructor
+/// takes. Tensors come in `plan.dtype`.
+#[derive(Clone)]
+pub struct Vb {
+    inner: VarBuilder<'static>,
+    plan: ComputePlan,
+}
+
+impl Vb {
+    pub fn new(inner: VarBuilder<'static>, plan: ComputePlan) -> Self {
+        Self { inner, plan }
+    }
+
+    pub fn pp<S: ToString>(&self, s: S) -> Self {
+        Self {
+            inner: self.inner.pp(s),
+            plan: self.plan,
+        }
+    }
+
+    pub fn get<S: Into<Shape>>(&self, s: S, name: &str) -> Result<Tensor> {
+        self.inner.get(s, name)
+    }
+
+    pub fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+
+    pub fn prefix(&self) -> String {
+        self.inner.prefix()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.inner.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.inner.device()
+    }
+
+    pub fn plan(&self) -> ComputePlan {
+        self.plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans() {
+        let cpu = Device::Cpu;
+        for ops in [Ops::Auto, Ops::Portable, Ops::Candle] {
+            // f64: always candle, in f64
+            let p = ComputePlan::new(DType::F64, &cpu, ops);
+            assert_eq!(
+                (p.dtype, p.matmul, p.other),
+                (DType::F64, OpPath::Candle, OpPath::Candle)
+            );
+        }
+        let p = ComputePlan::new(DType::BF16, &cpu, Ops::Candle);
+        assert_eq!(
+            (p.dtype, p.matmul, p.other),
+            (DType::BF16, OpPath::Candle, OpPath::Candle)
+        );
+        let p = ComputePlan::new(DType::BF16, &cpu, Ops::Portable);
+        assert_eq!(p.dtype, DType::F32);
+        assert_eq!(p.matmul, OpPath::Kernels(Precision::Bf16));
+        assert_eq!(p.other, OpPath::Kernels(Precision::Bf16));
+        let p = ComputePlan::new(DType::F32, &cpu, Ops::Auto);
+        assert_eq!(p.other, OpPath::Kernels(Precision::F32));
+        let native = Precision::F32.is_native();
+        assert_eq!(p.matmul == OpPath::Kernels(Precision::F32), native);
+        let p = ComputePlan::new(DType::BF16, &cpu, Ops::Auto);
+        let want = if Precision::Bf16.is_native() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        };
+        assert_eq!(p.other, OpPath::Kernels(want));
+        assert_eq!("Portable".parse::<Ops>(), Ok(Ops::Portable));
+        assert!("fast"
+            .parse::<Ops>()
+            .unwrap_err()
+            .contains("auto, portable or candle"));
+    }
+}
