@@ -21,6 +21,10 @@ pub enum Bench {
     Unet(UnetBench),
     /// One VAE decode of a frame (latents to pixels), as in the last phase of `animate`.
     Vae(VaeBench),
+    /// Writes a model folder of the real ModelScope shape (UNet 1.41 B parameters) with random
+    /// weights, for benchmarks and GPU checks on machines without the checkpoint (no download,
+    /// no Python): about 7 GB.
+    MakeModel(crate::random_model::MakeModel),
 }
 
 /// What both benchmarks take.
@@ -66,6 +70,7 @@ pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Unet(a) => unet(a),
         Bench::Vae(a) => vae(a),
+        Bench::MakeModel(a) => crate::random_model::run(a),
     }
 }
 
@@ -81,14 +86,17 @@ fn unet(u: UnetBench) -> Result<()> {
     let unet = load("unet", &dir, dtype, &dev, |vb| {
         UNet3DConditionModel::new(&cfg, vb)
     })?;
+    // inputs in the activations' dtype (f32 on the CPU kernels, the dtype itself on a GPU)
+    let act = activations(dtype, &dev)?;
     let sample = Tensor::randn(
         0f32,
         1.,
         (u.batch, cfg.in_channels, u.frames, a.size, a.size),
         &dev,
-    )?;
+    )?
+    .to_dtype(act)?;
     let ehs =
-        Tensor::randn(0f32, 1., (u.batch, 77, cfg.cross_attention_dim), &dev)?.to_dtype(dtype)?;
+        Tensor::randn(0f32, 1., (u.batch, 77, cfg.cross_attention_dim), &dev)?.to_dtype(act)?;
     let best = repeat(a.reps, a.breakdown, || {
         unet.forward(&sample, 500.0, &ehs, None)
     })?;
@@ -108,11 +116,22 @@ fn vae(v: VaeBench) -> Result<()> {
     let vae = load("vae", &dir, a.dtype.dtype(), &dev, |vb| {
         AutoencoderKL::new(&cfg, vb)
     })?;
-    let latents = Tensor::randn(0f32, 1., (1, cfg.latent_channels, a.size, a.size), &dev)?;
+    let act = activations(a.dtype.dtype(), &dev)?;
+    let latents =
+        Tensor::randn(0f32, 1., (1, cfg.latent_channels, a.size, a.size), &dev)?.to_dtype(act)?;
     let best = repeat(a.reps, a.breakdown, || vae.decode(&latents))?;
     println!("vae_decode_s {best:.3}");
     report_memory();
     Ok(())
+}
+
+/// The dtype a model loaded for `dtype` on `device` computes in.
+fn activations(dtype: DType, device: &Device) -> Result<DType> {
+    Ok(
+        flipsketch_models::compute::ComputePlan::current(dtype, device)
+            .map_err(anyhow::Error::msg)?
+            .dtype,
+    )
 }
 
 /// Loads one component on `device` and prints its load time and the memory its weights take.

@@ -5,6 +5,7 @@ mod bench;
 mod device;
 mod download;
 mod model_source;
+mod random_model;
 mod serve;
 
 use std::alloc::{GlobalAlloc, Layout};
