@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
-use flipsketch_media::sketch::{fit_square, on_white, to_chw_f32, Fit};
-use flipsketch_media::writers::{write_variant, Format, Playback};
+use flipsketch_media::sketch::{fit_square, on_white_reduced, to_chw_f32, Fit};
+use flipsketch_media::writers::{variant_file_names, write_variant, Format, Playback};
 use flipsketch_pipeline::components::Components;
 use flipsketch_pipeline::ranking::{ClipRanker, Rgb};
 use flipsketch_pipeline::{video_to_frames, Encode, Phase, Pipeline, Progress, Request};
@@ -204,6 +204,9 @@ impl Progress for Bars {
     fn advance(&mut self, done: usize) {
         self.bar.set_position(done as u64);
     }
+    fn cancelled(&self) -> bool {
+        crate::interrupt::requested()
+    }
 }
 
 fn validate(a: &AnimateArgs) -> Result<()> {
@@ -278,13 +281,17 @@ fn check_new(path: &Path, overwrite: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn run(a: AnimateArgs) -> Result<()> {
+pub fn run(mut a: AnimateArgs) -> Result<()> {
     let t_start = Instant::now();
     validate(&a)?;
+    // The same format twice is written once.
+    let mut seen = std::collections::HashSet::new();
+    a.format.retain(|f| seen.insert(*f));
     // The device and the sketch first: a GPU that is not there or a bad file fails before any
-    // download or model loading.
+    // download or model loading. The sketch is kept at up to 512 px (the model takes 256, CLIP
+    // ranking 224), not at the size it was drawn.
     let device = a.device.open()?;
-    let sketch = flipsketch_media::sketch::read(&a.sketch)?;
+    let sketch = on_white_reduced(&flipsketch_media::sketch::read(&a.sketch)?, 512);
     let init_noise = a.init_noise.as_deref().map(load_init_noise).transpose()?;
     if let Some(n) = &init_noise {
         let (b, f) = (n.dim(0)?, n.dim(2)?);
@@ -292,13 +299,33 @@ pub fn run(a: AnimateArgs) -> Result<()> {
             bail!("--init-noise holds {b} variants x {f} frames, which contradicts --variants/--frames");
         }
     }
+    let variants = init_noise
+        .as_ref()
+        .map(|n| n.dim(0))
+        .transpose()?
+        .or(a.variants)
+        .unwrap_or(3);
+    let frames = init_noise
+        .as_ref()
+        .map(|n| n.dim(2))
+        .transpose()?
+        .or(a.frames)
+        .unwrap_or(10);
+    // Every file this run will write, checked now, not after minutes of inference.
     let out_dir = a.out.clone().unwrap_or_else(|| default_out_dir(&a.sketch));
+    let planned: Vec<PathBuf> = (0..variants)
+        .flat_map(|k| variant_file_names(k, frames, &a.format))
+        .chain(["result.json".to_string()])
+        .map(|n| out_dir.join(n))
+        .chain(a.dump.clone())
+        .collect();
+    for p in &planned {
+        check_new(p, a.overwrite)?;
+    }
+    let created = !out_dir.exists();
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create the output folder {}", out_dir.display()))?;
-    if let Some(d) = &a.dump {
-        check_new(d, a.overwrite)?;
-    }
-
+    crate::interrupt::install(created.then(|| out_dir.clone()));
     let mut bars = Bars::new(a.quiet);
     let model_dir = a.model.resolve(!a.quiet)?;
     let t_load = Instant::now();
@@ -317,25 +344,13 @@ pub fn run(a: AnimateArgs) -> Result<()> {
         FitArg::Pad => Fit::Pad,
         FitArg::Stretch => Fit::Stretch,
     };
-    let square = fit_square(&on_white(&sketch), size, fit);
+    let square = fit_square(&sketch, size, fit);
     let image = Tensor::from_vec(
         to_chw_f32(&square),
         (3, size as usize, size as usize),
         &device,
     )?;
     let seed = a.seed.unwrap_or_else(rand_seed);
-    let variants = init_noise
-        .as_ref()
-        .map(|n| n.dim(0))
-        .transpose()?
-        .or(a.variants)
-        .unwrap_or(3);
-    let frames = init_noise
-        .as_ref()
-        .map(|n| n.dim(2))
-        .transpose()?
-        .or(a.frames)
-        .unwrap_or(10);
     let request = Request {
         image,
         prompt: a.prompt.clone(),
@@ -360,7 +375,14 @@ pub fn run(a: AnimateArgs) -> Result<()> {
         );
     }
     let t_run = Instant::now();
-    let output = pipeline.run(&request, &mut bars)?;
+    crate::interrupt::running(true);
+    let output = match pipeline.run(&request, &mut bars) {
+        Err(flipsketch_pipeline::PipelineError::Cancelled) => {
+            bars.done();
+            return Err(crate::interrupt::stopped(&[]));
+        }
+        r => r?,
+    };
     bars.end_phase();
     bars.done();
     let run_s = t_run.elapsed().as_secs_f64();
@@ -370,6 +392,10 @@ pub fn run(a: AnimateArgs) -> Result<()> {
     let mut files: Vec<PathBuf> = Vec::new();
     let variant_frames = video_to_frames(&output.video)?;
     for (k, v) in variant_frames.iter().enumerate() {
+        if crate::interrupt::requested() {
+            bars.done();
+            return Err(crate::interrupt::stopped(&files));
+        }
         files.extend(write_variant(
             &out_dir,
             k,
@@ -394,17 +420,25 @@ pub fn run(a: AnimateArgs) -> Result<()> {
             ("video".to_string(), output.video.to_dtype(DType::F32)?),
         ]
         .into();
-        candle_core::safetensors::save(&map, d)
+        let tmp = d.with_file_name(format!(
+            ".{}.partial",
+            d.file_name().and_then(|n| n.to_str()).unwrap_or("dump")
+        ));
+        candle_core::safetensors::save(&map, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, d).map_err(candle_core::Error::from))
             .with_context(|| format!("cannot write {}", d.display()))?;
         files.push(d.clone());
     }
     bars.done();
+    if crate::interrupt::requested() {
+        return Err(crate::interrupt::stopped(&files));
+    }
     let write_s = t_write.elapsed().as_secs_f64();
 
     let t_rank = Instant::now();
     let ranking = match a.rank {
         None => serde_json::Value::Null,
-        Some(RankArg::Clip) => rank_clip(&a, &device, &on_white(&sketch), &variant_frames),
+        Some(RankArg::Clip) => rank_clip(&a, &device, &sketch, &variant_frames),
     };
     let rank_s = t_rank.elapsed().as_secs_f64();
 
@@ -421,8 +455,11 @@ pub fn run(a: AnimateArgs) -> Result<()> {
         "files": files,
     });
     let result_path = out_dir.join("result.json");
-    std::fs::write(&result_path, serde_json::to_string_pretty(&result)?)
+    let tmp = out_dir.join(".result.json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&result)?)
+        .and_then(|()| std::fs::rename(&tmp, &result_path))
         .with_context(|| format!("cannot write {}", result_path.display()))?;
+    crate::interrupt::running(false);
     if !a.quiet {
         eprintln!(
             "done in {:.1} s (model {load_s:.1} s, generation {run_s:.1} s)",

@@ -4,6 +4,7 @@ mod animate;
 mod bench;
 mod device;
 mod download;
+mod interrupt;
 mod model_source;
 mod random_model;
 mod serve;
@@ -190,6 +191,32 @@ pub(crate) fn peak_live_mib() -> f64 {
     PEAK_LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
 }
 
+/// Large transient work (an upload's decode) starts (`true`) or ends (`false`): while any
+/// runs, freed memory goes back to the system at once instead of being kept for reuse (see
+/// `main`), so that it does not stay resident afterwards. Frees of other threads in that window
+/// are returned too, which costs them page faults later, nothing else.
+pub(crate) fn release_memory_while(start: bool) {
+    static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+    let delay = if start {
+        ACTIVE.fetch_add(1, Ordering::SeqCst);
+        0
+    } else if ACTIVE.fetch_sub(1, Ordering::SeqCst) == 1 {
+        purge_delay()
+    } else {
+        return;
+    };
+    // SAFETY: mimalloc's option setter, callable from any thread.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, delay) };
+}
+
+/// The purge delay the process runs with: never, unless MIMALLOC_PURGE_DELAY says otherwise.
+fn purge_delay() -> std::os::raw::c_long {
+    std::env::var("MIMALLOC_PURGE_DELAY")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1)
+}
+
 /// Heap memory in use now (MiB).
 pub(crate) fn live_mib() -> f64 {
     LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
@@ -210,10 +237,8 @@ fn main() -> ExitCode {
     // Never hand freed pages back to the OS: each UNet forward frees and reallocates the same
     // large buffers, and re-faulting them costs about 1.5 s per forward at 256 px.
     // MIMALLOC_PURGE_DELAY (milliseconds), when set, is mimalloc's own setting and wins.
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: plain option setter of the allocator in use.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    }
+    // SAFETY: plain option setter of the allocator in use.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, purge_delay()) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -234,6 +259,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_some() => {
+            eprintln!("{e}");
+            ExitCode::from(interrupt::EXIT_INTERRUPTED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use flipsketch_engine::{Engine, EngineConfig};
+use flipsketch_engine::{Engine, EngineConfig, Readiness};
 use flipsketch_pipeline::components::Components;
 use flipsketch_pipeline::Pipeline;
 
@@ -43,6 +43,15 @@ pub struct ServeArgs {
     /// Largest sketch upload in MB.
     #[arg(long, default_value_t = 16)]
     pub upload_mb: usize,
+    /// Open connections at most (one more is answered 503 and closed).
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds a connection may stay silent (no request, no bytes) before it is closed.
+    #[arg(long, default_value_t = 60)]
+    pub idle_timeout: u64,
+    /// Seconds a request's headers may take to arrive.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -59,15 +68,25 @@ pub fn run(a: ServeArgs) -> Result<()> {
         ..EngineConfig::default()
     };
     config.limits.upload_max_bytes = a.upload_mb << 20;
-    if let Some(d) = &a.jobs_dir {
-        config.jobs_dir = d.clone();
+    // One folder per port by default, so that a restarted server finds (and clears) what
+    // its predecessor left.
+    config.jobs_dir = a
+        .jobs_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("flipsketch-serve-{}", a.port)));
+    if a.max_connections == 0 || a.idle_timeout == 0 || a.header_timeout == 0 {
+        bail!("--max-connections, --idle-timeout and --header-timeout must be at least 1");
     }
-    std::fs::create_dir_all(&config.jobs_dir).with_context(|| {
-        format!(
-            "cannot create the jobs folder {}",
-            config.jobs_dir.display()
-        )
-    })?;
+    let limits = flipsketch_server::ConnectionLimits {
+        max_connections: a.max_connections,
+        idle_timeout: Duration::from_secs(a.idle_timeout),
+        header_timeout: Duration::from_secs(a.header_timeout),
+    };
+    config.decode_hook = Some(crate::release_memory_while);
+    // Fault injection for the tests, never in release builds.
+    if cfg!(debug_assertions) {
+        config.panic_marker = std::env::var("FLIPSKETCH_TEST_PANIC_MARKER").ok();
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -96,7 +115,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
             "flipsketch serving on http://{} (loading the model...)",
             listener.local_addr()?
         );
-        flipsketch_server::serve(listener, engine).await?;
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("stopping");
+        };
+        if let Readiness::Failed(e) = engine.readiness() {
+            eprintln!("error: {e}");
+        }
+        flipsketch_server::serve_with(listener, engine, limits, shutdown).await?;
         Ok(())
     })
 }

@@ -418,3 +418,160 @@ fn rank_clip_scores_and_orders_every_variant() {
         .unwrap()
         .contains("no-clip-here"));
 }
+
+#[test]
+fn output_problems_are_found_before_the_model_loads() {
+    let sk = sketch();
+    let work = tempfile::tempdir().unwrap();
+    // a model that cannot load: any error about the output must come first
+    let no_model = ["--model", "nobody/nothing"];
+    let offline = [
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_HOME", work.path().to_str().unwrap()),
+    ];
+    std::fs::create_dir(work.path().join("o")).unwrap();
+    std::fs::write(work.path().join("o/result.json"), "{}").unwrap();
+    let mut args = vec![
+        "--sketch", &sk, "--prompt", "a cat", "--out", "o", "--quiet",
+    ];
+    args.extend(no_model);
+    let r = run_in(work.path(), &args, &offline);
+    assert!(
+        !r.ok && r.stderr.contains("result.json") && r.stderr.contains("already exists"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("o/result.json")).unwrap(),
+        "{}"
+    );
+    std::fs::remove_file(work.path().join("o/result.json")).unwrap();
+    std::fs::write(work.path().join("o/variant-2.gif"), "x").unwrap();
+    let r = run_in(work.path(), &args, &offline);
+    assert!(!r.ok && r.stderr.contains("variant-2.gif"), "{}", r.stderr);
+    // a FIFO is refused at once (opening it would wait for a writer for good)
+    let fifo = work.path().join("sketch.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let t = std::time::Instant::now();
+    let r = run_in(
+        work.path(),
+        &[
+            "--sketch",
+            fifo.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--quiet",
+        ],
+        &offline,
+    );
+    assert!(
+        !r.ok && r.stderr.contains("not a regular file"),
+        "{}",
+        r.stderr
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+}
+
+#[test]
+fn a_format_given_twice_is_written_once() {
+    let (sk, tiny) = (sketch(), tiny());
+    let work = tempfile::tempdir().unwrap();
+    let r = run_in(
+        work.path(),
+        &[
+            "--sketch",
+            &sk,
+            "--prompt",
+            "a cat",
+            "--model",
+            &tiny,
+            "--steps",
+            "1",
+            "--frames",
+            "2",
+            "--variants",
+            "1",
+            "--size",
+            "32",
+            "--format",
+            "gif,gif,png,gif",
+            "--out",
+            "o",
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let mut names: Vec<String> = std::fs::read_dir(work.path().join("o"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "result.json",
+            "variant-0-000.png",
+            "variant-0-001.png",
+            "variant-0.gif"
+        ]
+    );
+}
+
+#[test]
+fn ctrl_c_stops_at_the_next_step_and_removes_what_is_partial() {
+    let (sk, tiny) = (sketch(), tiny());
+    let work = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flipsketch"))
+        .current_dir(work.path())
+        .args([
+            "animate",
+            "--sketch",
+            &sk,
+            "--prompt",
+            "a cat",
+            "--model",
+            &tiny,
+            "--steps",
+            "400",
+            "--frames",
+            "8",
+            "--variants",
+            "2",
+            "--out",
+            "o",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait until the run is under way (the output folder exists and the model has loaded)
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended before the interrupt"
+    );
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // this run created the folder and wrote nothing whole: nothing is left
+    assert!(
+        !work.path().join("o").exists(),
+        "{:?}",
+        std::fs::read_dir(work.path().join("o")).map(|d| d.count())
+    );
+}

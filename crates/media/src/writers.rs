@@ -156,10 +156,40 @@ pub enum Format {
     Mp4,
 }
 
+/// The names of the files [`write_variant`] writes for variant `k` of `frames` frames.
+pub fn variant_file_names(k: usize, frames: usize, formats: &[Format]) -> Vec<String> {
+    let mut names = Vec::new();
+    for fmt in formats {
+        match fmt {
+            Format::Gif => names.push(format!("variant-{k}.gif")),
+            Format::GifRaw => names.push(format!("variant-{k}-raw.gif")),
+            Format::Png => names.extend((0..frames).map(|i| format!("variant-{k}-{i:03}.png"))),
+            Format::Apng => names.push(format!("variant-{k}.png")),
+            Format::Sheet => names.extend([
+                format!("variant-{k}-sheet.png"),
+                format!("variant-{k}-sheet.json"),
+            ]),
+            Format::Mp4 => names.push(format!("variant-{k}.mp4")),
+            Format::Svg => {
+                names.push(format!("variant-{k}.svg"));
+                names.extend((0..frames).map(|i| format!("variant-{k}-{i:03}.svg")));
+            }
+        }
+    }
+    names
+}
+
+/// The prefix of the folders [`write_variant`] stages its files in.
+pub const STAGING_PREFIX: &str = ".flipsketch-partial-";
+
 /// Writes variant `k` in every format into `dir` at `size` x `size`, `fps` frames a second:
 /// `variant-K.gif`, `variant-K-raw.gif`, `variant-K-NNN.png`, `variant-K.png` (APNG),
 /// `variant-K-sheet.{png,json}`, `variant-K.svg` + `variant-K-NNN.svg`. Existing files are an error
 /// unless `overwrite`. Returns the paths written.
+///
+/// The files are written into a staging folder beside them (`.flipsketch-partial-K-PID`) and
+/// renamed into place once all of the variant are complete, so a file under its final name is
+/// always whole; the staging folder is removed on any error.
 pub fn write_variant(
     dir: &Path,
     k: usize,
@@ -169,24 +199,50 @@ pub fn write_variant(
     play: Playback,
     overwrite: bool,
 ) -> Result<Vec<PathBuf>> {
+    for name in variant_file_names(k, frames.frames.len(), formats) {
+        let p = dir.join(name);
+        if p.exists() && !overwrite {
+            return Err(MediaError::Output {
+                path: p,
+                msg: "already exists (use --overwrite to replace it)".into(),
+            });
+        }
+    }
+    let staging = dir.join(format!("{STAGING_PREFIX}{k}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| out_err(&staging, e))?;
+    let written = write_variant_files(&staging, k, frames, formats, size, play);
+    let moved = written.and_then(|files| {
+        files
+            .iter()
+            .map(|f| {
+                let name = f.file_name().expect("a file name");
+                let to = dir.join(name);
+                std::fs::rename(f, &to).map_err(|e| out_err(&to, e))?;
+                Ok(to)
+            })
+            .collect::<Result<Vec<_>>>()
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    moved
+}
+
+/// [`write_variant`]'s files, written straight into `dir` (a fresh staging folder).
+fn write_variant_files(
+    dir: &Path,
+    k: usize,
+    frames: &Frames,
+    formats: &[Format],
+    size: u32,
+    play: Playback,
+) -> Result<Vec<PathBuf>> {
     let fps = play.fps;
     let sized = resize_frames(frames, size)?;
-    let fresh = |p: &Path| {
-        if p.exists() && !overwrite {
-            Err(MediaError::Output {
-                path: p.to_path_buf(),
-                msg: "already exists (use --overwrite to replace it)".into(),
-            })
-        } else {
-            Ok(())
-        }
-    };
     let mut files = Vec::new();
     for fmt in formats {
         match fmt {
             Format::Gif => {
                 let p = dir.join(format!("variant-{k}.gif"));
-                fresh(&p)?;
                 write_binary_gif(
                     &p,
                     sized.width,
@@ -198,20 +254,15 @@ pub fn write_variant(
             }
             Format::GifRaw => {
                 let p = dir.join(format!("variant-{k}-raw.gif"));
-                fresh(&p)?;
                 write_rgb_gif(&p, &sized, play)?;
                 files.push(p);
             }
             Format::Png => {
                 let stem = format!("variant-{k}");
-                for i in 0..sized.frames.len() {
-                    fresh(&dir.join(format!("{stem}-{i:03}.png")))?;
-                }
                 files.extend(write_png_frames(dir, &stem, &sized)?);
             }
             Format::Apng => {
                 let p = dir.join(format!("variant-{k}.png"));
-                fresh(&p)?;
                 write_apng(&p, &sized, play)?;
                 files.push(p);
             }
@@ -220,23 +271,16 @@ pub fn write_variant(
                     dir.join(format!("variant-{k}-sheet.png")),
                     dir.join(format!("variant-{k}-sheet.json")),
                 );
-                fresh(&p)?;
-                fresh(&j)?;
                 write_sheet(&p, &j, &sized, fps)?;
                 files.extend([p, j]);
             }
             Format::Mp4 => {
                 let p = dir.join(format!("variant-{k}.mp4"));
-                fresh(&p)?;
                 write_mp4(&p, &sized, fps)?;
                 files.push(p);
             }
             Format::Svg => {
                 let stem = format!("variant-{k}");
-                fresh(&dir.join(format!("{stem}.svg")))?;
-                for i in 0..sized.frames.len() {
-                    fresh(&dir.join(format!("{stem}-{i:03}.svg")))?;
-                }
                 files.extend(write_svg(dir, &stem, &sized, play)?);
             }
         }

@@ -10,16 +10,19 @@
 //! - `GET /api/jobs/{id}/files/{name}`: only files the job wrote
 //! - `GET /` and `GET /assets/{name}`: the page, embedded in the binary
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use flipsketch_engine::{Engine, JobRequest, Readiness, SubmitError};
+use flipsketch_engine::{CancelOutcome, Engine, JobRequest, Readiness, SubmitError};
 use serde_json::json;
 
 /// An API error: the HTTP status is decided here and nowhere else.
@@ -28,9 +31,15 @@ pub enum ApiError {
     BadRequest(String),
     TooLarge(String),
     NotFound(String),
-    QueueFull(String),
+    /// The queue is full; try again after this many seconds (`Retry-After`).
+    QueueFull(String, u64),
     Unavailable(String),
     Internal(String),
+}
+
+/// The JSON error answer, `{"error": msg}`, with `status`.
+fn error_response(status: StatusCode, msg: &str) -> Response {
+    (status, Json(json!({ "error": msg }))).into_response()
 }
 
 impl IntoResponse for ApiError {
@@ -39,21 +48,26 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
-            ApiError::QueueFull(m) => (StatusCode::TOO_MANY_REQUESTS, m),
+            ApiError::QueueFull(m, after) => {
+                let mut r = error_response(StatusCode::TOO_MANY_REQUESTS, &m);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(after));
+                return r;
+            }
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
             ApiError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
         };
-        (status, Json(json!({ "error": msg }))).into_response()
+        error_response(status, &msg)
     }
 }
 
-impl From<SubmitError> for ApiError {
-    fn from(e: SubmitError) -> Self {
+impl ApiError {
+    fn submit(e: SubmitError, engine: &Engine) -> Self {
         match e {
             SubmitError::NotReady | SubmitError::LoadFailed(_) => {
                 ApiError::Unavailable(e.to_string())
             }
-            SubmitError::QueueFull(_) => ApiError::QueueFull(e.to_string()),
+            SubmitError::QueueFull(_) => ApiError::QueueFull(e.to_string(), engine.retry_after_s()),
             SubmitError::Invalid(m) => ApiError::BadRequest(m),
         }
     }
@@ -86,6 +100,72 @@ const INDEX_HTML: &str = include_str!("../assets/index.html");
 const APP_JS: &str = include_str!("../assets/app.js");
 const APP_CSS: &str = include_str!("../assets/app.css");
 
+/// Longest request target and largest total of request headers answered; beyond them the
+/// answer is 414 or 431 (as JSON, like every error).
+pub const MAX_URI_BYTES: usize = 8 << 10;
+pub const MAX_HEADER_BYTES: usize = 32 << 10;
+
+/// Every error answer is JSON, also those produced before a handler runs (axum's rejections
+/// of a bad path or multipart request, 405, oversized targets and headers): a non-JSON error
+/// body becomes `{"error": "<reason>: <text>"}`, the status and other headers kept.
+async fn json_errors(req: Request, next: Next) -> Response {
+    if req.uri().to_string().len() > MAX_URI_BYTES {
+        return error_response(
+            StatusCode::URI_TOO_LONG,
+            &format!("the request target is longer than {MAX_URI_BYTES} bytes"),
+        );
+    }
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return error_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            &format!("the request headers take more than {MAX_HEADER_BYTES} bytes"),
+        );
+    }
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if status.as_u16() < 400 || is_json {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
+    let msg = if text.is_empty() {
+        reason
+    } else {
+        format!("{reason}: {}", truncate(&text, 300))
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(
+        parts,
+        axum::body::Body::from(json!({ "error": msg }).to_string()),
+    )
+}
+
+/// At most `max` characters of `s`, with an ellipsis when cut.
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 /// The router over an engine.
 pub fn router(engine: Engine) -> Router {
     let limit = engine.config().limits.upload_max_bytes;
@@ -103,6 +183,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/api/jobs/{id}/events", get(events))
         .route("/api/jobs/{id}/files/{name}", get(file))
         .fallback(|| async { ApiError::NotFound("no such page".into()) })
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(engine)
 }
 
@@ -170,15 +251,47 @@ async fn info(State(engine): State<Engine>) -> Json<serde_json::Value> {
 }
 
 fn parse<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, ApiError> {
-    text.trim()
-        .parse()
-        .map_err(|_| ApiError::BadRequest(format!("{name}: {text:?} is not a valid number")))
+    text.trim().parse().map_err(|_| {
+        ApiError::BadRequest(format!(
+            "{name}: {:?} is not a valid number",
+            truncate(text, 40)
+        ))
+    })
+}
+
+/// Largest text field (the prompt is at most 1000 characters).
+const MAX_TEXT_FIELD_BYTES: usize = 16 << 10;
+
+/// A text field's value, which must be UTF-8.
+async fn text_field(
+    field: axum::extract::multipart::Field<'_>,
+    name: &str,
+) -> Result<String, ApiError> {
+    let bytes = field.bytes().await?;
+    if bytes.len() > MAX_TEXT_FIELD_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "{name} is {} bytes, the limit is {MAX_TEXT_FIELD_BYTES}",
+            bytes.len()
+        )));
+    }
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::BadRequest(format!("{name} is not valid UTF-8 text")))
 }
 
 async fn submit(
     State(engine): State<Engine>,
-    mut multipart: Multipart,
+    multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
+    // The queue and the model first: a full queue is refused before the upload is read.
+    engine
+        .precheck()
+        .map_err(|e| ApiError::submit(e, &engine))?;
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the request must be multipart/form-data with a boundary: {}",
+            e.body_text()
+        ))
+    })?;
     let mut r = JobRequest::default();
     let mut have_prompt = false;
     while let Some(field) = multipart.next_field().await? {
@@ -195,30 +308,38 @@ async fn submit(
                 }
             }
             "prompt" => {
-                r.prompt = field.text().await?;
+                r.prompt = text_field(field, &name).await?;
                 have_prompt = true;
             }
-            "variants" => r.variants = Some(parse(&name, &field.text().await?)?),
-            "frames" => r.frames = Some(parse(&name, &field.text().await?)?),
-            "steps" => r.steps = Some(parse(&name, &field.text().await?)?),
-            "lambda" => r.lambda = Some(parse(&name, &field.text().await?)?),
-            "guidance" => r.guidance = Some(parse(&name, &field.text().await?)?),
+            "variants" => r.variants = Some(parse(&name, &text_field(field, &name).await?)?),
+            "frames" => r.frames = Some(parse(&name, &text_field(field, &name).await?)?),
+            "steps" => r.steps = Some(parse(&name, &text_field(field, &name).await?)?),
+            "lambda" => r.lambda = Some(parse(&name, &text_field(field, &name).await?)?),
+            "guidance" => r.guidance = Some(parse(&name, &text_field(field, &name).await?)?),
             "seed" => {
-                let t = field.text().await?;
+                let t = text_field(field, &name).await?;
                 if !t.trim().is_empty() {
                     r.seed = Some(parse(&name, &t)?);
                 }
             }
-            other => return Err(ApiError::BadRequest(format!("unknown field {other:?}"))),
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown field {:?} (the fields are sketch, prompt, variants, frames, steps, \
+                     lambda, guidance, seed)",
+                    truncate(other, 40)
+                )))
+            }
         }
     }
     if !have_prompt {
         return Err(ApiError::BadRequest("prompt is missing".into()));
     }
     // Decoding and resizing the sketch is CPU work: keep it off the async threads.
-    let id = tokio::task::spawn_blocking(move || engine.submit(r))
+    let e2 = engine.clone();
+    let id = tokio::task::spawn_blocking(move || e2.submit(r))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::submit(e, &engine))?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
 }
 
@@ -238,14 +359,20 @@ async fn cancel(
     State(engine): State<Engine>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let view = engine.cancel(&id).ok_or_else(|| unknown(&id))?;
-    // A running job stops at its next step; report what was asked.
-    let status = if view.status.is_final() {
-        view.status
-    } else {
-        flipsketch_engine::JobStatus::Cancelled
+    let (view, outcome) = engine.cancel(&id).ok_or_else(|| unknown(&id))?;
+    // A running job stops at its next step and ends cancelled, whatever phase it is in; one
+    // that had already ended says so with its real status.
+    let body = match outcome {
+        CancelOutcome::Cancelled | CancelOutcome::Stopping => {
+            json!({ "status": flipsketch_engine::JobStatus::Cancelled, "cancelled": true })
+        }
+        CancelOutcome::TooLate => json!({
+            "status": view.status,
+            "cancelled": false,
+            "error": format!("too late: the job had already ended ({})", view.status.as_str()),
+        }),
     };
-    Ok(Json(json!({ "status": status })).into_response())
+    Ok(Json(body).into_response())
 }
 
 async fn events(
@@ -321,18 +448,178 @@ async fn file(
         .into_response())
 }
 
-/// Serves until ctrl-c.
+/// Limits on the connections [`serve`] keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// Open connections at most; one more is answered 503 and closed at once.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this time (a half-sent request is dropped).
+    pub header_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed (event streams send a
+    /// keep-alive every 15 s, so open streams are not idle).
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A stream that notes when bytes last went either way.
+struct Watched<S> {
+    inner: S,
+    last: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl<S> Watched<S> {
+    fn touch(&self) {
+        self.last
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves until ctrl-c, with [`ConnectionLimits::default`].
 pub async fn serve(listener: tokio::net::TcpListener, engine: Engine) -> std::io::Result<()> {
-    let app = router(engine.clone());
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    let r = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await;
+    serve_with(listener, engine, ConnectionLimits::default(), shutdown).await
+}
+
+/// Serves until `shutdown` completes: HTTP/1.1 connections through hyper, each bounded by
+/// `limits`; then open connections get 5 s to finish and the engine stops.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    engine: Engine,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let app = router(engine.clone());
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(1 << 20);
+    let builder = Arc::new(builder.http1_only());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // out of file descriptors and the like: wait, then accept again
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Over the limit: a short answer, and the connection closed.
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let body = r#"{"error":"too many connections; try again later"}"#;
+                let msg = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 5\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let mut stream = stream;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), stream.write_all(msg.as_bytes()))
+                        .await;
+            });
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let last = Arc::new(AtomicU64::new(0));
+        let io = Watched {
+            inner: stream,
+            last: last.clone(),
+            epoch: Instant::now(),
+        };
+        let epoch = io.epoch;
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let idle = limits.idle_timeout;
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            let conn = watcher.watch(conn.into_owned());
+            tokio::pin!(conn);
+            let mut tick = tokio::time::interval(Duration::from_secs(1).min(idle));
+            loop {
+                tokio::select! {
+                    _ = &mut conn => break,
+                    _ = tick.tick() => {
+                        let quiet = epoch.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
+                        if quiet > idle.as_millis() as u64 {
+                            break; // dropping the connection closes it
+                        }
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!("closing the connections still open");
+    }
     engine.shutdown();
-    r
+    Ok(())
 }

@@ -505,3 +505,266 @@ async fn the_repository_examples_are_served() {
     assert_eq!(code, 404);
     assert!(v["error"].as_str().unwrap().contains("nope.png"));
 }
+
+/// Sends raw bytes and returns (status, headers+body text) of the answer.
+async fn raw(base: &str, request: Vec<u8>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// The JSON body of a raw answer.
+fn raw_json(text: &str) -> Value {
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_is_json_and_short() {
+    let s = start_ready(|_| {}).await;
+    let host = s.base.trim_start_matches("http://").to_string();
+    // a multipart request without a boundary
+    let (code, text) = raw(
+        &s.base,
+        format!("POST /api/jobs HTTP/1.1\r\nhost: {host}\r\ncontent-type: multipart/form-data\r\ncontent-length: 2\r\nconnection: close\r\n\r\nxx").into_bytes(),
+    )
+    .await;
+    assert_eq!(code, 400, "{text}");
+    assert!(
+        raw_json(&text)["error"]
+            .as_str()
+            .unwrap()
+            .contains("boundary"),
+        "{text}"
+    );
+    // invalid UTF-8 in the path
+    let (code, text) = raw(
+        &s.base,
+        format!("GET /api/jobs/%FF%FE HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(code, 400, "{text}");
+    raw_json(&text);
+    // a method the route does not take
+    let (code, text) = raw(
+        &s.base,
+        format!("PUT /api/jobs HTTP/1.1\r\nhost: {host}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").into_bytes(),
+    )
+    .await;
+    assert_eq!(code, 405, "{text}");
+    assert!(raw_json(&text)["error"]
+        .as_str()
+        .unwrap()
+        .contains("method not allowed"));
+    // a 10 KB target and 40 KB of headers
+    let long = "a".repeat(10 << 10);
+    let (code, text) = raw(
+        &s.base,
+        format!("GET /{long} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").into_bytes(),
+    )
+    .await;
+    assert_eq!(code, 414, "{}", &text[..200.min(text.len())]);
+    raw_json(&text);
+    let big = "b".repeat(40 << 10);
+    let (code, text) = raw(
+        &s.base,
+        format!(
+            "GET /healthz HTTP/1.1\r\nhost: {host}\r\nx-big: {big}\r\nconnection: close\r\n\r\n"
+        )
+        .into_bytes(),
+    )
+    .await;
+    assert_eq!(code, 431, "{}", &text[..200.min(text.len())]);
+    raw_json(&text);
+
+    // prompts without visible characters, or not UTF-8
+    for p in ["\u{200B}\u{200D}\u{FEFF}", "\0\0\u{7}", " \t\n "] {
+        let (code, v) = s.submit(s.form(&[("prompt", p)])).await;
+        assert_eq!(code, 400, "{p:?}: {v}");
+        let e = v["error"].as_str().unwrap();
+        assert!(
+            e.contains("no visible characters") || e.contains("empty"),
+            "{e}"
+        );
+    }
+    let form = Form::new()
+        .part("sketch", Part::bytes(sketch_bytes()).file_name("s.png"))
+        .part("prompt", Part::bytes(vec![0xff, 0xfe, b'a']));
+    let (code, v) = s.submit(form).await;
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("not valid UTF-8"),
+        "{v}"
+    );
+    // an unknown field of a megabyte: its name is not echoed whole
+    let name = "z".repeat(1 << 20);
+    let (code, v) = s
+        .submit(s.form(&[("prompt", "x"), (name.as_str(), "1")]))
+        .await;
+    assert_eq!(code, 400, "{v}");
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.contains("unknown field") && e.len() < 400,
+        "{} bytes",
+        e.len()
+    );
+    // a huge number is printed short
+    let (code, v) = s
+        .submit(s.form(&[("prompt", "x"), ("guidance", "1e308")]))
+        .await;
+    assert_eq!(code, 400);
+    let e = v["error"].as_str().unwrap();
+    assert!(e.contains("1.000e308") && e.len() < 100, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after_before_reading_the_upload() {
+    let s = start_ready(|c| c.queue_capacity = 1).await;
+    let (_, v) = s.submit(s.form(SLOW)).await;
+    let running = v["id"].as_str().unwrap().to_string();
+    s.wait_status(&running, &["running"], Duration::from_secs(30))
+        .await;
+    let (code, _) = s.submit(s.form(SLOW)).await;
+    assert_eq!(code, 202);
+    // a 12 MB body: refused without being decoded
+    let form = Form::new().text("prompt", "x").part(
+        "sketch",
+        Part::bytes(vec![1u8; 12 << 20]).file_name("big.png"),
+    );
+    let t = Instant::now();
+    let r = s
+        .client
+        .post(format!("{}/api/jobs", s.base))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((5..=600).contains(&after), "{after}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("queue is full"));
+    let _ = s
+        .client
+        .delete(format!("{}/api/jobs/{running}", s.base))
+        .send()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_writing_files_ends_the_job_cancelled_without_files() {
+    let jobs = tempfile::tempdir().unwrap();
+    let jobs_path = jobs.path().to_path_buf();
+    let s = start_ready(move |c| {
+        c.output_size = 512;
+        c.jobs_dir = jobs_path;
+    })
+    .await;
+    let form = s.form(&[
+        ("prompt", "x"),
+        ("variants", "8"),
+        ("frames", "24"),
+        ("steps", "3"),
+    ]);
+    let (code, v) = s.submit(form).await;
+    assert_eq!(code, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    loop {
+        let (_, v) = s.get(&format!("/api/jobs/{id}")).await;
+        if v["phase"] == "writing" {
+            break;
+        }
+        assert!(v["status"] == "running" || v["status"] == "queued", "{v}");
+        assert!(t.elapsed() < Duration::from_secs(60), "never writing: {v}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r: Value = s
+        .client
+        .delete(format!("{}/api/jobs/{id}", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["status"], "cancelled");
+    assert_eq!(r["cancelled"], true);
+    let end = s
+        .wait_status(
+            &id,
+            &["done", "cancelled", "failed"],
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(end["status"], "cancelled", "{end}");
+    assert!(end["results"].as_array().unwrap().is_empty());
+    // its folder is gone at once
+    assert!(!jobs.path().join(&id).exists());
+    // and a cancel after the end says it came too late
+    let (_, v) = s.submit(s.form(QUICK)).await;
+    let done = v["id"].as_str().unwrap().to_string();
+    s.wait_status(&done, &["done"], Duration::from_secs(60))
+        .await;
+    let r: Value = s
+        .client
+        .delete(format!("{}/api/jobs/{done}", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["status"], "done");
+    assert_eq!(r["cancelled"], false);
+    assert!(r["error"].as_str().unwrap().contains("too late"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_run_panics_fails_with_the_message_and_the_next_one_runs() {
+    let s = start_ready(|c| c.panic_marker = Some("[[panic]]".into())).await;
+    let (_, v) = s
+        .submit(s.form(&[
+            ("prompt", "a cat [[panic]]"),
+            ("steps", "3"),
+            ("frames", "2"),
+            ("variants", "1"),
+        ]))
+        .await;
+    let bad = v["id"].as_str().unwrap().to_string();
+    let (_, v) = s.submit(s.form(QUICK)).await;
+    let good = v["id"].as_str().unwrap().to_string();
+    let end = s
+        .wait_status(&bad, &["failed", "done"], Duration::from_secs(60))
+        .await;
+    assert_eq!(end["status"], "failed", "{end}");
+    assert!(
+        end["error"]
+            .as_str()
+            .unwrap()
+            .contains("failpoint: a panic inside the run"),
+        "{end}"
+    );
+    let end = s
+        .wait_status(&good, &["done", "failed"], Duration::from_secs(60))
+        .await;
+    assert_eq!(end["status"], "done", "{end}");
+    let (code, h) = s.get("/healthz").await;
+    assert_eq!(code, 200, "{h}");
+}
