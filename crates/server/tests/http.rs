@@ -120,6 +120,18 @@ impl Server {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// DELETE of a job; the JSON answer.
+    async fn delete(&self, id: &str) -> Value {
+        self.client
+            .delete(format!("{}/api/jobs/{id}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     async fn wait_status(&self, id: &str, want: &[&str], timeout: Duration) -> Value {
         let t = Instant::now();
         loop {
@@ -695,15 +707,7 @@ async fn a_cancel_while_writing_files_ends_the_job_cancelled_without_files() {
         assert!(t.elapsed() < Duration::from_secs(60), "never writing: {v}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let r: Value = s
-        .client
-        .delete(format!("{}/api/jobs/{id}", s.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = s.delete(&id).await;
     assert_eq!(r["status"], "cancelled");
     assert_eq!(r["cancelled"], true);
     let end = s
@@ -722,15 +726,7 @@ async fn a_cancel_while_writing_files_ends_the_job_cancelled_without_files() {
     let done = v["id"].as_str().unwrap().to_string();
     s.wait_status(&done, &["done"], Duration::from_secs(60))
         .await;
-    let r: Value = s
-        .client
-        .delete(format!("{}/api/jobs/{done}", s.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = s.delete(&done).await;
     assert_eq!(r["status"], "done");
     assert_eq!(r["cancelled"], false);
     assert!(r["error"].as_str().unwrap().contains("too late"));
