@@ -49,6 +49,9 @@ impl Precision {
 enum Command {
     /// Serve the web app and the HTTP jobs API.
     Serve(Box<serve::ServeArgs>),
+    /// Run the jobs of a shared PostgreSQL queue (`serve --queue postgres://...`) on this
+    /// machine until stopped.
+    Worker(Box<serve::WorkerArgs>),
     /// Benchmarks (timings of model parts at real shapes).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -256,6 +259,7 @@ fn main() -> ExitCode {
         Command::Bench(b) => bench::run(b),
         Command::Download(a) => download::run(a),
         Command::Serve(a) => serve::run(*a),
+        Command::Worker(a) => serve::worker(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

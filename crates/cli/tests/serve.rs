@@ -212,7 +212,7 @@ fn huge_screen_gif() -> Vec<u8> {
 #[test]
 fn huge_uploads_are_refused_from_the_header_and_memory_stays_bounded() {
     let jobs = tempfile::tempdir().unwrap();
-    let s = serve(jobs.path(), &["--queue", "2"], &[]);
+    let s = serve(jobs.path(), &["--queue-size", "2"], &[]);
     wait_ready(&s.addr);
     let pid = s.child.id();
     let (rss0, hwm0) = memory_mib(pid);

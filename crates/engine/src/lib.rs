@@ -1,25 +1,27 @@
-//! The job engine behind `flipsketch serve`: one inference thread owns the model and runs jobs
-//! one at a time from a bounded queue; every job has a live status (watchable), a cancel flag
-//! checked at every denoising step, and its own output folder. Queued jobs whose client has
-//! gone quiet are dropped; finished jobs and their files are removed after a while.
+//! Jobs behind `flipsketch serve`: the types the HTTP layer speaks, the one queue interface it
+//! talks to ([`JobQueue`]), and what every implementation of it shares (validation, progress,
+//! writing the outputs, the jobs folder). Two implementations: the in-process [`Engine`]
+//! (one inference thread, a bounded in-memory queue; the default) and the PostgreSQL queue of
+//! `flipsketch-pgqueue` (any number of workers on any machines).
 //!
 //! The API speaks plain Rust and serde types (no tensors), so the HTTP layer never touches
 //! candle.
 
-use std::collections::{HashMap, VecDeque};
+pub mod memory;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use flipsketch_media::sketch::{sketch_input, to_chw_f32, Fit};
+use flipsketch_media::sketch::to_chw_f32;
 use flipsketch_media::writers::{write_variant, Format, Playback, STAGING_PREFIX};
-use flipsketch_pipeline::{
-    video_to_frames, Encode, Phase, Pipeline, PipelineError, Progress, Request,
-};
-use serde::Serialize;
+use flipsketch_pipeline::{video_to_frames, Encode, Phase, Request};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+pub use memory::Engine;
 
 /// Ranges a job request must respect.
 #[derive(Clone, Debug, Serialize)]
@@ -43,9 +45,9 @@ pub struct Defaults {
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// Jobs waiting at most (the running one not counted).
+    /// Jobs waiting at most (the running ones not counted).
     pub queue_capacity: usize,
-    /// Each job writes into `jobs_dir/<id>/`.
+    /// Each job writes into `jobs_dir/<id>/` (in-process; a worker's scratch folder).
     pub jobs_dir: PathBuf,
     /// Finished jobs and their files are removed after this long.
     pub keep_for: Duration,
@@ -113,7 +115,107 @@ pub struct JobRequest {
     pub seed: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// A job's settings once validated, defaults filled in: what a worker runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub prompt: String,
+    pub variants: usize,
+    pub frames: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub lambda: f64,
+    pub tau: i64,
+    pub seed: u64,
+}
+
+impl JobSpec {
+    /// The pipeline request for this job with its sketch as the model input `square`.
+    pub fn request(&self, square: &image::RgbImage) -> Result<Request, String> {
+        let (w, h) = square.dimensions();
+        let image = Tensor::from_vec(
+            to_chw_f32(square),
+            (3, h as usize, w as usize),
+            &Device::Cpu,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Request {
+            image,
+            prompt: self.prompt.clone(),
+            variants: self.variants,
+            frames: self.frames,
+            steps: self.steps,
+            guidance: self.guidance,
+            lambda: self.lambda,
+            tau: self.tau,
+            seed: self.seed,
+            init_noise: None,
+            encode: Encode::SampleSeeded,
+        })
+    }
+
+    /// The cost model of this job's run (what progress and time left are weighted by).
+    pub fn work(&self) -> flipsketch_pipeline::WorkPlan {
+        flipsketch_pipeline::WorkPlan::new(self.variants, self.frames, self.steps, self.tau)
+    }
+}
+
+/// Checks a request's fields (not its sketch) and fills in the defaults.
+pub fn validate_fields(c: &EngineConfig, r: &JobRequest) -> Result<JobSpec, SubmitError> {
+    let bad = |m: String| Err(SubmitError::Invalid(m));
+    if !has_visible_text(&r.prompt) {
+        return bad(if r.prompt.trim().is_empty() {
+            "prompt is empty: say how the sketch should move".into()
+        } else {
+            "prompt has no visible characters (only spaces, control or zero-width \
+             characters): say how the sketch should move"
+                .into()
+        });
+    }
+    if r.prompt.chars().count() > 1000 {
+        return bad("prompt is longer than 1000 characters".into());
+    }
+    let variants = r.variants.unwrap_or(c.defaults.variants);
+    let frames = r.frames.unwrap_or(c.defaults.frames);
+    let steps = r.steps.unwrap_or(c.defaults.steps);
+    let guidance = r.guidance.unwrap_or(c.defaults.guidance);
+    let lambda = r.lambda.unwrap_or(c.defaults.lambda);
+    for (name, v, max) in [
+        ("variants", variants, c.limits.variants_max),
+        ("frames", frames, c.limits.frames_max),
+        ("steps", steps, c.limits.steps_max),
+    ] {
+        if !(1..=max).contains(&v) {
+            return bad(format!("{name} must be between 1 and {max}, got {v}"));
+        }
+    }
+    if !guidance.is_finite() || !(0.0..=50.0).contains(&guidance) {
+        return bad(format!(
+            "guidance must be between 0 and 50, got {}",
+            short_number(guidance)
+        ));
+    }
+    if !lambda.is_finite() || !(0.0..=10.0).contains(&lambda) {
+        return bad(format!(
+            "lambda must be between 0 and 10, got {}",
+            short_number(lambda)
+        ));
+    }
+    if r.sketch.is_empty() {
+        return bad("sketch is missing or empty".into());
+    }
+    Ok(JobSpec {
+        prompt: r.prompt.clone(),
+        variants,
+        frames,
+        steps,
+        guidance,
+        lambda,
+        tau: c.defaults.tau,
+        seed: r.seed.unwrap_or_else(|| rand::random::<u32>() as u64),
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     Queued,
@@ -135,6 +237,18 @@ impl JobStatus {
         }
     }
 
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            JobStatus::Queued,
+            JobStatus::Running,
+            JobStatus::Done,
+            JobStatus::Failed,
+            JobStatus::Cancelled,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+
     pub fn is_final(self) -> bool {
         matches!(
             self,
@@ -143,37 +257,82 @@ impl JobStatus {
     }
 }
 
-/// The files of one variant, as URLs relative to the server root.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct VariantFiles {
-    pub gif: String,
-    pub gif_raw: String,
-    /// Animated PNG on transparent paper.
-    pub apng: String,
-    pub mp4: String,
-    /// Sprite sheet and its frame rectangles.
-    pub sheet: String,
-    pub sheet_json: String,
-    /// Animated SVG of the traced frames.
-    pub svg: String,
-    /// Numbered PNG frames.
-    pub frames: Vec<String>,
+/// What a job is doing: waiting, one of the pipeline's phases, or writing its files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobPhase {
+    Queued,
+    Encoding,
+    Inversion,
+    Denoising,
+    Decoding,
+    Writing,
 }
 
-/// What a client sees of a job.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+impl JobPhase {
+    /// The phase as the API spells it (the page shows these).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobPhase::Queued => "queued",
+            JobPhase::Encoding => "encoding",
+            JobPhase::Inversion => "inversion",
+            JobPhase::Denoising => "denoising",
+            JobPhase::Decoding => "decoding",
+            JobPhase::Writing => "writing",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            JobPhase::Queued,
+            JobPhase::Encoding,
+            JobPhase::Inversion,
+            JobPhase::Denoising,
+            JobPhase::Decoding,
+            JobPhase::Writing,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+}
+
+impl From<Phase> for JobPhase {
+    fn from(p: Phase) -> Self {
+        match p {
+            Phase::Encoding => JobPhase::Encoding,
+            Phase::Inversion => JobPhase::Inversion,
+            Phase::Denoising => JobPhase::Denoising,
+            Phase::Decoding => JobPhase::Decoding,
+        }
+    }
+}
+
+/// What a done job wrote: every served format of `variants` animations of `frames` frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outputs {
+    pub variants: usize,
+    pub frames: usize,
+}
+
+/// What a client sees of a job (the server turns it into the API's JSON).
+#[derive(Clone, Debug, PartialEq)]
 pub struct JobView {
     pub id: String,
     pub status: JobStatus,
     pub progress: f64,
-    pub phase: Option<&'static str>,
+    pub phase: Option<JobPhase>,
     pub step: Option<usize>,
     pub steps: Option<usize>,
     pub eta_s: Option<f64>,
     pub queue_position: Option<usize>,
     pub seed: u64,
-    pub results: Vec<VariantFiles>,
+    /// Set once the job is done.
+    pub outputs: Option<Outputs>,
     pub error: Option<String>,
+    /// How many times a worker has taken the job (0 while it first waits).
+    pub attempt: u32,
+    /// Grows at every change: the event id of the server's event stream.
+    pub version: u64,
 }
 
 /// What a cancel request did.
@@ -198,6 +357,9 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("{0}")]
     Invalid(String),
+    /// The queue's store cannot be reached (PostgreSQL down).
+    #[error("the job queue is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Engine-wide state as the health check and the page see it.
@@ -212,333 +374,61 @@ pub enum Readiness {
     Failed(String),
 }
 
-struct Job {
-    view: JobView,
-    tx: watch::Sender<JobView>,
-    cancel: Arc<AtomicBool>,
-    last_seen: Instant,
-    finished_at: Option<Instant>,
-    dir: PathBuf,
-    /// File names this job wrote; the only names `file` will serve.
-    files: Vec<String>,
-    request: Option<Request>,
+/// The workers of a shared queue.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Workers {
+    /// Workers that reported within their heartbeat time.
+    pub alive: usize,
+    /// Alive workers per device ("cpu", "cuda", "metal").
+    pub devices: BTreeMap<String, usize>,
+    /// Alive workers busy with a job.
+    pub busy: usize,
 }
 
-struct State {
-    readiness: Readiness,
-    jobs: HashMap<String, Job>,
-    queue: VecDeque<String>,
-    shutdown: bool,
+/// What `/healthz` and `/api/info` say.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Health {
+    pub readiness: Readiness,
+    /// `Some` for a shared queue (PostgreSQL), `None` in-process.
+    pub workers: Option<Workers>,
+    /// "memory" or "postgres".
+    pub queue: &'static str,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    wake: Condvar,
-    config: EngineConfig,
-    /// Decodes running now, and the wait for a free slot.
-    decodes: Mutex<usize>,
-    decode_freed: Condvar,
+/// Where a job's file is.
+pub enum FileBody {
+    Path(PathBuf),
+    Bytes(Vec<u8>),
 }
 
-/// One of [`EngineConfig::decode_slots`], given back when dropped.
-struct DecodeSlot<'a>(&'a Shared);
-
-impl Drop for DecodeSlot<'_> {
-    fn drop(&mut self) {
-        *self.0.decodes.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-        self.0.decode_freed.notify_one();
-    }
-}
-
-/// Cheap to clone; all clones drive the same engine.
-#[derive(Clone)]
-pub struct Engine {
-    shared: Arc<Shared>,
-}
-
-type Loader = Box<dyn FnOnce() -> Result<Pipeline, String> + Send>;
-
-fn new_id() -> String {
-    let a: u128 = rand::random();
-    format!("{a:032x}")
-}
-
-impl Engine {
-    /// Starts the inference thread, which first loads the model with `load`.
-    /// The jobs folder is made ready first ([`prepare_jobs_dir`]): when it cannot be used the
-    /// engine reports [`Readiness::Failed`] at once and loads nothing.
-    pub fn start(config: EngineConfig, load: Loader) -> Self {
-        let jobs = prepare_jobs_dir(&config.jobs_dir);
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                readiness: Readiness::Loading,
-                jobs: HashMap::new(),
-                queue: VecDeque::new(),
-                shutdown: false,
-            }),
-            wake: Condvar::new(),
-            config,
-            decodes: Mutex::new(0),
-            decode_freed: Condvar::new(),
-        });
-        match jobs {
-            Ok(jobs_lock) => {
-                let worker = shared.clone();
-                std::thread::Builder::new()
-                    .name("flipsketch-inference".into())
-                    .spawn(move || worker_main(worker, load, jobs_lock))
-                    .expect("spawning the inference thread");
-            }
-            Err(e) => {
-                tracing::error!("{e}");
-                lock(&shared).readiness = Readiness::Failed(redact_paths(&e));
-            }
-        }
-        Self { shared }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.shared)
-    }
-
-    pub fn config(&self) -> &EngineConfig {
-        &self.shared.config
-    }
-
-    pub fn readiness(&self) -> Readiness {
-        self.lock().readiness.clone()
-    }
-
-    /// Whether a job could be queued now (the model is ready and the queue has room): what
-    /// `submit` checks first, cheap enough to ask before reading an upload. Returns the model's
-    /// image size.
-    pub fn precheck(&self) -> Result<usize, SubmitError> {
-        let image_size = match self.readiness() {
-            Readiness::Loading => return Err(SubmitError::NotReady),
-            Readiness::Failed(e) => return Err(SubmitError::LoadFailed(e)),
-            Readiness::Ready { image_size, .. } => image_size,
-        };
-        let cap = self.shared.config.queue_capacity;
-        if self.lock().queue.len() >= cap {
-            return Err(SubmitError::QueueFull(cap));
-        }
-        Ok(image_size)
-    }
-
-    /// Seconds a client refused with a full queue should wait before trying again: until the
-    /// running job is expected to end (at least 5 s, at most 10 minutes).
-    pub fn retry_after_s(&self) -> u64 {
-        let st = self.lock();
-        let eta = st
-            .jobs
-            .values()
-            .filter(|j| j.view.status == JobStatus::Running)
-            .filter_map(|j| j.view.eta_s)
-            .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.min(e))));
-        eta.map_or(30, |e| e.ceil() as u64).clamp(5, 600)
-    }
-
-    fn decode_slot(&self) -> DecodeSlot<'_> {
-        let sh = &*self.shared;
-        let mut n = sh.decodes.lock().unwrap_or_else(|p| p.into_inner());
-        while *n >= sh.config.decode_slots.max(1) {
-            n = sh.decode_freed.wait(n).unwrap_or_else(|p| p.into_inner());
-        }
-        *n += 1;
-        DecodeSlot(sh)
-    }
-
-    /// Validates and queues a job; returns its id. The queue and the model are checked before
-    /// the sketch is decoded, and at most [`EngineConfig::decode_slots`] sketches decode at once.
-    pub fn submit(&self, r: JobRequest) -> Result<String, SubmitError> {
-        let image_size = self.precheck()?;
-        let request = {
-            let _slot = self.decode_slot();
-            let hook = self.shared.config.decode_hook;
-            if let Some(h) = hook {
-                h(true);
-            }
-            let request = self.validate(&r, image_size);
-            if let Some(h) = hook {
-                h(false);
-            }
-            request?
-        };
-        let mut st = self.lock();
-        let cap = self.shared.config.queue_capacity;
-        if st.queue.len() >= cap {
-            return Err(SubmitError::QueueFull(cap));
-        }
-        let id = new_id();
-        let view = JobView {
-            id: id.clone(),
-            status: JobStatus::Queued,
-            progress: 0.0,
-            phase: Some("queued"),
-            step: None,
-            steps: Some(request.steps),
-            eta_s: None,
-            queue_position: Some(st.queue.len()),
-            seed: request.seed,
-            results: vec![],
-            error: None,
-        };
-        let (tx, _) = watch::channel(view.clone());
-        let dir = self.shared.config.jobs_dir.join(&id);
-        st.jobs.insert(
-            id.clone(),
-            Job {
-                view,
-                tx,
-                cancel: Arc::new(AtomicBool::new(false)),
-                last_seen: Instant::now(),
-                finished_at: None,
-                dir,
-                files: vec![],
-                request: Some(request),
-            },
-        );
-        st.queue.push_back(id.clone());
-        drop(st);
-        self.shared.wake.notify_all();
-        Ok(id)
-    }
-
-    fn validate(&self, r: &JobRequest, image_size: usize) -> Result<Request, SubmitError> {
-        let c = &self.shared.config;
-        let bad = |m: String| Err(SubmitError::Invalid(m));
-        if !has_visible_text(&r.prompt) {
-            return bad(if r.prompt.trim().is_empty() {
-                "prompt is empty: say how the sketch should move".into()
-            } else {
-                "prompt has no visible characters (only spaces, control or zero-width \
-                 characters): say how the sketch should move"
-                    .into()
-            });
-        }
-        if r.prompt.chars().count() > 1000 {
-            return bad("prompt is longer than 1000 characters".into());
-        }
-        let variants = r.variants.unwrap_or(c.defaults.variants);
-        let frames = r.frames.unwrap_or(c.defaults.frames);
-        let steps = r.steps.unwrap_or(c.defaults.steps);
-        let guidance = r.guidance.unwrap_or(c.defaults.guidance);
-        let lambda = r.lambda.unwrap_or(c.defaults.lambda);
-        for (name, v, max) in [
-            ("variants", variants, c.limits.variants_max),
-            ("frames", frames, c.limits.frames_max),
-            ("steps", steps, c.limits.steps_max),
-        ] {
-            if !(1..=max).contains(&v) {
-                return bad(format!("{name} must be between 1 and {max}, got {v}"));
-            }
-        }
-        if !guidance.is_finite() || !(0.0..=50.0).contains(&guidance) {
-            return bad(format!(
-                "guidance must be between 0 and 50, got {}",
-                short_number(guidance)
-            ));
-        }
-        if !lambda.is_finite() || !(0.0..=10.0).contains(&lambda) {
-            return bad(format!(
-                "lambda must be between 0 and 10, got {}",
-                short_number(lambda)
-            ));
-        }
-        if r.sketch.is_empty() {
-            return bad("sketch is missing or empty".into());
-        }
-        let square = sketch_input(&r.sketch, Path::new("sketch"), image_size as u32, Fit::Pad)
-            .map_err(|e| SubmitError::Invalid(e.to_string()))?;
-        let image = Tensor::from_vec(
-            to_chw_f32(&square),
-            (3, image_size, image_size),
-            &Device::Cpu,
-        )
-        .map_err(|e| SubmitError::Invalid(e.to_string()))?;
-        let seed = r.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
-        Ok(Request {
-            image,
-            prompt: r.prompt.clone(),
-            variants,
-            frames,
-            steps,
-            guidance,
-            lambda,
-            tau: c.defaults.tau,
-            seed,
-            init_noise: None,
-            encode: Encode::SampleSeeded,
-        })
-    }
-
-    /// The job's status, with its queue position; counts as the client still being there.
-    pub fn status(&self, id: &str) -> Option<JobView> {
-        let mut st = self.lock();
-        let job = st.jobs.get_mut(id)?;
-        job.last_seen = Instant::now();
-        Some(job.view.clone())
-    }
-
-    /// Live updates of a job's status (the receiver starts with the current one).
-    pub fn watch(&self, id: &str) -> Option<watch::Receiver<JobView>> {
-        let mut st = self.lock();
-        let job = st.jobs.get_mut(id)?;
-        job.last_seen = Instant::now();
-        Some(job.tx.subscribe())
-    }
-
-    /// Tells the engine the client of `id` is still there (e.g. an open event stream).
-    pub fn touch(&self, id: &str) {
-        if let Some(job) = self.lock().jobs.get_mut(id) {
-            job.last_seen = Instant::now();
-        }
-    }
-
-    /// Cancels a queued or running job (a running one stops at its next step, or between the
-    /// files it writes, and ends `cancelled`). Returns the view after the request and what the
-    /// request did, or None for an unknown id.
-    pub fn cancel(&self, id: &str) -> Option<(JobView, CancelOutcome)> {
-        let mut st = self.lock();
-        let status = st.jobs.get(id)?.view.status;
-        let outcome = match status {
-            JobStatus::Queued => {
-                st.queue.retain(|q| q != id);
-                finish(&mut st, id, JobStatus::Cancelled, None);
-                update_queue_positions(&mut st);
-                CancelOutcome::Cancelled
-            }
-            JobStatus::Running => {
-                // Read by the worker when it ends the job, under this same lock: a job whose
-                // cancel was accepted here never ends `done`.
-                st.jobs.get(id)?.cancel.store(true, Ordering::SeqCst);
-                CancelOutcome::Stopping
-            }
-            _ => CancelOutcome::TooLate,
-        };
-        Some((st.jobs.get(id)?.view.clone(), outcome))
-    }
-
-    /// The path of a file the job wrote, only if `name` is one of them.
-    pub fn file(&self, id: &str, name: &str) -> Option<PathBuf> {
-        let st = self.lock();
-        let job = st.jobs.get(id)?;
-        job.files
-            .iter()
-            .find(|f| f.as_str() == name)
-            .map(|f| job.dir.join(f))
-    }
-
-    /// Stops the inference thread after the current job.
-    pub fn shutdown(&self) {
-        self.lock().shutdown = true;
-        self.shared.wake.notify_all();
-    }
+/// The one interface between the HTTP layer and whatever runs the jobs.
+#[async_trait::async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    fn config(&self) -> &EngineConfig;
+    async fn health(&self) -> Health;
+    /// Whether a job could be queued now (ready, room in the queue): cheap, asked before an
+    /// upload is read.
+    async fn precheck(&self) -> Result<(), SubmitError>;
+    /// Validates (the sketch decoded, at most a few at once) and queues a job; its id.
+    async fn submit(&self, r: JobRequest) -> Result<String, SubmitError>;
+    /// The job now; asking counts as the client still being there.
+    async fn status(&self, id: &str) -> Option<JobView>;
+    /// Live updates of a job (starting with the current state).
+    async fn watch(&self, id: &str) -> Option<watch::Receiver<JobView>>;
+    /// The client of `id` is still there (an open event stream).
+    async fn touch(&self, id: &str);
+    async fn cancel(&self, id: &str) -> Option<(JobView, CancelOutcome)>;
+    /// A file the job wrote, only if `name` is one of them.
+    async fn file(&self, id: &str, name: &str) -> Option<FileBody>;
+    /// Seconds a client refused with a full queue should wait.
+    async fn retry_after_s(&self) -> u64;
+    /// Stops taking and running jobs (the in-process worker after its current job).
+    fn shutdown(&self);
 }
 
 /// Whether `text` has a character that is neither white space nor a control or format
 /// (zero-width) character: what the tokenizer would not drop.
-fn has_visible_text(text: &str) -> bool {
+pub fn has_visible_text(text: &str) -> bool {
     text.chars()
         .any(|c| !c.is_whitespace() && !c.is_control() && !is_format_char(c))
 }
@@ -597,181 +487,30 @@ pub fn redact_paths(msg: &str) -> String {
     out
 }
 
-fn lock(shared: &Shared) -> MutexGuard<'_, State> {
-    // A panic while holding the lock cannot leave the job table half-updated in a way that
-    // matters more than stopping the server; keep serving with what is there.
-    shared.state.lock().unwrap_or_else(|p| p.into_inner())
+/// A fresh job id: 32 hex digits.
+pub fn new_id() -> String {
+    let a: u128 = rand::random();
+    format!("{a:032x}")
 }
 
-fn publish(job: &mut Job) {
-    job.tx.send_replace(job.view.clone());
-}
-
-fn finish(st: &mut State, id: &str, status: JobStatus, error: Option<String>) {
-    if let Some(job) = st.jobs.get_mut(id) {
-        job.view.status = status;
-        job.view.error = error;
-        job.view.phase = None;
-        job.view.eta_s = None;
-        job.view.queue_position = None;
-        if status == JobStatus::Done {
-            job.view.progress = 1.0;
-        }
-        job.finished_at = Some(Instant::now());
-        job.request = None;
-        publish(job);
-    }
-}
-
-fn update_queue_positions(st: &mut State) {
-    let order: Vec<String> = st.queue.iter().cloned().collect();
-    for (pos, id) in order.iter().enumerate() {
-        if let Some(job) = st.jobs.get_mut(id) {
-            if job.view.queue_position != Some(pos) {
-                job.view.queue_position = Some(pos);
-                publish(job);
-            }
-        }
-    }
-}
-
-/// Drops queued jobs whose client went away and forgets old finished jobs; returns the folders
-/// of the forgotten jobs, for the caller to delete once the lock is released.
-#[must_use]
-fn housekeeping(st: &mut State, config: &EngineConfig) -> Vec<PathBuf> {
-    let now = Instant::now();
-    let stale: Vec<String> = st
-        .queue
-        .iter()
-        .filter(|id| now.duration_since(st.jobs[*id].last_seen) > config.client_timeout)
-        .cloned()
-        .collect();
-    for id in &stale {
-        tracing::info!("job {id}: client gone, dropped from the queue");
-        st.queue.retain(|q| q != id);
-        finish(
-            st,
-            id,
-            JobStatus::Cancelled,
-            Some("the client went away before the job started".into()),
-        );
-    }
-    if !stale.is_empty() {
-        update_queue_positions(st);
-    }
-    let expired: Vec<String> = st
-        .jobs
-        .iter()
-        .filter(|(_, j)| {
-            j.finished_at
-                .is_some_and(|t| now.duration_since(t) > config.keep_for)
-        })
-        .map(|(id, _)| id.clone())
-        .collect();
-    expired
-        .into_iter()
-        .filter_map(|id| st.jobs.remove(&id).map(|j| j.dir))
-        .collect()
-}
-
-/// Deletes job folders (outside the lock: this is file-system work).
-fn remove_dirs(dirs: Vec<PathBuf>) {
-    for dir in dirs {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("cannot remove {}: {e}", dir.display());
-            }
-        }
-    }
-}
-
-/// Progress of the running job, weighted by UNet frame-evaluations.
-struct JobProgress {
-    shared: Arc<Shared>,
-    id: String,
-    cancel: Arc<AtomicBool>,
-    started: Instant,
-    /// Work units before each phase, and per unit of each phase.
-    variants: usize,
-    frames: usize,
-    steps: usize,
-    tau: i64,
-    phase: Phase,
-    total: f64,
-    /// [`EngineConfig::panic_marker`] matched this job's prompt.
-    panics: bool,
-}
-
-impl JobProgress {
-    fn units_before(&self, phase: Phase, done: usize) -> f64 {
-        let (b, f, s) = (self.variants as f64, self.frames as f64, self.steps as f64);
-        let inversion = 5.0 * s;
-        let denoise_step = |i: usize| {
-            let cc = self.frames.saturating_sub(i).max(1) as f64;
-            2.0 * b * f + if (i as i64) <= self.tau { cc } else { 0.0 }
-        };
-        let denoise_total: f64 = (0..self.steps).map(denoise_step).sum();
-        match phase {
-            Phase::Encoding => done as f64,
-            Phase::Inversion => 1.0 + 5.0 * done as f64,
-            Phase::Denoising => 1.0 + inversion + (0..done).map(denoise_step).sum::<f64>(),
-            // decoding a frame costs about a tenth of a UNet frame here
-            Phase::Decoding => 1.0 + inversion + denoise_total + 0.1 * done as f64,
-        }
-    }
-}
-
-impl Progress for JobProgress {
-    fn phase(&mut self, phase: Phase, _total: usize) {
-        self.phase = phase;
-        self.advance(0);
-    }
-
-    fn advance(&mut self, done: usize) {
-        if self.phase == Phase::Denoising && self.panics {
-            panic!("failpoint: a panic inside the run");
-        }
-        let p = (self.units_before(self.phase, done) / self.total).clamp(0.0, 0.99);
-        let elapsed = self.started.elapsed().as_secs_f64();
-        let eta = (p > 0.02).then(|| elapsed * (1.0 - p) / p);
-        let mut st = lock(&self.shared);
-        // the queue is looked after while a job runs, too
-        let gone = housekeeping(&mut st, &self.shared.config);
-        if let Some(job) = st.jobs.get_mut(&self.id) {
-            job.view.progress = p;
-            job.view.eta_s = eta;
-            job.view.phase = Some(match self.phase {
-                Phase::Encoding => "encoding",
-                Phase::Inversion => "inversion",
-                Phase::Denoising => "denoising",
-                Phase::Decoding => "decoding",
-            });
-            job.view.step =
-                matches!(self.phase, Phase::Inversion | Phase::Denoising).then_some(done);
-            publish(job);
-        }
-        drop(st);
-        remove_dirs(gone);
-    }
-
-    fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
-    }
+/// Whether `name` is a job id (32 hex digits).
+pub fn is_job_id(name: &str) -> bool {
+    name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The text of a panic's payload.
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// Makes the jobs folder ready before anything else: created, writable (a probe file is
-/// written and removed), taken by this process alone (an flock'ed `.lock` file, held for the
-/// returned file's lifetime), and cleared of the job folders and partial files that no live job
-/// owns (left by a process that was killed or stopped).
-fn prepare_jobs_dir(dir: &Path) -> Result<std::fs::File, String> {
+/// Makes a jobs folder ready: created, writable (a probe file is written and removed), taken
+/// by this process alone (an flock'ed `.lock` file, held for the returned file's lifetime),
+/// and cleared of the job folders and partial files that no live job owns (left by a process
+/// that was killed or stopped).
+pub fn prepare_jobs_dir(dir: &Path) -> Result<std::fs::File, String> {
     let what = |e: std::io::Error| format!("jobs folder {}: {e}", dir.display());
     std::fs::create_dir_all(dir).map_err(what)?;
     let probe = dir.join(format!(".write-probe-{}", std::process::id()));
@@ -792,7 +531,7 @@ fn prepare_jobs_dir(dir: &Path) -> Result<std::fs::File, String> {
         let r = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if r != 0 {
             return Err(format!(
-                "jobs folder {} is in use by another flipsketch serve",
+                "jobs folder {} is in use by another flipsketch process",
                 dir.display()
             ));
         }
@@ -800,8 +539,7 @@ fn prepare_jobs_dir(dir: &Path) -> Result<std::fs::File, String> {
     let mut removed = 0;
     for e in std::fs::read_dir(dir).map_err(what)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let is_job = name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit());
-        if is_job || name.starts_with(STAGING_PREFIX) {
+        if is_job_id(&name) || name.starts_with(STAGING_PREFIX) {
             let p = e.path();
             let r = if p.is_dir() {
                 std::fs::remove_dir_all(&p)
@@ -820,199 +558,26 @@ fn prepare_jobs_dir(dir: &Path) -> Result<std::fs::File, String> {
     Ok(lock)
 }
 
-/// The inference thread; `_jobs_lock` keeps the jobs folder this process's while it runs.
-fn worker_main(shared: Arc<Shared>, load: Loader, _jobs_lock: std::fs::File) {
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let pipeline = match load() {
-            Ok(p) => {
-                lock(&shared).readiness = Readiness::Ready {
-                    image_size: p.image_size(),
-                    device: p.device_name(),
-                };
-                p
+/// Deletes job folders (outside any lock: this is file-system work).
+pub fn remove_dirs(dirs: Vec<PathBuf>) {
+    for dir in dirs {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
             }
-            Err(e) => {
-                tracing::error!("the model failed to load: {e}");
-                lock(&shared).readiness = Readiness::Failed(redact_paths(&e));
-                return;
-            }
-        };
-        run_jobs(&shared, &pipeline);
-    }));
-    if let Err(p) = result {
-        // Nothing runs jobs any more: say so, and end the jobs that would wait for good.
-        let msg = format!("the inference thread stopped: {}", panic_message(&*p));
-        tracing::error!("{msg}");
-        let mut st = lock(&shared);
-        st.readiness = Readiness::Failed(msg.clone());
-        let open: Vec<String> = st
-            .jobs
-            .iter()
-            .filter(|(_, j)| !j.view.status.is_final())
-            .map(|(id, _)| id.clone())
-            .collect();
-        st.queue.clear();
-        for id in open {
-            finish(&mut st, &id, JobStatus::Failed, Some(msg.clone()));
         }
     }
 }
 
 /// Why a job stopped before it was done.
-enum Stop {
+#[derive(Debug)]
+pub enum Stop {
     Cancelled,
     Failed(String),
 }
 
-fn run_jobs(shared: &Arc<Shared>, pipeline: &Pipeline) {
-    loop {
-        // 1. next job (housekeeping while waiting)
-        let (id, request, cancel, dir) = {
-            let mut st = lock(shared);
-            let claimed = loop {
-                let gone = housekeeping(&mut st, &shared.config);
-                if !gone.is_empty() {
-                    drop(st);
-                    remove_dirs(gone);
-                    st = lock(shared);
-                    continue;
-                }
-                if st.shutdown {
-                    return;
-                }
-                if let Some(id) = st.queue.pop_front() {
-                    update_queue_positions(&mut st);
-                    let job = st.jobs.get_mut(&id).expect("queued job exists");
-                    let Some(request) = job.request.take() else {
-                        continue;
-                    };
-                    job.view.status = JobStatus::Running;
-                    job.view.queue_position = None;
-                    job.view.phase = Some("encoding");
-                    publish(job);
-                    break (id, request, job.cancel.clone(), job.dir.clone());
-                }
-                st = shared
-                    .wake
-                    .wait_timeout(st, Duration::from_secs(1))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            };
-            claimed
-        };
-        // 2. its folder first: a jobs folder that became unwritable fails the job now, not
-        //    after the inference
-        let outcome = std::fs::create_dir_all(&dir)
-            .map_err(|e| Stop::Failed(format!("cannot create the job's folder: {e}")))
-            .and_then(|()| {
-                // 3. run it and write the files; a panic fails this job, not the server
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_one(shared, pipeline, &id, &request, &cancel, &dir)
-                }))
-                .unwrap_or_else(|p| {
-                    Err(Stop::Failed(format!(
-                        "internal error: {}",
-                        panic_message(&*p)
-                    )))
-                })
-            });
-        // 4. the end, decided under the lock that `cancel` takes: an accepted cancel wins
-        let keep = {
-            let mut st = lock(shared);
-            match outcome {
-                Ok(names) if !cancel.load(Ordering::SeqCst) => {
-                    if let Some(job) = st.jobs.get_mut(&id) {
-                        job.view.results = result_urls(&id, request.variants, request.frames);
-                        job.files = names;
-                    }
-                    finish(&mut st, &id, JobStatus::Done, None);
-                    true
-                }
-                Ok(_) | Err(Stop::Cancelled) => {
-                    finish(&mut st, &id, JobStatus::Cancelled, None);
-                    false
-                }
-                Err(Stop::Failed(e)) => {
-                    tracing::warn!("job {id} failed: {e}");
-                    let shown = redact_paths(
-                        &e.replace(&shared.config.jobs_dir.display().to_string(), "<jobs>"),
-                    );
-                    finish(&mut st, &id, JobStatus::Failed, Some(shown));
-                    false
-                }
-            }
-        };
-        // 5. a failed or cancelled job's files go at once (a full disk is freed for the next)
-        if !keep {
-            remove_dirs(vec![dir]);
-        }
-    }
-}
-
-/// Runs the pipeline for one job and writes its files; the names written.
-fn run_one(
-    shared: &Arc<Shared>,
-    pipeline: &Pipeline,
-    id: &str,
-    request: &Request,
-    cancel: &Arc<AtomicBool>,
-    dir: &Path,
-) -> Result<Vec<String>, Stop> {
-    let mut progress = JobProgress {
-        shared: shared.clone(),
-        id: id.to_string(),
-        cancel: cancel.clone(),
-        started: Instant::now(),
-        variants: request.variants,
-        frames: request.frames,
-        steps: request.steps,
-        tau: request.tau,
-        phase: Phase::Encoding,
-        total: 1.0,
-        panics: shared
-            .config
-            .panic_marker
-            .as_deref()
-            .is_some_and(|m| request.prompt.contains(m)),
-    };
-    progress.total = progress.units_before(Phase::Decoding, request.variants * request.frames);
-    let out = pipeline.run(request, &mut progress).map_err(|e| match e {
-        PipelineError::Cancelled => Stop::Cancelled,
-        other => Stop::Failed(other.to_string()),
-    })?;
-    {
-        let mut st = lock(shared);
-        if let Some(job) = st.jobs.get_mut(id) {
-            job.view.phase = Some("writing");
-            publish(job);
-        }
-    }
-    write_outputs(&shared.config, dir, &out.video, cancel)
-}
-
-/// The URLs of the files a done job offers, per variant.
-fn result_urls(id: &str, variants: usize, frames: usize) -> Vec<VariantFiles> {
-    (0..variants)
-        .map(|k| {
-            let url = |name: String| format!("/api/jobs/{id}/files/{name}");
-            VariantFiles {
-                gif: url(format!("variant-{k}.gif")),
-                gif_raw: url(format!("variant-{k}-raw.gif")),
-                apng: url(format!("variant-{k}.png")),
-                mp4: url(format!("variant-{k}.mp4")),
-                sheet: url(format!("variant-{k}-sheet.png")),
-                sheet_json: url(format!("variant-{k}-sheet.json")),
-                svg: url(format!("variant-{k}.svg")),
-                frames: (0..frames)
-                    .map(|i| url(format!("variant-{k}-{i:03}.png")))
-                    .collect(),
-            }
-        })
-        .collect()
-}
-
 /// What every job writes (the page offers each for download).
-const SERVED_FORMATS: &[Format] = &[
+pub const SERVED_FORMATS: &[Format] = &[
     Format::Gif,
     Format::GifRaw,
     Format::Apng,
@@ -1022,9 +587,11 @@ const SERVED_FORMATS: &[Format] = &[
     Format::Png,
 ];
 
-fn write_outputs(
+/// Writes every served format of every variant of `video` into `dir`; the file names written.
+/// `cancel` is honoured between the variants.
+pub fn write_outputs(
     config: &EngineConfig,
-    dir: &std::path::Path,
+    dir: &Path,
     video: &Tensor,
     cancel: &AtomicBool,
 ) -> Result<Vec<String>, Stop> {
@@ -1035,7 +602,6 @@ fn write_outputs(
         .iter()
         .enumerate()
     {
-        // a cancel is honoured between the variants' files too
         if cancel.load(Ordering::SeqCst) {
             return Err(Stop::Cancelled);
         }
@@ -1056,4 +622,87 @@ fn write_outputs(
         );
     }
     Ok(names)
+}
+
+/// At most [`EngineConfig::decode_slots`] sketch decodes at once, with the decode hook around
+/// each.
+pub struct DecodeGate {
+    running: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+    slots: usize,
+    hook: Option<fn(bool)>,
+}
+
+impl DecodeGate {
+    pub fn new(config: &EngineConfig) -> Self {
+        Self {
+            running: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            slots: config.decode_slots.max(1),
+            hook: config.decode_hook,
+        }
+    }
+
+    /// Runs `decode` once a slot is free (blocking until then).
+    pub fn run<T>(&self, decode: impl FnOnce() -> T) -> T {
+        {
+            let mut n = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            while *n >= self.slots {
+                n = self.freed.wait(n).unwrap_or_else(|p| p.into_inner());
+            }
+            *n += 1;
+        }
+        struct Release<'a>(&'a DecodeGate);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                if let Some(h) = self.0.hook {
+                    h(false);
+                }
+                *self.0.running.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                self.0.freed.notify_one();
+            }
+        }
+        if let Some(h) = self.hook {
+            h(true);
+        }
+        let _release = Release(self);
+        decode()
+    }
+}
+
+/// Progress as a fraction of `work` and the time left, from the time spent so far.
+pub fn progress_of(
+    work: &flipsketch_pipeline::WorkPlan,
+    phase: Phase,
+    done: usize,
+    elapsed_s: f64,
+) -> (f64, Option<f64>) {
+    let p = (work.units_before(phase, done) / work.total()).clamp(0.0, 0.99);
+    let eta = (p > 0.02).then(|| elapsed_s * (1.0 - p) / p);
+    (p, eta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_for_clients() {
+        assert_eq!(short_number(1e308), "1.000e308");
+        assert_eq!(short_number(9.5), "9.5");
+        assert_eq!(short_number(0.0), "0");
+        assert_eq!(
+            redact_paths("cannot create /tmp/flipsketch-serve-7/abc: denied"),
+            "cannot create .../abc: denied"
+        );
+        assert_eq!(redact_paths("a/b is fine, 1/2 too"), "a/b is fine, 1/2 too");
+        assert!(has_visible_text("a\u{200B}"));
+        assert!(!has_visible_text("\u{200B}\u{200D}\u{FEFF} \0"));
+        for s in ["queued", "writing", "denoising"] {
+            assert_eq!(JobPhase::parse(s).unwrap().as_str(), s);
+        }
+        for s in ["queued", "running", "done", "failed", "cancelled"] {
+            assert_eq!(JobStatus::parse(s).unwrap().as_str(), s);
+        }
+    }
 }

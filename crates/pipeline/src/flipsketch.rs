@@ -95,6 +95,64 @@ pub trait Progress {
     }
 }
 
+/// The work of a run, in UNet frame-evaluations, phase by phase: what progress and time left
+/// are weighted by. It follows [`Pipeline::run`]'s schedule: the inversion runs 5 frames a
+/// step; denoising step i runs both guidance passes over every variant's frames plus, while
+/// i <= tau, the reference branch over its shrinking frames; decoding a frame costs about a
+/// tenth of a UNet frame, encoding the sketch one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkPlan {
+    pub steps: usize,
+    pub inversion_step: f64,
+    pub denoising_steps: Vec<f64>,
+    pub decoded_frames: usize,
+}
+
+/// [`WorkPlan`]'s estimate of a frame decode, in UNet frame-evaluations.
+const DECODE_FRAME_UNITS: f64 = 0.1;
+
+impl WorkPlan {
+    pub fn new(variants: usize, frames: usize, steps: usize, tau: i64) -> Self {
+        let (b, f) = (variants as f64, frames as f64);
+        let denoising_steps = (0..steps)
+            .map(|i| {
+                let reference = frames.saturating_sub(i).max(1) as f64;
+                2.0 * b * f + if (i as i64) <= tau { reference } else { 0.0 }
+            })
+            .collect();
+        Self {
+            steps,
+            inversion_step: INVERSION_FRAMES as f64,
+            denoising_steps,
+            decoded_frames: variants * frames,
+        }
+    }
+
+    /// The UNet frame-evaluations of the whole run (what [`Output::unet_frame_evals`] counts).
+    pub fn unet_frame_evals(&self) -> f64 {
+        self.inversion_step * self.steps as f64 + self.denoising_steps.iter().sum::<f64>()
+    }
+
+    /// Work done when `done` units of `phase` are finished.
+    pub fn units_before(&self, phase: Phase, done: usize) -> f64 {
+        let inversion = self.inversion_step * self.steps as f64;
+        let denoising: f64 = self.denoising_steps.iter().sum();
+        match phase {
+            Phase::Encoding => done as f64,
+            Phase::Inversion => 1.0 + self.inversion_step * done as f64,
+            Phase::Denoising => {
+                1.0 + inversion + self.denoising_steps.iter().take(done).sum::<f64>()
+            }
+            Phase::Decoding => 1.0 + inversion + denoising + DECODE_FRAME_UNITS * done as f64,
+        }
+    }
+
+    /// All of it.
+    pub fn total(&self) -> f64 {
+        self.units_before(Phase::Decoding, self.decoded_frames)
+    }
+}
+
 /// No progress display.
 pub struct Silent;
 impl Progress for Silent {}
@@ -121,6 +179,9 @@ pub fn device_name(device: &Device) -> &'static str {
         Device::Metal(_) => "metal",
     }
 }
+
+/// The sketch is inverted as this many identical frames (the app's choice).
+const INVERSION_FRAMES: usize = 5;
 
 /// ChaCha streams: variant start noise uses stream 0 with seed + i; the posterior stream 1.
 const POSTERIOR_STREAM: u64 = 1;
@@ -240,8 +301,8 @@ impl Pipeline {
         let image = r.image.to_device(&self.device)?.to_dtype(self.dtype)?;
         let one = vae.encode(&image.unsqueeze(0)?)?;
         let post = DiagonalGaussian {
-            mean: one.mean.repeat((5, 1, 1, 1))?,
-            logvar: one.logvar.repeat((5, 1, 1, 1))?,
+            mean: one.mean.repeat((INVERSION_FRAMES, 1, 1, 1))?,
+            logvar: one.logvar.repeat((INVERSION_FRAMES, 1, 1, 1))?,
         };
         let z = match &r.encode {
             Encode::Mean => post.mean.clone(),
@@ -276,7 +337,7 @@ impl Pipeline {
         for (k, &t) in timesteps.iter().rev().enumerate() {
             check(progress)?;
             let e = unet.forward(&x, t as f64, &uncond, None)?;
-            evals += 5;
+            evals += INVERSION_FRAMES;
             x = sched.inversion_step(&e, t, &x)?;
             progress.advance(k + 1);
         }

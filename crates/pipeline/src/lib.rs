@@ -9,5 +9,5 @@ pub mod text;
 
 pub use flipsketch::{
     device_name, video_to_frames, Encode, Output, Phase, Pipeline, PipelineError, Progress,
-    Request, Silent,
+    Request, Silent, WorkPlan,
 };

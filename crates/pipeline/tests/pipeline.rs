@@ -17,6 +17,11 @@ fn matches_reference_pipeline_all_cases() {
     let default = run_case(&p, "default");
     // B=3, F=4, S=6, tau=3: inversion 6x5 + main 2x6x12 + reference 4+3+2+1 = 184
     assert_eq!(default.unet_frame_evals, 184);
+    // the cost model progress is weighted by follows the same schedule
+    let plan = flipsketch_pipeline::WorkPlan::new(3, 4, 6, 3);
+    assert_eq!(plan.unet_frame_evals(), 184.0);
+    let plan = flipsketch_pipeline::WorkPlan::new(2, 4, 6, -1);
+    assert_eq!(plan.unet_frame_evals(), (6 * 5 + 2 * 6 * 2 * 4) as f64);
     for name in [
         "mean",
         "no_composition",

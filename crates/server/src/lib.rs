@@ -1,4 +1,5 @@
-//! `flipsketch serve`: the HTTP jobs API and the web page, over the job engine.
+//! `flipsketch serve`: the HTTP jobs API and the web page, over a job queue (in-process or
+//! PostgreSQL: the same routes, JSON and page either way).
 //!
 //! Routes (JSON; errors are `{"error": "..."}`):
 //! - `GET /healthz`: 200 once the model is loaded, 503 while loading or if it failed
@@ -22,8 +23,16 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use flipsketch_engine::{CancelOutcome, Engine, JobRequest, Readiness, SubmitError};
+use flipsketch_engine::{
+    CancelOutcome, FileBody, JobQueue, JobRequest, JobStatus, JobView, Outputs, Readiness,
+    SubmitError,
+};
+use flipsketch_media::writers::{variant_file_names, Format};
+use serde::Serialize;
 use serde_json::json;
+
+/// The queue behind the routes (in-process or shared).
+pub type Queue = Arc<dyn JobQueue>;
 
 /// An API error: the HTTP status is decided here and nowhere else.
 #[derive(Debug)]
@@ -62,13 +71,100 @@ impl IntoResponse for ApiError {
 }
 
 impl ApiError {
-    fn submit(e: SubmitError, engine: &Engine) -> Self {
+    async fn submit(e: SubmitError, queue: &Queue) -> Self {
         match e {
-            SubmitError::NotReady | SubmitError::LoadFailed(_) => {
+            SubmitError::NotReady | SubmitError::LoadFailed(_) | SubmitError::Unavailable(_) => {
                 ApiError::Unavailable(e.to_string())
             }
-            SubmitError::QueueFull(_) => ApiError::QueueFull(e.to_string(), engine.retry_after_s()),
+            SubmitError::QueueFull(_) => {
+                ApiError::QueueFull(e.to_string(), queue.retry_after_s().await)
+            }
             SubmitError::Invalid(m) => ApiError::BadRequest(m),
+        }
+    }
+}
+
+/// The files of one variant, as URLs relative to the server root.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct VariantFiles {
+    pub gif: String,
+    pub gif_raw: String,
+    /// Animated PNG on transparent paper.
+    pub apng: String,
+    pub mp4: String,
+    /// Sprite sheet and its frame rectangles.
+    pub sheet: String,
+    pub sheet_json: String,
+    /// Animated SVG of the traced frames.
+    pub svg: String,
+    /// Numbered PNG frames.
+    pub frames: Vec<String>,
+}
+
+/// The URL of a job's file.
+pub fn file_url(id: &str, name: &str) -> String {
+    format!("/api/jobs/{id}/files/{name}")
+}
+
+impl VariantFiles {
+    /// Variant `k` of a done job; the file names are the writers' own
+    /// (`flipsketch_media::writers::variant_file_names`).
+    pub fn new(id: &str, k: usize, frames: usize) -> Self {
+        let names = |f: Format| variant_file_names(k, frames, &[f]);
+        let first = |f: Format| file_url(id, &names(f)[0]);
+        let sheet = names(Format::Sheet);
+        Self {
+            gif: first(Format::Gif),
+            gif_raw: first(Format::GifRaw),
+            apng: first(Format::Apng),
+            mp4: first(Format::Mp4),
+            sheet: file_url(id, &sheet[0]),
+            sheet_json: file_url(id, &sheet[1]),
+            svg: first(Format::Svg),
+            frames: names(Format::Png).iter().map(|n| file_url(id, n)).collect(),
+        }
+    }
+}
+
+/// A job as the API shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct JobJson {
+    pub id: String,
+    pub status: JobStatus,
+    pub progress: f64,
+    pub phase: Option<&'static str>,
+    pub step: Option<usize>,
+    pub steps: Option<usize>,
+    pub eta_s: Option<f64>,
+    pub queue_position: Option<usize>,
+    pub seed: u64,
+    /// How many times a worker has taken the job (2 after a worker was lost, ...).
+    pub attempt: u32,
+    pub results: Vec<VariantFiles>,
+    pub error: Option<String>,
+}
+
+impl From<&JobView> for JobJson {
+    fn from(v: &JobView) -> Self {
+        let results = match v.outputs {
+            Some(Outputs { variants, frames }) => (0..variants)
+                .map(|k| VariantFiles::new(&v.id, k, frames))
+                .collect(),
+            None => vec![],
+        };
+        Self {
+            id: v.id.clone(),
+            status: v.status,
+            progress: v.progress,
+            phase: v.phase.map(|p| p.as_str()),
+            step: v.step,
+            steps: v.steps,
+            eta_s: v.eta_s,
+            queue_position: v.queue_position,
+            seed: v.seed,
+            attempt: v.attempt,
+            results,
+            error: v.error.clone(),
         }
     }
 }
@@ -166,9 +262,9 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
-/// The router over an engine.
-pub fn router(engine: Engine) -> Router {
-    let limit = engine.config().limits.upload_max_bytes;
+/// The router over a queue.
+pub fn router(queue: Queue) -> Router {
+    let limit = queue.config().limits.upload_max_bytes;
     Router::new()
         .route("/", get(index))
         .route("/assets/{name}", get(asset))
@@ -184,7 +280,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/api/jobs/{id}/files/{name}", get(file))
         .fallback(|| async { ApiError::NotFound("no such page".into()) })
         .layer(axum::middleware::from_fn(json_errors))
-        .with_state(engine)
+        .with_state(queue)
 }
 
 async fn index() -> impl IntoResponse {
@@ -216,35 +312,42 @@ async fn example(Path(name): Path<String>) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, mime)], *body).into_response())
 }
 
-async fn healthz(State(engine): State<Engine>) -> Response {
-    match engine.readiness() {
-        Readiness::Ready { device, .. } => (
-            StatusCode::OK,
-            Json(json!({"status": "ok", "device": device})),
-        )
-            .into_response(),
-        Readiness::Loading => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "loading"})),
-        )
-            .into_response(),
-        Readiness::Failed(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "failed", "error": e})),
-        )
-            .into_response(),
+/// What `/healthz` and `/api/info` share: where the model runs and, for a shared queue, its
+/// workers.
+fn health_json(h: &flipsketch_engine::Health) -> serde_json::Value {
+    let mut v = match &h.readiness {
+        Readiness::Ready { device, .. } => json!({"status": "ok", "device": device}),
+        Readiness::Loading => json!({"status": "loading"}),
+        Readiness::Failed(e) => json!({"status": "failed", "error": e}),
+    };
+    v["queue"] = json!(h.queue);
+    if let Some(w) = &h.workers {
+        v["workers"] = json!(w);
     }
+    v
 }
 
-async fn info(State(engine): State<Engine>) -> Json<serde_json::Value> {
-    let (image_size, device) = match engine.readiness() {
+async fn healthz(State(queue): State<Queue>) -> Response {
+    let h = queue.health().await;
+    let status = match h.readiness {
+        Readiness::Ready { .. } => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, Json(health_json(&h))).into_response()
+}
+
+async fn info(State(queue): State<Queue>) -> Json<serde_json::Value> {
+    let h = queue.health().await;
+    let (image_size, device) = match h.readiness {
         Readiness::Ready { image_size, device } => (Some(image_size), Some(device)),
         _ => (None, None),
     };
-    let c = engine.config();
+    let c = queue.config();
     Json(json!({
         "image_size": image_size,
         "device": device,
+        "queue": h.queue,
+        "workers": h.workers,
         "defaults": c.defaults,
         "limits": c.limits
     }))
@@ -279,19 +382,24 @@ async fn text_field(
 }
 
 async fn submit(
-    State(engine): State<Engine>,
+    State(queue): State<Queue>,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    // The queue and the model first: a full queue is refused before the upload is read.
-    engine
-        .precheck()
-        .map_err(|e| ApiError::submit(e, &engine))?;
     let mut multipart = multipart.map_err(|e| {
         ApiError::BadRequest(format!(
             "the request must be multipart/form-data with a boundary: {}",
             e.body_text()
         ))
     })?;
+    // The queue and the model first: a full queue is refused before the upload is decoded
+    // or kept. What the client still sends is read and dropped (within the upload limit), so
+    // that it gets the answer instead of a connection reset.
+    if let Err(e) = queue.precheck().await {
+        while let Ok(Some(mut field)) = multipart.next_field().await {
+            while let Ok(Some(_)) = field.chunk().await {}
+        }
+        return Err(ApiError::submit(e, &queue).await);
+    }
     let mut r = JobRequest::default();
     let mut have_prompt = false;
     while let Some(field) = multipart.next_field().await? {
@@ -299,7 +407,7 @@ async fn submit(
         match name.as_str() {
             "sketch" => {
                 r.sketch = field.bytes().await?.to_vec();
-                let max = engine.config().limits.upload_max_bytes;
+                let max = queue.config().limits.upload_max_bytes;
                 if r.sketch.len() > max {
                     return Err(ApiError::TooLarge(format!(
                         "upload too large: the sketch is {} bytes, the limit is {max}",
@@ -334,12 +442,10 @@ async fn submit(
     if !have_prompt {
         return Err(ApiError::BadRequest("prompt is missing".into()));
     }
-    // Decoding and resizing the sketch is CPU work: keep it off the async threads.
-    let e2 = engine.clone();
-    let id = tokio::task::spawn_blocking(move || e2.submit(r))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::submit(e, &engine))?;
+    let id = match queue.submit(r).await {
+        Ok(id) => id,
+        Err(e) => return Err(ApiError::submit(e, &queue).await),
+    };
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
 }
 
@@ -347,24 +453,18 @@ fn unknown(id: &str) -> ApiError {
     ApiError::NotFound(format!("no job {id:?}"))
 }
 
-async fn status(
-    State(engine): State<Engine>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let view = engine.status(&id).ok_or_else(|| unknown(&id))?;
-    Ok(Json(view).into_response())
+async fn status(State(queue): State<Queue>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let view = queue.status(&id).await.ok_or_else(|| unknown(&id))?;
+    Ok(Json(JobJson::from(&view)).into_response())
 }
 
-async fn cancel(
-    State(engine): State<Engine>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let (view, outcome) = engine.cancel(&id).ok_or_else(|| unknown(&id))?;
+async fn cancel(State(queue): State<Queue>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let (view, outcome) = queue.cancel(&id).await.ok_or_else(|| unknown(&id))?;
     // A running job stops at its next step and ends cancelled, whatever phase it is in; one
     // that had already ended says so with its real status.
     let body = match outcome {
         CancelOutcome::Cancelled | CancelOutcome::Stopping => {
-            json!({ "status": flipsketch_engine::JobStatus::Cancelled, "cancelled": true })
+            json!({ "status": JobStatus::Cancelled, "cancelled": true })
         }
         CancelOutcome::TooLate => json!({
             "status": view.status,
@@ -375,38 +475,65 @@ async fn cancel(
     Ok(Json(body).into_response())
 }
 
+/// One `status` event; its id is the job's version, so that a client reconnecting with
+/// `Last-Event-ID` gets what changed since.
+fn status_event(view: &JobView) -> Event {
+    Event::default()
+        .event("status")
+        .id(view.version.to_string())
+        .json_data(JobJson::from(view))
+        .unwrap_or_default()
+}
+
 async fn events(
-    State(engine): State<Engine>,
+    State(queue): State<Queue>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let rx = engine.watch(&id).ok_or_else(|| unknown(&id))?;
+    let rx = queue.watch(&id).await.ok_or_else(|| unknown(&id))?;
+    let last_seen: Option<u64> = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
     // One event per change, a final one when the job ends; while the stream is open the
-    // client counts as present (the engine drops queued jobs whose client is gone).
+    // client counts as present (queued jobs whose client is gone are dropped). A reconnecting
+    // client that already has the current version waits for the next.
     let stream = futures::stream::unfold(
-        (rx, engine, id, false),
-        |(mut rx, engine, id, ended)| async move {
+        (rx, queue, id, last_seen, false),
+        |(mut rx, queue, id, mut last_seen, ended)| async move {
             if ended {
                 return None;
             }
-            let view = rx.borrow_and_update().clone();
-            let last = view.status.is_final();
-            let event = Event::default()
-                .event("status")
-                .json_data(&view)
-                .unwrap_or_default();
-            if !last {
-                loop {
-                    match tokio::time::timeout(Duration::from_secs(5), rx.changed()).await {
-                        Ok(Ok(())) => break,
-                        Ok(Err(_)) => break, // the job is gone; the next round sends its last state
-                        Err(_) => engine.touch(&id),
+            loop {
+                let view = rx.borrow_and_update().clone();
+                let last = view.status.is_final();
+                if last_seen.is_some_and(|v| v >= view.version) && !last {
+                    // nothing new for this client yet
+                    loop {
+                        match tokio::time::timeout(Duration::from_secs(5), rx.changed()).await {
+                            Ok(Ok(())) => break,
+                            Ok(Err(_)) => return None,
+                            Err(_) => queue.touch(&id).await,
+                        }
+                    }
+                    continue;
+                }
+                last_seen = Some(view.version);
+                let event = status_event(&view);
+                if !last {
+                    loop {
+                        match tokio::time::timeout(Duration::from_secs(5), rx.changed()).await {
+                            Ok(Ok(())) => break,
+                            Ok(Err(_)) => break, // the job is gone; the next round ends it
+                            Err(_) => queue.touch(&id).await,
+                        }
                     }
                 }
+                return Some((
+                    Ok::<_, std::convert::Infallible>(event),
+                    (rx, queue, id, last_seen, last),
+                ));
             }
-            Some((
-                Ok::<_, std::convert::Infallible>(event),
-                (rx, engine, id, last),
-            ))
         },
     );
     Ok(Sse::new(stream)
@@ -415,15 +542,19 @@ async fn events(
 }
 
 async fn file(
-    State(engine): State<Engine>,
+    State(queue): State<Queue>,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let path = engine
+    let body = queue
         .file(&id, &name)
-        .ok_or_else(|| ApiError::NotFound(format!("no file {name:?} in job {id:?}")))?;
-    let bytes = tokio::fs::read(&path)
         .await
-        .map_err(|_| ApiError::NotFound(format!("file {name:?} is gone")))?;
+        .ok_or_else(|| ApiError::NotFound(format!("no file {name:?} in job {id:?}")))?;
+    let bytes = match body {
+        FileBody::Bytes(b) => b,
+        FileBody::Path(path) => tokio::fs::read(&path)
+            .await
+            .map_err(|_| ApiError::NotFound(format!("file {name:?} is gone")))?,
+    };
     let mime = match name.rsplit('.').next() {
         Some("gif") => "image/gif",
         Some("png") => "image/png",
@@ -526,23 +657,23 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
 }
 
 /// Serves until ctrl-c, with [`ConnectionLimits::default`].
-pub async fn serve(listener: tokio::net::TcpListener, engine: Engine) -> std::io::Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, queue: Queue) -> std::io::Result<()> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    serve_with(listener, engine, ConnectionLimits::default(), shutdown).await
+    serve_with(listener, queue, ConnectionLimits::default(), shutdown).await
 }
 
 /// Serves until `shutdown` completes: HTTP/1.1 connections through hyper, each bounded by
 /// `limits`; then open connections get 5 s to finish and the engine stops.
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
-    engine: Engine,
+    queue: Queue,
     limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    let app = router(engine.clone());
+    let app = router(queue.clone());
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -620,6 +751,6 @@ pub async fn serve_with(
     {
         tracing::info!("closing the connections still open");
     }
-    engine.shutdown();
+    queue.shutdown();
     Ok(())
 }

@@ -1,13 +1,20 @@
 //! The HTTP API through real HTTP on 127.0.0.1 against the tiny random model: a job to done,
 //! every error, a full queue, cancellation mid-run, clients that go away, path traversal.
+//!
+//! Every test runs twice, against both queues: `memory` (in-process) and `postgres` (a real
+//! PostgreSQL server, flipsketch-testpg, a front end and one worker in this process; SKIPPED
+//! without PostgreSQL unless FLIPSKETCH_REQUIRE_PG=1).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use flipsketch_engine::{Engine, EngineConfig};
+use flipsketch_pgqueue::{PgQueue, QueueOptions, Store, WorkerOptions};
 use flipsketch_pipeline::components::Components;
 use flipsketch_pipeline::Pipeline;
+use flipsketch_testpg::TestPg;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 
@@ -19,13 +26,65 @@ fn sketch_bytes() -> Vec<u8> {
     std::fs::read(fixtures().join("golden/pipeline_sketch.png")).unwrap()
 }
 
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Memory,
+    Postgres,
+}
+
 struct Server {
     base: String,
     client: reqwest::Client,
     _jobs: tempfile::TempDir,
+    _pg: Option<TestPg>,
+    _stop: Option<tokio::sync::watch::Sender<bool>>,
 }
 
-async fn start(tweak: impl FnOnce(&mut EngineConfig), delay: Duration, fail: bool) -> Server {
+/// Runs `$test(Backend)` as two tests, `memory` and `postgres`.
+macro_rules! both {
+    ($test:ident) => {
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$test(super::Backend::Memory).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$test(super::Backend::Postgres).await
+            }
+        }
+    };
+}
+
+fn loader(
+    delay: Duration,
+    fail: bool,
+) -> impl FnOnce() -> Result<Pipeline, String> + Send + 'static {
+    move || {
+        std::thread::sleep(delay);
+        if fail {
+            return Err("weights are broken".into());
+        }
+        let c = Components::load(
+            &fixtures().join("tiny"),
+            DType::F32,
+            &Device::Cpu,
+            None,
+            |_| {},
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Pipeline::new(c, Device::Cpu))
+    }
+}
+
+/// A server over `backend`, its model loading after `delay` (or failing to); `None` when
+/// the backend cannot run here (no PostgreSQL).
+async fn start(
+    backend: Backend,
+    tweak: impl FnOnce(&mut EngineConfig),
+    delay: Duration,
+    fail: bool,
+) -> Option<Server> {
     let jobs = tempfile::tempdir().unwrap();
     let mut config = EngineConfig {
         jobs_dir: jobs.path().to_path_buf(),
@@ -33,40 +92,58 @@ async fn start(tweak: impl FnOnce(&mut EngineConfig), delay: Duration, fail: boo
         ..EngineConfig::default()
     };
     tweak(&mut config);
-    let engine = Engine::start(
-        config,
-        Box::new(move || {
-            std::thread::sleep(delay);
-            if fail {
-                return Err("weights are broken".into());
-            }
-            let c = Components::load(
-                &fixtures().join("tiny"),
-                DType::F32,
-                &Device::Cpu,
-                None,
-                |_| {},
-            )
-            .map_err(|e| e.to_string())?;
-            Ok(Pipeline::new(c, Device::Cpu))
-        }),
-    );
+    let (queue, pg, stop): (flipsketch_server::Queue, _, _) = match backend {
+        Backend::Memory => (
+            Arc::new(Engine::start(config, Box::new(loader(delay, fail)))),
+            None,
+            None,
+        ),
+        Backend::Postgres => {
+            let pg = TestPg::or_skip(TestPg::database())?;
+            let pool = flipsketch_pgqueue::connect(&pg.url).await.unwrap();
+            let qopts = QueueOptions {
+                lease: Duration::from_secs(10),
+                heartbeat: Duration::from_millis(500),
+                janitor_every: Duration::from_millis(250),
+                ..QueueOptions::default()
+            };
+            let queue =
+                PgQueue::start(pool.clone(), config.clone(), qopts.clone(), Store::Postgres);
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let opts = WorkerOptions {
+                queue: qopts,
+                scratch: config.jobs_dir.clone(),
+                name: "test-worker".into(),
+                dtype: "f32".into(),
+            };
+            tokio::spawn(flipsketch_pgqueue::run_worker(
+                pool,
+                config,
+                opts,
+                Store::Postgres,
+                loader(delay, fail),
+                stop_rx,
+            ));
+            (queue, Some(pg), Some(stop_tx))
+        }
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(flipsketch_server::serve(listener, engine));
-    let server = Server {
+    tokio::spawn(flipsketch_server::serve(listener, queue));
+    Some(Server {
         base,
         client: reqwest::Client::new(),
         _jobs: jobs,
-    };
-    server
+        _pg: pg,
+        _stop: stop,
+    })
 }
 
 /// A server whose model has loaded.
-async fn start_ready(tweak: impl FnOnce(&mut EngineConfig)) -> Server {
-    let s = start(tweak, Duration::ZERO, false).await;
+async fn start_ready(backend: Backend, tweak: impl FnOnce(&mut EngineConfig)) -> Option<Server> {
+    let s = start(backend, tweak, Duration::ZERO, false).await?;
     s.wait_ready().await;
-    s
+    Some(s)
 }
 
 impl Server {
@@ -160,9 +237,10 @@ const SLOW: &[(&str, &str)] = &[
     ("steps", "100"),
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn job_runs_to_done_with_files_and_events() {
-    let s = start_ready(|_| {}).await;
+async fn job_runs_to_done_with_files_and_events(b: Backend) {
+    let Some(s) = start_ready(b, |_| {}).await else {
+        return;
+    };
     let (code, info) = s.get("/api/info").await;
     assert_eq!(code, 200);
     assert_eq!(info["image_size"], 16);
@@ -253,10 +331,12 @@ async fn job_runs_to_done_with_files_and_events() {
             .starts_with(ty));
     }
 }
+both!(job_runs_to_done_with_files_and_events);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_requests_name_the_problem() {
-    let s = start_ready(|c| c.limits.upload_max_bytes = 4096).await;
+async fn bad_requests_name_the_problem(b: Backend) {
+    let Some(s) = start_ready(b, |c| c.limits.upload_max_bytes = 4096).await else {
+        return;
+    };
     let cases: Vec<(Form, u16, &str)> = vec![
         (s.form(&[]), 400, "prompt is missing"),
         (s.form(&[("prompt", "   ")]), 400, "prompt is empty"),
@@ -331,10 +411,12 @@ async fn bad_requests_name_the_problem() {
     assert_eq!(s.get("/assets/../../Cargo.toml").await.0, 404);
     assert_eq!(s.get("/assets/secret.txt").await.0, 404);
 }
+both!(bad_requests_name_the_problem);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn files_outside_the_job_are_unreachable() {
-    let s = start_ready(|_| {}).await;
+async fn files_outside_the_job_are_unreachable(b: Backend) {
+    let Some(s) = start_ready(b, |_| {}).await else {
+        return;
+    };
     let (_, v) = s.submit(s.form(QUICK)).await;
     let id = v["id"].as_str().unwrap().to_string();
     s.wait_status(&id, &["done"], Duration::from_secs(30)).await;
@@ -366,10 +448,12 @@ async fn files_outside_the_job_are_unreachable() {
         .status();
     assert_eq!(code, 404);
 }
+both!(files_outside_the_job_are_unreachable);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_queue_is_429_and_cancel_stops_a_running_job() {
-    let s = start_ready(|c| c.queue_capacity = 1).await;
+async fn full_queue_is_429_and_cancel_stops_a_running_job(b: Backend) {
+    let Some(s) = start_ready(b, |c| c.queue_capacity = 1).await else {
+        return;
+    };
     let (code, v) = s.submit(s.form(SLOW)).await;
     assert_eq!(code, 202);
     let running = v["id"].as_str().unwrap().to_string();
@@ -404,10 +488,12 @@ async fn full_queue_is_429_and_cancel_stops_a_running_job() {
     assert_eq!(v["status"], "cancelled", "{v}");
     assert!(v["progress"].as_f64().unwrap() < 1.0);
 }
+both!(full_queue_is_429_and_cancel_stops_a_running_job);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_jobs_of_departed_clients_are_dropped() {
-    let s = start_ready(|c| c.client_timeout = Duration::from_millis(700)).await;
+async fn queued_jobs_of_departed_clients_are_dropped(b: Backend) {
+    let Some(s) = start_ready(b, |c| c.client_timeout = Duration::from_millis(700)).await else {
+        return;
+    };
     let (_, a) = s.submit(s.form(SLOW)).await;
     let a = a["id"].as_str().unwrap().to_string();
     s.wait_status(&a, &["running"], Duration::from_secs(10))
@@ -428,10 +514,12 @@ async fn queued_jobs_of_departed_clients_are_dropped() {
         .await
         .unwrap();
 }
+both!(queued_jobs_of_departed_clients_are_dropped);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_reports_failure() {
-    let s = start(|_| {}, Duration::ZERO, true).await;
+async fn health_reports_failure(b: Backend) {
+    let Some(s) = start(b, |_| {}, Duration::ZERO, true).await else {
+        return;
+    };
     let t = Instant::now();
     loop {
         let (code, v) = s.get("/healthz").await;
@@ -446,10 +534,12 @@ async fn health_reports_failure() {
     let (code, v) = s.submit(s.form(QUICK)).await;
     assert_eq!(code, 503, "{v}");
 }
+both!(health_reports_failure);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn loading_is_503_then_ready() {
-    let s = start(|_| {}, Duration::from_millis(1500), false).await;
+async fn loading_is_503_then_ready(b: Backend) {
+    let Some(s) = start(b, |_| {}, Duration::from_millis(1500), false).await else {
+        return;
+    };
     let (code, v) = s.get("/healthz").await;
     assert_eq!(code, 503);
     assert_eq!(v["status"], "loading");
@@ -473,10 +563,12 @@ async fn loading_is_503_then_ready() {
     let (code, _) = s.submit(s.form(QUICK)).await;
     assert_eq!(code, 202);
 }
+both!(loading_is_503_then_ready);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_repository_examples_are_served() {
-    let s = start(|_| {}, Duration::ZERO, false).await;
+async fn the_repository_examples_are_served(b: Backend) {
+    let Some(s) = start(b, |_| {}, Duration::ZERO, false).await else {
+        return;
+    };
     let examples = fixtures().join("../../examples");
     let (code, list) = s.get("/examples/examples.json").await;
     assert_eq!(code, 200);
@@ -517,6 +609,7 @@ async fn the_repository_examples_are_served() {
     assert_eq!(code, 404);
     assert!(v["error"].as_str().unwrap().contains("nope.png"));
 }
+both!(the_repository_examples_are_served);
 
 /// Sends raw bytes and returns (status, headers+body text) of the answer.
 async fn raw(base: &str, request: Vec<u8>) -> (u16, String) {
@@ -541,9 +634,10 @@ fn raw_json(text: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {text:?}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_error_is_json_and_short() {
-    let s = start_ready(|_| {}).await;
+async fn every_error_is_json_and_short(b: Backend) {
+    let Some(s) = start_ready(b, |_| {}).await else {
+        return;
+    };
     let host = s.base.trim_start_matches("http://").to_string();
     // a multipart request without a boundary
     let (code, text) = raw(
@@ -639,10 +733,12 @@ async fn every_error_is_json_and_short() {
     let e = v["error"].as_str().unwrap();
     assert!(e.contains("1.000e308") && e.len() < 100, "{e}");
 }
+both!(every_error_is_json_and_short);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_answers_429_with_retry_after_before_reading_the_upload() {
-    let s = start_ready(|c| c.queue_capacity = 1).await;
+async fn a_full_queue_answers_429_with_retry_after_before_reading_the_upload(b: Backend) {
+    let Some(s) = start_ready(b, |c| c.queue_capacity = 1).await else {
+        return;
+    };
     let (_, v) = s.submit(s.form(SLOW)).await;
     let running = v["id"].as_str().unwrap().to_string();
     s.wait_status(&running, &["running"], Duration::from_secs(30))
@@ -678,16 +774,19 @@ async fn a_full_queue_answers_429_with_retry_after_before_reading_the_upload() {
         .send()
         .await;
 }
+both!(a_full_queue_answers_429_with_retry_after_before_reading_the_upload);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_while_writing_files_ends_the_job_cancelled_without_files() {
+async fn a_cancel_while_writing_files_ends_the_job_cancelled_without_files(b: Backend) {
     let jobs = tempfile::tempdir().unwrap();
     let jobs_path = jobs.path().to_path_buf();
-    let s = start_ready(move |c| {
+    let Some(s) = start_ready(b, move |c| {
         c.output_size = 512;
         c.jobs_dir = jobs_path;
     })
-    .await;
+    .await
+    else {
+        return;
+    };
     let form = s.form(&[
         ("prompt", "x"),
         ("variants", "8"),
@@ -731,10 +830,12 @@ async fn a_cancel_while_writing_files_ends_the_job_cancelled_without_files() {
     assert_eq!(r["cancelled"], false);
     assert!(r["error"].as_str().unwrap().contains("too late"));
 }
+both!(a_cancel_while_writing_files_ends_the_job_cancelled_without_files);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_whose_run_panics_fails_with_the_message_and_the_next_one_runs() {
-    let s = start_ready(|c| c.panic_marker = Some("[[panic]]".into())).await;
+async fn a_job_whose_run_panics_fails_with_the_message_and_the_next_one_runs(b: Backend) {
+    let Some(s) = start_ready(b, |c| c.panic_marker = Some("[[panic]]".into())).await else {
+        return;
+    };
     let (_, v) = s
         .submit(s.form(&[
             ("prompt", "a cat [[panic]]"),
@@ -764,3 +865,4 @@ async fn a_job_whose_run_panics_fails_with_the_message_and_the_next_one_runs() {
     let (code, h) = s.get("/healthz").await;
     assert_eq!(code, 200, "{h}");
 }
+both!(a_job_whose_run_panics_fails_with_the_message_and_the_next_one_runs);
