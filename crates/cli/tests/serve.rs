@@ -4,39 +4,24 @@
 //! and a file-size limit), a restart after a kill, idle and half-sent connections, too many
 //! connections.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{free_port, get, http, sketch, submit, tiny_model, wait_end, wait_ready, Proc};
 
 /// Starts `flipsketch serve` on a free port with `args`; returns once it listens.
-fn serve(jobs: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+fn serve(jobs: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flipsketch"));
     cmd.args(["serve", "--port", &port.to_string(), "--jobs-dir"])
         .arg(jobs)
         .arg("--model")
-        .arg(root().join("tests/fixtures/tiny"))
+        .arg(tiny_model())
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -61,104 +46,12 @@ fn serve(jobs: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
             cmd.env(k, v);
         }
     }
-    let child = cmd.spawn().unwrap();
-    let s = Server {
-        child,
+    let s = Proc {
+        child: cmd.spawn().unwrap(),
         addr: format!("127.0.0.1:{port}"),
     };
-    let t = Instant::now();
-    while TcpStream::connect(&s.addr).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the server never listened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    s.wait_listening();
     s
-}
-
-/// One HTTP exchange on a fresh connection: (status, body).
-fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
-}
-
-fn get(addr: &str, path: &str) -> (u16, serde_json::Value) {
-    let (code, body) = http(addr, "GET", path, "text/plain", b"");
-    (
-        code,
-        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
-    )
-}
-
-/// A multipart job submission.
-fn submit(addr: &str, sketch: &[u8], fields: &[(&str, &str)]) -> (u16, serde_json::Value) {
-    let b = "flipsketchboundary";
-    let mut body = Vec::new();
-    body.extend(format!("--{b}\r\ncontent-disposition: form-data; name=\"sketch\"; filename=\"s.png\"\r\ncontent-type: application/octet-stream\r\n\r\n").as_bytes());
-    body.extend(sketch);
-    body.extend(b"\r\n");
-    for (k, v) in fields {
-        body.extend(
-            format!("--{b}\r\ncontent-disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
-                .as_bytes(),
-        );
-    }
-    body.extend(format!("--{b}--\r\n").as_bytes());
-    let (code, text) = http(
-        addr,
-        "POST",
-        "/api/jobs",
-        &format!("multipart/form-data; boundary={b}"),
-        &body,
-    );
-    (
-        code,
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-    )
-}
-
-fn wait_ready(addr: &str) -> serde_json::Value {
-    let t = Instant::now();
-    loop {
-        let (code, v) = get(addr, "/healthz");
-        if code == 200 || v["status"] == "failed" {
-            return v;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "never ready: {v}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_end(addr: &str, id: &str) -> serde_json::Value {
-    let t = Instant::now();
-    loop {
-        let (_, v) = get(addr, &format!("/api/jobs/{id}"));
-        if ["done", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or("")) {
-            return v;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "job {id} stuck: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// VmRSS and VmHWM of a process, in MiB.
@@ -174,10 +67,6 @@ fn memory_mib(pid: u32) -> (f64, f64) {
             / 1024.0
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn sketch() -> Vec<u8> {
-    std::fs::read(root().join("tests/fixtures/golden/pipeline_sketch.png")).unwrap()
 }
 
 /// A white greyscale PNG of `w` x `h` (compresses to almost nothing).

@@ -357,10 +357,19 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("{0}")]
     Invalid(String),
-    /// The queue's store cannot be reached (PostgreSQL down).
-    #[error("the job queue is unavailable: {0}")]
+    /// The queue's store cannot be reached (PostgreSQL down); the message says which.
+    #[error("{0}")]
     Unavailable(String),
 }
+
+/// The queue's store cannot be reached (PostgreSQL down): whether a job exists is unknown, so
+/// a lookup says so (503) instead of "no such job" (404).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// What a lookup of a job finds: `Ok(None)` when there is no such job.
+pub type Lookup<T> = Result<Option<T>, Unavailable>;
 
 /// Engine-wide state as the health check and the page see it.
 #[derive(Clone, Debug, PartialEq)]
@@ -412,14 +421,14 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Validates (the sketch decoded, at most a few at once) and queues a job; its id.
     async fn submit(&self, r: JobRequest) -> Result<String, SubmitError>;
     /// The job now; asking counts as the client still being there.
-    async fn status(&self, id: &str) -> Option<JobView>;
+    async fn status(&self, id: &str) -> Lookup<JobView>;
     /// Live updates of a job (starting with the current state).
-    async fn watch(&self, id: &str) -> Option<watch::Receiver<JobView>>;
+    async fn watch(&self, id: &str) -> Lookup<watch::Receiver<JobView>>;
     /// The client of `id` is still there (an open event stream).
     async fn touch(&self, id: &str);
-    async fn cancel(&self, id: &str) -> Option<(JobView, CancelOutcome)>;
+    async fn cancel(&self, id: &str) -> Lookup<(JobView, CancelOutcome)>;
     /// A file the job wrote, only if `name` is one of them.
-    async fn file(&self, id: &str, name: &str) -> Option<FileBody>;
+    async fn file(&self, id: &str, name: &str) -> Lookup<FileBody>;
     /// Seconds a client refused with a full queue should wait.
     async fn retry_after_s(&self) -> u64;
     /// Stops taking and running jobs (the in-process worker after its current job).

@@ -17,7 +17,8 @@ use tokio::sync::watch;
 use crate::{
     new_id, panic_message, prepare_jobs_dir, progress_of, redact_paths, remove_dirs,
     validate_fields, write_outputs, CancelOutcome, DecodeGate, EngineConfig, FileBody, Health,
-    JobPhase, JobQueue, JobRequest, JobStatus, JobView, Outputs, Readiness, Stop, SubmitError,
+    JobPhase, JobQueue, JobRequest, JobStatus, JobView, Lookup, Outputs, Readiness, Stop,
+    SubmitError,
 };
 
 struct Job {
@@ -273,24 +274,24 @@ impl JobQueue for Engine {
             .map_err(|e| SubmitError::Invalid(format!("internal error: {e}")))?
     }
 
-    async fn status(&self, id: &str) -> Option<JobView> {
-        Engine::status(self, id)
+    async fn status(&self, id: &str) -> Lookup<JobView> {
+        Ok(Engine::status(self, id))
     }
 
-    async fn watch(&self, id: &str) -> Option<watch::Receiver<JobView>> {
-        Engine::watch(self, id)
+    async fn watch(&self, id: &str) -> Lookup<watch::Receiver<JobView>> {
+        Ok(Engine::watch(self, id))
     }
 
     async fn touch(&self, id: &str) {
         Engine::touch(self, id)
     }
 
-    async fn cancel(&self, id: &str) -> Option<(JobView, CancelOutcome)> {
-        Engine::cancel(self, id)
+    async fn cancel(&self, id: &str) -> Lookup<(JobView, CancelOutcome)> {
+        Ok(Engine::cancel(self, id))
     }
 
-    async fn file(&self, id: &str, name: &str) -> Option<FileBody> {
-        Engine::file(self, id, name).map(FileBody::Path)
+    async fn file(&self, id: &str, name: &str) -> Lookup<FileBody> {
+        Ok(Engine::file(self, id, name).map(FileBody::Path))
     }
 
     async fn retry_after_s(&self) -> u64 {

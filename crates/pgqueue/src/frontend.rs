@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use flipsketch_engine::{
     new_id, validate_fields, CancelOutcome, DecodeGate, EngineConfig, FileBody, Health, JobPhase,
-    JobQueue, JobRequest, JobStatus, JobView, Outputs, Readiness, SubmitError, Workers,
+    JobQueue, JobRequest, JobStatus, JobView, Lookup, Outputs, Readiness, SubmitError, Unavailable,
+    Workers,
 };
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
@@ -83,11 +84,23 @@ pub struct PgQueue {
     /// Whether the last query reached the database, and the error if not.
     db: Mutex<Option<String>>,
     started: Instant,
+    /// The last time a query failed (else the start): clients could not ask about their jobs
+    /// before it.
+    unreachable_at: Mutex<Instant>,
     stopped: AtomicBool,
 }
 
+/// How an unreachable database reads in an answer to a client.
+fn unreachable(e: &sqlx::Error) -> String {
+    format!("the job queue (PostgreSQL) cannot be reached: {e}")
+}
+
 fn db_error(e: &sqlx::Error) -> SubmitError {
-    SubmitError::Unavailable(format!("PostgreSQL: {e}"))
+    SubmitError::Unavailable(unreachable(e))
+}
+
+fn down(e: sqlx::Error) -> Unavailable {
+    Unavailable(unreachable(&e))
 }
 
 impl PgQueue {
@@ -108,6 +121,7 @@ impl PgQueue {
             watchers: Mutex::new(HashMap::new()),
             db: Mutex::new(None),
             started: Instant::now(),
+            unreachable_at: Mutex::new(Instant::now()),
             stopped: AtomicBool::new(false),
         });
         tokio::spawn(listen(Arc::downgrade(&q)));
@@ -128,8 +142,16 @@ impl PgQueue {
                     return;
                 }
                 // Queued jobs of departed clients are dropped only once this front end has
-                // been up long enough for its clients to come back after a restart.
-                let departed = (q.started.elapsed() > client * 2).then_some(client);
+                // reached the database long enough for its clients to come back after a
+                // restart of either (they could not say they were there in between).
+                let probe = sqlx::query("SELECT 1").execute(&pool).await;
+                let _ = q.noted(probe);
+                let reachable_for = q
+                    .unreachable_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .elapsed();
+                let departed = (reachable_for > client * 2).then_some(client);
                 drop(q);
                 janitor(&pool, &store, keep, departed).await;
             }
@@ -140,12 +162,15 @@ impl PgQueue {
     fn noted<T>(&self, r: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         *db = r.as_ref().err().map(|e| e.to_string());
+        if r.is_err() {
+            *self.unreachable_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
         r
     }
 
-    async fn view(&self, id: &str) -> Option<JobView> {
+    async fn view(&self, id: &str) -> Lookup<JobView> {
         let r = fetch_views(&self.pool, &[id.to_string()]).await;
-        self.noted(r).ok()?.into_iter().next()
+        Ok(self.noted(r).map_err(down)?.into_iter().next())
     }
 
     /// Notes that a client asked about `id` (a write at most every quarter of the client
@@ -354,9 +379,7 @@ impl JobQueue for PgQueue {
             Ok(r) => r,
             Err(e) => {
                 return Health {
-                    readiness: Readiness::Failed(format!(
-                        "the job queue (PostgreSQL) cannot be reached: {e}"
-                    )),
+                    readiness: Readiness::Failed(unreachable(&e)),
                     workers: None,
                     queue: "postgres",
                 }
@@ -476,14 +499,18 @@ impl JobQueue for PgQueue {
         Ok(id)
     }
 
-    async fn status(&self, id: &str) -> Option<JobView> {
-        let v = self.view(id).await?;
+    async fn status(&self, id: &str) -> Lookup<JobView> {
+        let Some(v) = self.view(id).await? else {
+            return Ok(None);
+        };
         self.seen(id).await;
-        Some(v)
+        Ok(Some(v))
     }
 
-    async fn watch(&self, id: &str) -> Option<watch::Receiver<JobView>> {
-        let view = self.view(id).await?;
+    async fn watch(&self, id: &str) -> Lookup<watch::Receiver<JobView>> {
+        let Some(view) = self.view(id).await? else {
+            return Ok(None);
+        };
         self.seen(id).await;
         let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         let tx = w
@@ -496,14 +523,14 @@ impl JobQueue for PgQueue {
             }
             changed
         });
-        Some(tx.subscribe())
+        Ok(Some(tx.subscribe()))
     }
 
     async fn touch(&self, id: &str) {
         self.seen(id).await;
     }
 
-    async fn cancel(&self, id: &str) -> Option<(JobView, CancelOutcome)> {
+    async fn cancel(&self, id: &str) -> Lookup<(JobView, CancelOutcome)> {
         let queued = sqlx::query(
             "UPDATE flipsketch_jobs SET state = 'cancelled', phase = NULL, finished_at = now() \
              WHERE id = $1 AND state = 'queued' RETURNING id",
@@ -511,7 +538,7 @@ impl JobQueue for PgQueue {
         .bind(id)
         .fetch_optional(&self.pool)
         .await;
-        let outcome = if self.noted(queued).ok()?.is_some() {
+        let outcome = if self.noted(queued).map_err(down)?.is_some() {
             CancelOutcome::Cancelled
         } else {
             // Read by the worker at its next renewal, and in the statement that ends the
@@ -523,17 +550,16 @@ impl JobQueue for PgQueue {
             .bind(id)
             .fetch_optional(&self.pool)
             .await;
-            if self.noted(running).ok()?.is_some() {
+            if self.noted(running).map_err(down)?.is_some() {
                 CancelOutcome::Stopping
             } else {
                 CancelOutcome::TooLate
             }
         };
-        let view = self.view(id).await?;
-        Some((view, outcome))
+        Ok(self.view(id).await?.map(|view| (view, outcome)))
     }
 
-    async fn file(&self, id: &str, name: &str) -> Option<FileBody> {
+    async fn file(&self, id: &str, name: &str) -> Lookup<FileBody> {
         let row = sqlx::query(
             "SELECT result_attempt FROM flipsketch_jobs \
              WHERE id = $1 AND state = 'done' AND $2 = ANY(files)",
@@ -542,14 +568,16 @@ impl JobQueue for PgQueue {
         .bind(name)
         .fetch_optional(&self.pool)
         .await;
-        let row = self.noted(row).ok()??;
+        let Some(row) = self.noted(row).map_err(down)? else {
+            return Ok(None);
+        };
         let attempt: Option<i32> = row.get(0);
         let bytes = self
             .store
             .get(&self.pool, id, attempt.unwrap_or(0), name)
             .await
-            .ok()??;
-        Some(FileBody::Bytes(bytes))
+            .map_err(|e| Unavailable(format!("the job's files cannot be read: {e}")))?;
+        Ok(bytes.map(FileBody::Bytes))
     }
 
     async fn retry_after_s(&self) -> u64 {

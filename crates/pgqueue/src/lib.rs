@@ -111,7 +111,8 @@ pub async fn connect(url: &str) -> Result<PgPool, PgError> {
     })?;
     let pool = PgPoolOptions::new()
         .max_connections(8)
-        .acquire_timeout(Duration::from_secs(5))
+        // a client asking while the database is away is answered 503 within this
+        .acquire_timeout(Duration::from_secs(3))
         .connect_with(opts)
         .await
         .map_err(|source| PgError::Connect {

@@ -63,7 +63,13 @@ impl IntoResponse for ApiError {
                     .insert(header::RETRY_AFTER, HeaderValue::from(after));
                 return r;
             }
-            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+            ApiError::Unavailable(m) => {
+                // loading, or the queue's database away: worth asking again shortly
+                let mut r = error_response(StatusCode::SERVICE_UNAVAILABLE, &m);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(5u64));
+                return r;
+            }
             ApiError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
         };
         error_response(status, &msg)
@@ -453,13 +459,19 @@ fn unknown(id: &str) -> ApiError {
     ApiError::NotFound(format!("no job {id:?}"))
 }
 
+impl From<flipsketch_engine::Unavailable> for ApiError {
+    fn from(e: flipsketch_engine::Unavailable) -> Self {
+        ApiError::Unavailable(e.0)
+    }
+}
+
 async fn status(State(queue): State<Queue>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let view = queue.status(&id).await.ok_or_else(|| unknown(&id))?;
+    let view = queue.status(&id).await?.ok_or_else(|| unknown(&id))?;
     Ok(Json(JobJson::from(&view)).into_response())
 }
 
 async fn cancel(State(queue): State<Queue>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let (view, outcome) = queue.cancel(&id).await.ok_or_else(|| unknown(&id))?;
+    let (view, outcome) = queue.cancel(&id).await?.ok_or_else(|| unknown(&id))?;
     // A running job stops at its next step and ends cancelled, whatever phase it is in; one
     // that had already ended says so with its real status.
     let body = match outcome {
@@ -490,48 +502,35 @@ async fn events(
     Path(id): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let rx = queue.watch(&id).await.ok_or_else(|| unknown(&id))?;
+    let rx = queue.watch(&id).await?.ok_or_else(|| unknown(&id))?;
     let last_seen: Option<u64> = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
-    // One event per change, a final one when the job ends; while the stream is open the
-    // client counts as present (queued jobs whose client is gone are dropped). A reconnecting
-    // client that already has the current version waits for the next.
+    // One event per change, sent as soon as it is seen, a final one when the job ends; while
+    // the stream is open the client counts as present (queued jobs whose client is gone are
+    // dropped). A reconnecting client that already has the current version waits for the next.
     let stream = futures::stream::unfold(
         (rx, queue, id, last_seen, false),
-        |(mut rx, queue, id, mut last_seen, ended)| async move {
+        |(mut rx, queue, id, last_seen, ended)| async move {
             if ended {
                 return None;
             }
             loop {
                 let view = rx.borrow_and_update().clone();
-                let last = view.status.is_final();
-                if last_seen.is_some_and(|v| v >= view.version) && !last {
+                if last_seen.is_some_and(|v| v >= view.version) && !view.status.is_final() {
                     // nothing new for this client yet
-                    loop {
-                        match tokio::time::timeout(Duration::from_secs(5), rx.changed()).await {
-                            Ok(Ok(())) => break,
-                            Ok(Err(_)) => return None,
-                            Err(_) => queue.touch(&id).await,
-                        }
+                    match tokio::time::timeout(Duration::from_secs(5), rx.changed()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return None, // the job is gone
+                        Err(_) => queue.touch(&id).await,
                     }
                     continue;
                 }
-                last_seen = Some(view.version);
-                let event = status_event(&view);
-                if !last {
-                    loop {
-                        match tokio::time::timeout(Duration::from_secs(5), rx.changed()).await {
-                            Ok(Ok(())) => break,
-                            Ok(Err(_)) => break, // the job is gone; the next round ends it
-                            Err(_) => queue.touch(&id).await,
-                        }
-                    }
-                }
+                let last = view.status.is_final();
                 return Some((
-                    Ok::<_, std::convert::Infallible>(event),
-                    (rx, queue, id, last_seen, last),
+                    Ok::<_, std::convert::Infallible>(status_event(&view)),
+                    (rx, queue, id, Some(view.version), last),
                 ));
             }
         },
@@ -547,7 +546,7 @@ async fn file(
 ) -> Result<Response, ApiError> {
     let body = queue
         .file(&id, &name)
-        .await
+        .await?
         .ok_or_else(|| ApiError::NotFound(format!("no file {name:?} in job {id:?}")))?;
     let bytes = match body {
         FileBody::Bytes(b) => b,

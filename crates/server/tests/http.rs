@@ -490,6 +490,40 @@ async fn full_queue_is_429_and_cancel_stops_a_running_job(b: Backend) {
 }
 both!(full_queue_is_429_and_cancel_stops_a_running_job);
 
+/// An event stream sends the state it finds at once, not when the job next changes (a queued
+/// job behind a long one changes rarely).
+async fn an_event_stream_starts_with_the_state_at_once(b: Backend) {
+    let Some(s) = start_ready(b, |_| {}).await else {
+        return;
+    };
+    let (_, v) = s.submit(s.form(SLOW)).await;
+    let running = v["id"].as_str().unwrap().to_string();
+    s.wait_status(&running, &["running"], Duration::from_secs(10))
+        .await;
+    let (_, v) = s.submit(s.form(SLOW)).await;
+    let queued = v["id"].as_str().unwrap().to_string();
+    for id in [&queued, &running] {
+        let mut r = s
+            .client
+            .get(format!("{}/api/jobs/{id}/events", s.base))
+            .send()
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(2), r.chunk())
+            .await
+            .expect("no event within 2 s")
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&first);
+        assert!(text.contains("event: status"), "{text}");
+        assert!(text.contains(&format!("\"id\":\"{id}\"")), "{text}");
+    }
+    for id in [&queued, &running] {
+        s.delete(id).await;
+    }
+}
+both!(an_event_stream_starts_with_the_state_at_once);
+
 async fn queued_jobs_of_departed_clients_are_dropped(b: Backend) {
     let Some(s) = start_ready(b, |c| c.client_timeout = Duration::from_millis(700)).await else {
         return;
