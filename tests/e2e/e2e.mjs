@@ -167,7 +167,12 @@ try {
     assert.notEqual((await page.textContent('#health')).trim(), '', 'the health badge says something');
     await shot('01-loading');
     await waitReady();
-    assert.match(await page.textContent('#health'), /ready \(model on CPU\)/i, 'the badge says where the model runs');
+    if (process.env.E2E_QUEUE === 'postgres') {
+      // one front end and one worker on a PostgreSQL queue (run.sh)
+      assert.match(await page.textContent('#health'), /ready \(1 worker: 1 CPU/i, 'the badge counts the workers');
+    } else {
+      assert.match(await page.textContent('#health'), /ready \(model on CPU\)/i, 'the badge says where the model runs');
+    }
     const canvas = await canvasStats();
     assert.deepEqual([canvas.w, canvas.h], [512, 512], 'the canvas is 512x512 inside');
     assert.equal(canvas.dark, 0, 'the paper starts blank');

@@ -398,6 +398,20 @@
     }
   }
 
+  // "Ready (model on CPU)" for one process; with a shared queue, its workers:
+  // "Ready (3 workers: 2 CUDA, 1 CPU; 1 busy)".
+  function readyLabel(body) {
+    const w = body.workers;
+    if (w && w.alive > 0) {
+      const devices = Object.entries(w.devices || {})
+        .map(([d, n]) => `${n} ${d.toUpperCase()}`)
+        .join(', ');
+      const busy = w.busy ? `; ${w.busy} busy` : '';
+      return `Ready (${w.alive} worker${w.alive === 1 ? '' : 's'}: ${devices}${busy})`;
+    }
+    return body.device ? `Ready (model on ${body.device.toUpperCase()})` : 'Ready';
+  }
+
   async function checkHealth() {
     let next = 2000;
     try {
@@ -406,8 +420,10 @@
       try { body = await res.json(); } catch (_) { /* ignore */ }
       if (res.ok) {
         ready = true;
-        setHealth('ready', body.device ? `Ready (model on ${body.device.toUpperCase()})` : 'Ready');
+        setHealth('ready', readyLabel(body));
         updateSubmit();
+        // workers of a shared queue come and go: keep the badge current
+        setTimeout(checkHealth, 10000);
         return;
       }
       ready = false;
