@@ -103,9 +103,9 @@ pub struct ServeArgs {
     /// Jobs that may wait in the queue.
     #[arg(long, default_value_t = 8)]
     pub queue_size: usize,
-    /// Minutes finished jobs and their files are kept.
-    #[arg(long, default_value_t = 60)]
-    pub keep_minutes: u64,
+    /// Minutes finished jobs and their files are kept (fractions allowed).
+    #[arg(long, default_value_t = 60.0)]
+    pub keep_minutes: f64,
     /// Where job files go (default: a folder in the system temp dir).
     #[arg(long)]
     pub jobs_dir: Option<PathBuf>,
@@ -143,17 +143,21 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 512)]
     pub output_size: u32,
     /// Minutes finished jobs and their files are kept (the worker helps expire them).
-    #[arg(long, default_value_t = 60)]
-    pub keep_minutes: u64,
+    #[arg(long, default_value_t = 60.0)]
+    pub keep_minutes: f64,
 }
 
 /// The settings every job of this process is run with.
-fn engine_config(output_size: u32, keep_minutes: u64) -> Result<EngineConfig> {
+fn engine_config(output_size: u32, keep_minutes: f64) -> Result<EngineConfig> {
     if !(16..=2048).contains(&output_size) {
         bail!("--output-size must be between 16 and 2048");
     }
+    // a year at most: longer is not a keep time but a typo, and overflows nothing
+    if !(keep_minutes > 0.0 && keep_minutes <= 525_600.0) {
+        bail!("--keep-minutes must be more than 0 and at most 525600 (a year), not {keep_minutes}");
+    }
     let mut config = EngineConfig {
-        keep_for: Duration::from_secs(keep_minutes * 60),
+        keep_for: Duration::from_secs_f64(keep_minutes * 60.0),
         output_size,
         decode_hook: Some(crate::release_memory_while),
         ..EngineConfig::default()
@@ -247,6 +251,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             Some(url) => {
                 let pool = flipsketch_pgqueue::connect(url).await?;
                 let store = Store::from_spec(Some(&a.queue.store))?;
+                store.check().await?;
                 eprintln!(
                     "job queue: PostgreSQL at {}, files in {store:?}",
                     flipsketch_pgqueue::redact_url(url)
@@ -307,6 +312,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
     let result = runtime()?.block_on(async move {
         let pool = flipsketch_pgqueue::connect(&url).await?;
         let store = Store::from_spec(Some(&a.queue.store))?;
+        store.check().await?;
         eprintln!(
             "worker on the queue at {}, files in {store:?}",
             flipsketch_pgqueue::redact_url(&url)

@@ -57,6 +57,11 @@ fn spawn(args: &[&str], log: &Path) -> Command {
 /// A front end only (`--workers 0`) on `port`, the queue at `url`; `queue` are the lease and
 /// heartbeat flags, the same for every process of a test.
 fn front(url: &str, dir: &Path, port: u16, queue: &[&str]) -> Proc {
+    front_env(url, dir, port, queue, &[])
+}
+
+/// [`front`] with more environment variables.
+fn front_env(url: &str, dir: &Path, port: u16, queue: &[&str], env: &[(&str, &str)]) -> Proc {
     let port_s = port.to_string();
     let jobs = dir.join(format!("jobs-{port}"));
     let mut args = vec![
@@ -72,6 +77,7 @@ fn front(url: &str, dir: &Path, port: u16, queue: &[&str]) -> Proc {
     ];
     args.extend(queue);
     let mut cmd = spawn(&args, &dir.join(format!("front-{port}.log")));
+    cmd.envs(env.iter().copied());
     cmd.arg("--jobs-dir").arg(jobs).arg("--model").arg(tiny_model());
     let p = Proc {
         child: cmd.spawn().unwrap(),
@@ -83,9 +89,22 @@ fn front(url: &str, dir: &Path, port: u16, queue: &[&str]) -> Proc {
 
 /// `flipsketch worker --name name` on `model`; its log is `dir/name.log`.
 fn worker(url: &str, dir: &Path, name: &str, model: &Path, queue: &[&str]) -> Proc {
+    worker_env(url, dir, name, model, queue, &[])
+}
+
+/// [`worker`] with more environment variables.
+fn worker_env(
+    url: &str,
+    dir: &Path,
+    name: &str,
+    model: &Path,
+    queue: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let mut args = vec!["worker", "--queue", url, "--name", name, "--output-size", "64"];
     args.extend(queue);
     let mut cmd = spawn(&args, &dir.join(format!("{name}.log")));
+    cmd.envs(env.iter().copied());
     cmd.arg("--model")
         .arg(model)
         .arg("--scratch")
@@ -636,4 +655,206 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), &target).unwrap();
         }
     }
+}
+
+/// `moto_server` (the S3-compatible server of the Python package moto, pinned in
+/// tools/s3/requirements.txt) from `FLIPSKETCH_MOTO_SERVER`; without it the S3 test prints
+/// SKIPPED, unless `FLIPSKETCH_REQUIRE_S3=1` (CI), which makes it a failure.
+fn moto_server() -> Option<String> {
+    match std::env::var("FLIPSKETCH_MOTO_SERVER") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ => {
+            assert!(
+                std::env::var("FLIPSKETCH_REQUIRE_S3").as_deref() != Ok("1"),
+                "FLIPSKETCH_REQUIRE_S3=1 but FLIPSKETCH_MOTO_SERVER names no moto_server"
+            );
+            eprintln!("SKIPPED: no S3-compatible server (set FLIPSKETCH_MOTO_SERVER)");
+            None
+        }
+    }
+}
+
+/// A fresh, empty S3 server (moto keeps everything in memory) on `port` with the bucket
+/// `flipsketch`.
+fn start_s3(bin: &str, port: u16, dir: &Path) -> Proc {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("s3.log"))
+        .unwrap();
+    let child = Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+    let p = Proc {
+        child,
+        addr: format!("127.0.0.1:{port}"),
+    };
+    p.wait_listening();
+    let (code, body) = http(&p.addr, "PUT", "/flipsketch", "application/octet-stream", b"");
+    assert_eq!(code, 200, "creating the bucket: {body}");
+    p
+}
+
+/// The objects in the bucket under `jobs/`: (key, size). (moto lists for anyone but serves
+/// objects only to signed requests.)
+fn s3_objects(addr: &str) -> Vec<(String, usize)> {
+    let (code, body) = http(addr, "GET", "/flipsketch?list-type=2&prefix=jobs/", "text/plain", b"");
+    assert_eq!(code, 200, "{body}");
+    let field = |c: &str, tag: &str| -> Option<String> {
+        let open = format!("<{tag}>");
+        let rest = &c[c.find(&open)? + open.len()..];
+        Some(rest[..rest.find('<')?].to_string())
+    };
+    body.split("<Contents>")
+        .skip(1)
+        .map(|c| {
+            let size = field(c, "Size").and_then(|s| s.parse().ok());
+            (field(c, "Key").unwrap(), size.unwrap())
+        })
+        .collect()
+}
+
+fn s3_keys(addr: &str) -> Vec<String> {
+    s3_objects(addr).into_iter().map(|(k, _)| k).collect()
+}
+
+#[test]
+fn scaleout_files_in_an_s3_bucket_are_served_expire_and_fail_clearly_when_it_is_away() {
+    let _g = serial();
+    let Some(pg) = TestPg::or_skip(TestPg::database()) else {
+        return;
+    };
+    let Some(bin) = moto_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s3_port = free_port();
+    let mut s3 = start_s3(&bin, s3_port, d);
+    let endpoint = format!("http://127.0.0.1:{s3_port}");
+    let env = [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let flags = ["--lease-s", "3", "--heartbeat-s", "1", "--store", "s3://flipsketch/jobs"];
+
+    // a bucket that does not exist is said at start, before any job
+    let mut bad = worker_env(
+        &pg.url,
+        d,
+        "bad",
+        &tiny_model(),
+        &["--store", "s3://no-such-bucket/jobs"],
+        &env,
+    );
+    assert_eq!(bad.wait_exit(Duration::from_secs(60)), Some(Some(1)));
+    let said = log(d, "bad");
+    assert!(
+        said.contains("s3://no-such-bucket/jobs: the bucket cannot be read"),
+        "{said}"
+    );
+
+    let fe = front_env(&pg.url, d, free_port(), &flags, &env);
+    let _w = worker_env(&pg.url, d, "w", &tiny_model(), &flags, &env);
+    eventually(Duration::from_secs(60), "the worker", || {
+        (alive_workers(&fe.addr) == 1).then_some(())
+    });
+    let ids: Vec<String> = (0..2).map(|_| submit_ok(&fe.addr, SMALL)).collect();
+    let mut served = Vec::new();
+    for id in &ids {
+        let end = wait_end(&fe.addr, id);
+        assert_eq!(end["status"], "done", "{end}");
+        assert_files(&fe.addr, &end);
+        for r in end["results"].as_array().unwrap() {
+            let url = r["gif"].as_str().unwrap().to_string();
+            let name = url.rsplit('/').next().unwrap().to_string();
+            // what the front end serves is the attempt's object in the bucket
+            let (_, via_front) = get_bytes(&fe.addr, &url);
+            let key = format!("jobs/{id}/a1/{name}");
+            let objects = s3_objects(&s3.addr);
+            let size = objects.iter().find(|(k, _)| *k == key).map(|(_, n)| *n);
+            assert_eq!(size, Some(via_front.len()), "{key} in {objects:?}");
+            served.push(url);
+        }
+    }
+    // the database names the files but holds none of their bytes
+    assert_eq!(
+        q(
+            &pg,
+            "SELECT count(*) FILTER (WHERE bytes IS NULL) = count(*) AND count(*) > 0 \
+             FROM flipsketch_files"
+        ),
+        "t"
+    );
+    assert_eq!(q(&pg, FILES_MATCH), "t");
+    let stored = s3_keys(&s3.addr);
+    assert_eq!(
+        stored.len(),
+        q(&pg, "SELECT count(*) FROM flipsketch_files").parse::<usize>().unwrap(),
+        "{stored:?}"
+    );
+
+    // the bucket away: a download answers 503 soon, the job's status still answers
+    s3.signal(libc::SIGKILL);
+    s3.wait_exit(Duration::from_secs(10));
+    let t = Instant::now();
+    let (code, body) = http(&fe.addr, "GET", &served[0], "text/plain", b"");
+    let answered = t.elapsed();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("files cannot be read"), "{body}");
+    assert!(answered < Duration::from_secs(20), "503 after {answered:?}");
+    assert_eq!(get(&fe.addr, &format!("/api/jobs/{}", ids[0])).1["status"], "done");
+    // a job that ends while the bucket is away fails with the reason once a lease has passed
+    // (running it again elsewhere would meet the same bucket); the worker goes on
+    let id = submit_ok(&fe.addr, SMALL);
+    let submitted = Instant::now();
+    let end = wait_end(&fe.addr, &id);
+    let failed_after = submitted.elapsed();
+    assert_eq!(end["status"], "failed", "{end}");
+    let error = end["error"].as_str().unwrap();
+    assert!(error.contains("the result's files could not be stored"), "{error}");
+    assert_eq!(end["attempt"], 1, "{end}");
+    assert_eq!(alive_workers(&fe.addr), 1);
+
+    // the bucket back (empty: moto keeps nothing): the next job is stored and served
+    let s3 = start_s3(&bin, s3_port, d);
+    let id = submit_ok(&fe.addr, SMALL);
+    let end = wait_end(&fe.addr, &id);
+    assert_eq!(end["status"], "done", "{end}");
+    assert_files(&fe.addr, &end);
+    assert!(!s3_keys(&s3.addr).is_empty());
+    drop(fe);
+    drop(_w);
+
+    // kept 3 s (--keep-minutes 0.05): finished jobs go, their rows and their objects
+    let keep = ["--keep-minutes", "0.05"];
+    let fe = front_env(&pg.url, d, free_port(), &[&flags[..], &keep].concat(), &env);
+    let _w = worker_env(&pg.url, d, "w2", &tiny_model(), &[&flags[..], &keep].concat(), &env);
+    eventually(Duration::from_secs(60), "the worker", || {
+        (get(&fe.addr, "/healthz").0 == 200).then_some(())
+    });
+    let id = submit_ok(&fe.addr, SMALL);
+    let end = wait_end(&fe.addr, &id);
+    assert_eq!(end["status"], "done", "{end}");
+    let done = Instant::now();
+    assert!(s3_keys(&s3.addr).iter().any(|k| k.contains(&id)));
+    let gone = eventually(Duration::from_secs(30), "the expiry", || {
+        let status = get(&fe.addr, &format!("/api/jobs/{id}")).0;
+        (status == 404 && s3_keys(&s3.addr).is_empty()).then(|| done.elapsed())
+    });
+    assert_eq!(q(&pg, "SELECT count(*) FROM flipsketch_jobs"), "0");
+    assert_eq!(q(&pg, "SELECT count(*) FROM flipsketch_files"), "0");
+    eprintln!(
+        "S3 store: a download answered 503 {:.2} s after the bucket went away; a job ending \
+         then failed {:.1} s after its submission (lease 3 s); a done job and its objects gone \
+         {:.1} s after it ended (kept 3 s, janitor every 2 s)",
+        answered.as_secs_f64(),
+        failed_after.as_secs_f64(),
+        gone.as_secs_f64()
+    );
 }

@@ -43,7 +43,17 @@ impl Store {
                 if bucket.is_empty() {
                     return Err(PgError::Store(format!("--store {url}: no bucket name")));
                 }
-                let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                // A request is retried a few times over at most 15 s (the crate's default is
+                // 10 times over 3 minutes): a worker recording its result and a front end
+                // answering a download should say soon that the bucket is away.
+                let retry = object_store::RetryConfig {
+                    backoff: Default::default(),
+                    max_retries: 3,
+                    retry_timeout: std::time::Duration::from_secs(15),
+                };
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry);
                 if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
                     b = b
                         .with_endpoint(&endpoint)
@@ -65,6 +75,18 @@ impl Store {
         }
     }
 
+    /// Checks at start that the bucket can be listed (it exists, the credentials are good),
+    /// so that a wrong `--store` is said at once and not after a job's whole run.
+    pub async fn check(&self) -> Result<(), PgError> {
+        if let Store::S3 { store, prefix, url } = self {
+            store
+                .list_with_delimiter(Some(prefix))
+                .await
+                .map_err(|e| PgError::Store(format!("--store {url}: the bucket cannot be read: {e}")))?;
+        }
+        Ok(())
+    }
+
     fn key(prefix: &ObjectPath, job: &str, attempt: i32, name: &str) -> ObjectPath {
         prefix.child(job).child(format!("a{attempt}")).child(name)
     }
@@ -78,16 +100,29 @@ impl Store {
         attempt: i32,
         files: &[(String, Vec<u8>)],
     ) -> Result<(), String> {
+        use futures::{StreamExt, TryStreamExt};
         if let Store::S3 { store, prefix, .. } = self {
-            for (name, bytes) in files {
-                store
-                    .put(
-                        &Self::key(prefix, job, attempt, name),
-                        PutPayload::from(bytes.clone()),
-                    )
-                    .await
-                    .map_err(|e| format!("cannot store {name}: {e}"))?;
-            }
+            // a few uploads at once: a job has up to 8 variants of GIF, MP4, frames
+            // (each upload owns what it needs: futures borrowing across the stream are not
+            // Send for every lifetime, which a spawned worker requires)
+            let uploads: Vec<_> = files
+                .iter()
+                .map(|(name, bytes)| {
+                    let (store, name) = (store.clone(), name.clone());
+                    let key = Self::key(prefix, job, attempt, &name);
+                    let payload = PutPayload::from(bytes.clone());
+                    async move {
+                        store
+                            .put(&key, payload)
+                            .await
+                            .map_err(|e| format!("cannot store {name}: {e}"))
+                    }
+                })
+                .collect();
+            futures::stream::iter(uploads)
+                .buffer_unordered(4)
+                .try_collect::<Vec<_>>()
+                .await?;
         }
         Ok(())
     }

@@ -309,6 +309,26 @@ async fn renew(
     .await
 }
 
+/// A lease extended without news (while its end is being recorded): `None` once the job
+/// is not this attempt's.
+async fn extend_lease(
+    pool: &PgPool,
+    c: &Claim,
+    worker: &str,
+    lease: Duration,
+) -> Result<Option<i32>, sqlx::Error> {
+    sqlx::query_scalar::<_, i32>(
+        "UPDATE flipsketch_jobs SET lease_until = now() + make_interval(secs => $4) \
+         WHERE id = $1 AND attempt = $2 AND worker = $3 AND state = 'running' RETURNING 1",
+    )
+    .bind(&c.id)
+    .bind(c.attempt)
+    .bind(worker)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+}
+
 /// How the run of a claim ended, for the statement that records it.
 enum End {
     Done(Vec<(String, Vec<u8>)>),
@@ -318,6 +338,24 @@ enum End {
     Lost,
     /// SIGTERM: back to the queue.
     HandBack,
+}
+
+/// Why the end of a claim is not recorded (yet).
+#[derive(Debug)]
+enum RecordError {
+    /// PostgreSQL did not answer.
+    Db(String),
+    /// The bucket did not take the files.
+    Store(String),
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordError::Db(e) => write!(f, "PostgreSQL: {e}"),
+            RecordError::Store(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 /// Runs one claimed job to its end; true when the worker is stopping (the job handed back).
@@ -452,7 +490,7 @@ async fn run_claim(
         }
     };
     flipsketch_engine::remove_dirs(vec![dir]);
-    let end = if lost {
+    let mut end = if lost {
         End::Lost
     } else if handing_back {
         End::HandBack
@@ -463,14 +501,30 @@ async fn run_claim(
             Err(Stop::Failed(e)) => End::Failed(e),
         }
     };
-    // the end, written for this attempt only; retried while the database is away
-    let deadline = Instant::now() + lease;
+    // the end, written for this attempt only; retried while the database or the bucket is
+    // away, for as long as a lease lasts. Files that cannot be stored by then fail the job
+    // with the reason (running it again elsewhere would meet the same bucket).
+    let mut deadline = Instant::now() + lease;
     loop {
         match record(pool, store, worker, &c, &end).await {
             Ok(()) => break,
             Err(e) if Instant::now() < deadline => {
                 tracing::warn!("job {}: cannot record its end yet: {e}", c.id);
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                // the lease held meanwhile, else the job would run again elsewhere
+                if let Ok(None) = extend_lease(pool, &c, worker, lease).await {
+                    tracing::warn!(
+                        "job {}: attempt {} lost its lease while recording its end",
+                        c.id,
+                        c.attempt
+                    );
+                    break;
+                }
+            }
+            Err(RecordError::Store(e)) => {
+                tracing::error!("job {}: its files could not be stored: {e}", c.id);
+                end = End::Failed(format!("the result's files could not be stored: {e}"));
+                deadline = Instant::now() + lease;
             }
             Err(e) => {
                 tracing::error!("job {}: its end could not be recorded: {e}", c.id);
@@ -493,8 +547,8 @@ async fn record(
     worker: &str,
     c: &Claim,
     end: &End,
-) -> Result<(), String> {
-    let db = |e: sqlx::Error| e.to_string();
+) -> Result<(), RecordError> {
+    let db = |e: sqlx::Error| RecordError::Db(e.to_string());
     const MINE: &str = "WHERE id = $1 AND attempt = $2 AND worker = $3 AND state = 'running'";
     match end {
         End::Lost => {
@@ -546,7 +600,10 @@ async fn record(
             Ok(())
         }
         End::Done(files) => {
-            store.put(&c.id, c.attempt, files).await?;
+            store
+                .put(&c.id, c.attempt, files)
+                .await
+                .map_err(RecordError::Store)?;
             let names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
             let mut tx = pool.begin().await.map_err(db)?;
             // a cancel accepted before this statement wins: the job ends cancelled, no files
