@@ -169,9 +169,9 @@ try {
     await waitReady();
     if (process.env.E2E_QUEUE === 'postgres') {
       // one front end and one worker on a PostgreSQL queue (run.sh)
-      assert.match(await page.textContent('#health'), /ready \(1 worker: 1 CPU/i, 'the badge counts the workers');
+      assert.match(await page.textContent('#health'), /ready \(1 worker: 1 CPU, (bf16|f32)\)/i, 'the badge counts the workers and says their precision');
     } else {
-      assert.match(await page.textContent('#health'), /ready \(model on CPU\)/i, 'the badge says where the model runs');
+      assert.match(await page.textContent('#health'), /ready \(model on CPU, (bf16|f32)\)/i, 'the badge says where the model runs, in which precision');
     }
     const canvas = await canvasStats();
     assert.deepEqual([canvas.w, canvas.h], [512, 512], 'the canvas is 512x512 inside');

@@ -74,8 +74,8 @@ pub struct AnimateArgs {
     /// Last step that composes attention with the sketch; negative turns composition off.
     #[arg(long, default_value_t = 15, allow_negative_numbers = true)]
     pub tau: i64,
-    /// Compute precision.
-    #[arg(long, value_enum, default_value = "f32")]
+    /// Compute precision: auto is bf16 on a GPU or a CPU with AVX512-BF16, else f32.
+    #[arg(long, value_enum, default_value = "auto")]
     pub dtype: Precision,
     /// Where the model runs: auto (a GPU when this binary has CUDA or Metal support and one is
     /// there, else the CPU), cpu, cuda[:N], metal[:N].
@@ -329,7 +329,7 @@ pub fn run(mut a: AnimateArgs) -> Result<()> {
     let mut bars = Bars::new(a.quiet);
     let model_dir = a.model.resolve(!a.quiet)?;
     let t_load = Instant::now();
-    let dtype = a.dtype.dtype();
+    let dtype = a.dtype.dtype(&device);
     let components = Components::load(&model_dir, dtype, &device, a.model.variant(), |name| {
         bars.spinner(&format!("loading {name}"))
     })
@@ -445,7 +445,7 @@ pub fn run(mut a: AnimateArgs) -> Result<()> {
     let result = serde_json::json!({
         "sketch": a.sketch, "prompt": a.prompt, "model": model_dir,
         "variants": variants, "frames": frames, "steps": a.steps, "guidance": a.guidance,
-        "lambda": a.lambda, "tau": a.tau, "dtype": format!("{:?}", dtype).to_lowercase(), "device": flipsketch_pipeline::device_name(&device),
+        "lambda": a.lambda, "tau": a.tau, "dtype": crate::dtype_name(dtype), "device": flipsketch_pipeline::device_name(&device),
         "seed": seed, "seeds": (0..variants).map(|i| seed.wrapping_add(i as u64)).collect::<Vec<_>>(),
         "unet_frame_evaluations": output.unet_frame_evals,
         "timings_s": {"load": load_s, "generate": run_s, "write": write_s, "rank": rank_s, "total": t_start.elapsed().as_secs_f64(),

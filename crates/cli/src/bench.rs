@@ -81,8 +81,8 @@ fn unet(u: UnetBench) -> Result<()> {
     }
     let dir = a.model.join("unet");
     let cfg = UNet3DConfig::from_file(&dir.join("config.json"))?;
-    let dtype = a.dtype.dtype();
     let dev = a.device.open()?;
+    let dtype = a.dtype.dtype(&dev);
     let unet = load("unet", &dir, dtype, &dev, |vb| {
         UNet3DConditionModel::new(&cfg, vb)
     })?;
@@ -113,10 +113,11 @@ fn vae(v: VaeBench) -> Result<()> {
     let dir = a.model.join("vae");
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
     let dev = a.device.open()?;
-    let vae = load("vae", &dir, a.dtype.dtype(), &dev, |vb| {
+    let dtype = a.dtype.dtype(&dev);
+    let vae = load("vae", &dir, dtype, &dev, |vb| {
         AutoencoderKL::new(&cfg, vb)
     })?;
-    let act = activations(a.dtype.dtype(), &dev)?;
+    let act = activations(dtype, &dev)?;
     let latents =
         Tensor::randn(0f32, 1., (1, cfg.latent_channels, a.size, a.size), &dev)?.to_dtype(act)?;
     let best = repeat(a.reps, a.breakdown, || vae.decode(&latents))?;

@@ -30,19 +30,45 @@ struct Cli {
     command: Command,
 }
 
+/// `--dtype`: the compute precision. `auto` is what runs fastest at the stated tolerance:
+/// bf16 on GPUs and on CPUs with AVX512-BF16 (the original app runs in bf16), f32 elsewhere
+/// (without AVX512-BF16 a CPU has no bf16 products, so bf16 would only add conversions).
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Precision {
+    Auto,
     F32,
     Bf16,
 }
 
 impl Precision {
-    pub fn dtype(self) -> DType {
+    /// The dtype on `device`.
+    pub fn dtype(self, device: &candle_core::Device) -> DType {
         match self {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
+            Precision::Auto if !device.is_cpu() || cpu_has_bf16() => DType::BF16,
+            Precision::Auto => DType::F32,
         }
     }
+}
+
+/// The CPU computes bf16 products natively (AVX512-BF16).
+fn cpu_has_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// How a dtype is named in result.json, the HTTP API and messages.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    flipsketch_pipeline::dtype_name(dtype)
 }
 
 #[derive(Subcommand)]
@@ -65,7 +91,7 @@ enum Command {
         #[command(flatten)]
         model: model_source::ModelArgs,
         /// Compute dtype the weights are converted to.
-        #[arg(long, value_enum, default_value = "f32")]
+        #[arg(long, value_enum, default_value = "auto")]
         dtype: Precision,
         /// Where the weights are loaded: auto, cpu, cuda[:N], metal[:N].
         #[arg(long, default_value = "auto")]
@@ -98,12 +124,13 @@ fn inspect(
     let device = device.open()?;
     let model = source.resolve(true)?;
     let t0 = Instant::now();
-    let components = Components::load(&model, dtype.dtype(), &device, source.variant(), |name| {
+    let dtype = dtype.dtype(&device);
+    let components = Components::load(&model, dtype, &device, source.variant(), |name| {
         tracing::info!("loading {name}");
     })
     .with_context(|| format!("cannot load the model in {}", model.display()))?;
     println!("model: {}", model.display());
-    println!("compute dtype: {:?}", dtype.dtype());
+    println!("compute dtype: {}", dtype_name(dtype));
     println!("device: {}", flipsketch_pipeline::device_name(&device));
     for r in &components.reports {
         println!("\n[{}] {}", r.name, r.summary);

@@ -26,7 +26,8 @@ use crate::Precision;
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long, value_enum, default_value = "f32")]
+    /// Compute precision: auto is bf16 on a GPU or a CPU with AVX512-BF16, else f32.
+    #[arg(long, value_enum, default_value = "auto")]
     pub dtype: Precision,
     /// Where the model runs: auto (a GPU when this binary has CUDA or Metal support and one is
     /// there, else the CPU), cpu, cuda[:N], metal[:N].
@@ -169,19 +170,30 @@ fn engine_config(output_size: u32, keep_minutes: f64) -> Result<EngineConfig> {
     Ok(config)
 }
 
-/// Loads the model (downloading it first if needed) for `run`.
-fn loader(run: &RunArgs) -> Result<impl FnOnce() -> Result<Pipeline, String> + Send + 'static> {
-    let (model, dtype) = (run.model.clone(), run.dtype.dtype());
+/// Reference noises of this many recent sketches are kept (16 KB each at 256 px).
+const INVERSION_CACHE: usize = 8;
+
+/// Loads the model (downloading it first if needed) for `run`; also the precision it runs in.
+#[allow(clippy::type_complexity)]
+fn loader(
+    run: &RunArgs,
+) -> Result<(
+    impl FnOnce() -> Result<Pipeline, String> + Send + 'static,
+    &'static str,
+)> {
     let device = run.device.open()?;
-    Ok(move || {
+    let (model, dtype) = (run.model.clone(), run.dtype.dtype(&device));
+    let load = move || {
         let dir = model.resolve(true).map_err(|e| format!("{e:#}"))?;
         let components = Components::load(&dir, dtype, &device, model.variant(), |name| {
             tracing::info!("loading {name}")
         })
         .map_err(|e| format!("{}: {e}", dir.display()))?;
         eprintln!("model loaded from {}", dir.display());
-        Ok(Pipeline::new(components, device))
-    })
+        // a second prompt on one of the last sketches skips its encoding and inversion
+        Ok(Pipeline::new(components, device).with_inversion_cache(INVERSION_CACHE))
+    };
+    Ok((load, crate::dtype_name(dtype)))
 }
 
 /// SIGINT or SIGTERM.
@@ -233,7 +245,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     };
     let postgres = a.queue.postgres()?.map(String::from);
     let qopts = a.queue.options()?;
-    let load = loader(&a.run)?;
+    let (load, dtype) = loader(&a.run)?;
     runtime()?.block_on(async move {
         let addr = format!("{}:{}", a.host, a.port);
         let listener = tokio::net::TcpListener::bind(&addr)
@@ -263,7 +275,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                         queue: qopts,
                         scratch: config.jobs_dir.clone(),
                         name: String::new(),
-                        dtype: format!("{:?}", a.run.dtype).to_lowercase(),
+                        dtype: dtype.to_string(),
                     };
                     tokio::spawn(flipsketch_pgqueue::run_worker(
                         pool, config, opts, store, load, stop_rx,
@@ -308,7 +320,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
     let scratch = a.scratch.clone().unwrap_or_else(scratch_default);
     let _scratch_lock =
         flipsketch_engine::prepare_jobs_dir(&scratch).map_err(anyhow::Error::msg)?;
-    let load = loader(&a.run)?;
+    let (load, dtype) = loader(&a.run)?;
     let result = runtime()?.block_on(async move {
         let pool = flipsketch_pgqueue::connect(&url).await?;
         let store = Store::from_spec(Some(&a.queue.store))?;
@@ -327,7 +339,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             queue: qopts,
             scratch: scratch.clone(),
             name: a.name.clone(),
-            dtype: format!("{:?}", a.run.dtype).to_lowercase(),
+            dtype: dtype.to_string(),
         };
         flipsketch_pgqueue::run_worker(pool, config, opts, store, load, stop_rx)
             .await

@@ -86,6 +86,9 @@ fn dump_matches_reference_pipeline() {
             "9",
             "--encode",
             "mean",
+            // the goldens are f32 (auto would pick bf16 on a CPU with AVX512-BF16)
+            "--dtype",
+            "f32",
             "--init-noise",
             noise_path.to_str().unwrap(),
             "--dump",
@@ -151,6 +154,7 @@ fn dump_matches_reference_pipeline() {
             .unwrap();
     assert_eq!(result["variants"], 2);
     assert_eq!(result["device"], "cpu");
+    assert_eq!(result["dtype"], "f32");
     assert_eq!(
         result["unet_frame_evaluations"],
         6 * 5 + 2 * 6 * 8 + 4 + 3 + 2 + 1
@@ -382,6 +386,13 @@ fn rank_clip_scores_and_orders_every_variant() {
     let result: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("o/result.json")).unwrap())
             .unwrap();
+    // --dtype auto (the default): bf16 where the CPU has bf16 products, else f32
+    #[cfg(target_arch = "x86_64")]
+    let bf16 = std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512bw");
+    #[cfg(not(target_arch = "x86_64"))]
+    let bf16 = false;
+    assert_eq!(result["dtype"], if bf16 { "bf16" } else { "f32" }, "{result}");
     let list = result["ranking"]["variants"].as_array().unwrap();
     assert_eq!(list.len(), 3, "never returns nothing: {result}");
     let scores: Vec<f64> = list.iter().map(|v| v["score"].as_f64().unwrap()).collect();

@@ -375,10 +375,12 @@ pub type Lookup<T> = Result<Option<T>, Unavailable>;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Readiness {
     Loading,
-    /// `device`: where the model runs ("cpu", "cuda", "metal").
+    /// `device`: where the model runs ("cpu", "cuda", "metal"); `dtype`: its precision
+    /// ("f32", "bf16").
     Ready {
         image_size: usize,
         device: &'static str,
+        dtype: &'static str,
     },
     Failed(String),
 }
@@ -390,6 +392,8 @@ pub struct Workers {
     pub alive: usize,
     /// Alive workers per device ("cpu", "cuda", "metal").
     pub devices: BTreeMap<String, usize>,
+    /// Alive workers per precision ("f32", "bf16").
+    pub dtypes: BTreeMap<String, usize>,
     /// Alive workers busy with a job.
     pub busy: usize,
 }

@@ -400,6 +400,10 @@ impl Progress for JobProgress {
         self.advance(0);
     }
 
+    fn inversion_cached(&mut self) {
+        self.work = self.work.without_inversion();
+    }
+
     fn advance(&mut self, done: usize) {
         if self.phase == Phase::Denoising && self.panics {
             panic!("failpoint: a panic inside the run");
@@ -438,6 +442,7 @@ fn worker_main(shared: Arc<Shared>, load: Loader, _jobs_lock: std::fs::File) {
                 lock(&shared).readiness = Readiness::Ready {
                     image_size: p.image_size(),
                     device: p.device_name(),
+                    dtype: p.dtype_name(),
                 };
                 p
             }

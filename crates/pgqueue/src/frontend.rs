@@ -360,6 +360,23 @@ fn device_name(s: &str) -> &'static str {
     }
 }
 
+fn dtype_name(s: &str) -> &'static str {
+    match s {
+        "bf16" => "bf16",
+        "f16" => "f16",
+        _ => "f32",
+    }
+}
+
+/// The key counted most often (the first of equals).
+fn most<'a>(counts: &BTreeMap<&'a str, usize>, default: &'a str) -> &'a str {
+    counts
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(d, _)| *d)
+        .unwrap_or(default)
+}
+
 #[async_trait::async_trait]
 impl JobQueue for PgQueue {
     fn config(&self) -> &EngineConfig {
@@ -369,7 +386,7 @@ impl JobQueue for PgQueue {
     async fn health(&self) -> Health {
         let alive = self.opts.heartbeat * 3;
         let rows = sqlx::query(
-            "SELECT device, state, image_size, job_id, error FROM flipsketch_workers \
+            "SELECT device, dtype, state, image_size, job_id, error FROM flipsketch_workers \
              WHERE last_seen > now() - make_interval(secs => $1) ORDER BY started_at",
         )
         .bind(alive.as_secs_f64())
@@ -386,9 +403,10 @@ impl JobQueue for PgQueue {
             }
         };
         let mut workers = Workers::default();
-        let mut ready: Option<(usize, &'static str)> = None;
+        let mut ready: Option<usize> = None;
         let mut failure = None;
         let mut by_device: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut by_dtype: BTreeMap<&'static str, usize> = BTreeMap::new();
         for r in &rows {
             let state: String = r.get("state");
             match state.as_str() {
@@ -398,12 +416,16 @@ impl JobQueue for PgQueue {
                     workers.alive += 1;
                     *workers.devices.entry(device.to_string()).or_default() += 1;
                     *by_device.entry(device).or_default() += 1;
+                    let dtype =
+                        dtype_name(&r.get::<Option<String>, _>("dtype").unwrap_or_default());
+                    *workers.dtypes.entry(dtype.to_string()).or_default() += 1;
+                    *by_dtype.entry(dtype).or_default() += 1;
                     if r.get::<Option<String>, _>("job_id").is_some() {
                         workers.busy += 1;
                     }
                     if ready.is_none() {
                         let size: Option<i32> = r.get("image_size");
-                        ready = Some((size.unwrap_or(0) as usize, device));
+                        ready = Some(size.unwrap_or(0) as usize);
                     }
                 }
                 "failed" => failure = r.get::<Option<String>, _>("error"),
@@ -411,15 +433,12 @@ impl JobQueue for PgQueue {
             }
         }
         let readiness = match ready {
-            Some((image_size, _)) => {
-                // the device most workers run on
-                let device = by_device
-                    .iter()
-                    .max_by_key(|(_, n)| **n)
-                    .map(|(d, _)| *d)
-                    .unwrap_or("cpu");
-                Readiness::Ready { image_size, device }
-            }
+            // the device and precision most workers run with
+            Some(image_size) => Readiness::Ready {
+                image_size,
+                device: most(&by_device, "cpu"),
+                dtype: most(&by_dtype, "f32"),
+            },
             None => match failure {
                 Some(e) => Readiness::Failed(format!("no worker is ready; one failed: {e}")),
                 // workers starting with the front end get a few heartbeats to register

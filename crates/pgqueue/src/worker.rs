@@ -32,7 +32,8 @@ pub struct WorkerOptions {
 /// the files are being written.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Report {
-    Phase(Phase, usize),
+    /// The phase, its units done, and whether the inversion came from the cache.
+    Phase(Phase, usize, bool),
     Writing,
 }
 
@@ -42,9 +43,13 @@ struct WorkerProgress {
     stop: Arc<AtomicBool>,
     phase: Phase,
     panics: bool,
+    inversion_cached: bool,
 }
 
 impl Progress for WorkerProgress {
+    fn inversion_cached(&mut self) {
+        self.inversion_cached = true;
+    }
     fn phase(&mut self, phase: Phase, _total: usize) {
         self.phase = phase;
         self.advance(0);
@@ -53,7 +58,8 @@ impl Progress for WorkerProgress {
         if self.phase == Phase::Denoising && self.panics {
             panic!("failpoint: a panic inside the run");
         }
-        self.tx.send_replace(Report::Phase(self.phase, done));
+        self.tx
+            .send_replace(Report::Phase(self.phase, done, self.inversion_cached));
     }
     fn cancelled(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
@@ -172,12 +178,13 @@ async fn work(
     let pipeline = Arc::new(pipeline);
     let image_size = pipeline.image_size();
     sqlx::query(
-        "UPDATE flipsketch_workers SET state = 'ready', device = $2, image_size = $3, last_seen = now() \
-         WHERE id = $1",
+        "UPDATE flipsketch_workers SET state = 'ready', device = $2, image_size = $3, dtype = $4, \
+         last_seen = now() WHERE id = $1",
     )
     .bind(name)
     .bind(pipeline.device_name())
     .bind(image_size as i32)
+    .bind(pipeline.dtype_name())
     .execute(pool)
     .await
     .map_err(db)?;
@@ -373,7 +380,7 @@ async fn run_claim(
     tracing::info!("job {}: attempt {} on worker {worker}", c.id, c.attempt);
     let lease = opts.queue.lease;
     let stop = Arc::new(AtomicBool::new(false));
-    let (tx, mut rx) = watch::channel(Report::Phase(Phase::Encoding, 0));
+    let (tx, mut rx) = watch::channel(Report::Phase(Phase::Encoding, 0, false));
     let dir = opts.scratch.join(&c.id);
     let work = c.spec.work();
     let started = Instant::now();
@@ -404,6 +411,7 @@ async fn run_claim(
                         .panic_marker
                         .as_deref()
                         .is_some_and(|m| spec.prompt.contains(m)),
+                    inversion_cached: false,
                 };
                 let out = pipeline.run(&request, &mut progress).map_err(|e| match e {
                     PipelineError::Cancelled => Stop::Cancelled,
@@ -455,8 +463,9 @@ async fn run_claim(
         }
         let report = *rx.borrow_and_update();
         let (phase, progress, step, eta) = match report {
-            Report::Phase(p, done) => {
-                let (pr, eta) = progress_of(&work, p, done, started.elapsed().as_secs_f64());
+            Report::Phase(p, done, cached) => {
+                let plan = if cached { work.without_inversion() } else { work.clone() };
+                let (pr, eta) = progress_of(&plan, p, done, started.elapsed().as_secs_f64());
                 let step = matches!(p, Phase::Inversion | Phase::Denoising).then_some(done);
                 (JobPhase::from(p), pr, step, eta)
             }

@@ -90,6 +90,9 @@ pub trait Progress {
     fn phase(&mut self, _phase: Phase, _total: usize) {}
     /// `done` units of the current phase are finished.
     fn advance(&mut self, _done: usize) {}
+    /// The sketch's reference noise came from the [`InversionCache`]: the sketch is not
+    /// encoded and the inversion phase does not run ([`WorkPlan::without_inversion`]).
+    fn inversion_cached(&mut self) {}
     fn cancelled(&self) -> bool {
         false
     }
@@ -103,7 +106,10 @@ pub trait Progress {
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorkPlan {
     pub steps: usize,
+    /// Per inversion step; 0 when the inversion comes from the cache.
     pub inversion_step: f64,
+    /// The sketch's encoding (one UNet frame's worth; 0 from the cache).
+    pub sketch_encoding: f64,
     pub denoising_steps: Vec<f64>,
     pub decoded_frames: usize,
 }
@@ -123,8 +129,19 @@ impl WorkPlan {
         Self {
             steps,
             inversion_step: INVERSION_FRAMES as f64,
+            sketch_encoding: 1.0,
             denoising_steps,
             decoded_frames: variants * frames,
+        }
+    }
+
+    /// The plan of a run whose reference noise comes from the [`InversionCache`]: no sketch
+    /// encoding, no inversion steps.
+    pub fn without_inversion(&self) -> Self {
+        Self {
+            inversion_step: 0.0,
+            sketch_encoding: 0.0,
+            ..self.clone()
         }
     }
 
@@ -137,13 +154,14 @@ impl WorkPlan {
     pub fn units_before(&self, phase: Phase, done: usize) -> f64 {
         let inversion = self.inversion_step * self.steps as f64;
         let denoising: f64 = self.denoising_steps.iter().sum();
+        let enc = self.sketch_encoding;
         match phase {
-            Phase::Encoding => done as f64,
-            Phase::Inversion => 1.0 + self.inversion_step * done as f64,
+            Phase::Encoding => enc * done as f64,
+            Phase::Inversion => enc + self.inversion_step * done as f64,
             Phase::Denoising => {
-                1.0 + inversion + self.denoising_steps.iter().take(done).sum::<f64>()
+                enc + inversion + self.denoising_steps.iter().take(done).sum::<f64>()
             }
-            Phase::Decoding => 1.0 + inversion + denoising + DECODE_FRAME_UNITS * done as f64,
+            Phase::Decoding => enc + inversion + denoising + DECODE_FRAME_UNITS * done as f64,
         }
     }
 
@@ -180,16 +198,106 @@ pub fn device_name(device: &Device) -> &'static str {
     }
 }
 
+/// How a compute dtype is named in result.json, the HTTP API and messages: "f32", "bf16"...
+pub fn dtype_name(dtype: DType) -> &'static str {
+    dtype.as_str()
+}
+
 /// The sketch is inverted as this many identical frames (the app's choice).
 const INVERSION_FRAMES: usize = 5;
 
 /// ChaCha streams: variant start noise uses stream 0 with seed + i; the posterior stream 1.
 const POSTERIOR_STREAM: u64 = 1;
 
+/// The reference noises of the last few sketches (the app's second prompt on the same sketch
+/// skips the sketch's encoding and its inversion). The inversion depends on the sketch, the
+/// steps and the posterior's noise (none for the mean, the seed for a seeded sample, the
+/// given noise), never on the prompt (it runs on the empty one); the key is a SHA-256 of
+/// those, the model and the precision being the pipeline's own. A hit gives the very tensor
+/// the inversion gave, so the run is bit-identical to an uncached one.
+pub struct InversionCache {
+    capacity: usize,
+    /// Oldest first.
+    entries: std::sync::Mutex<std::collections::VecDeque<([u8; 32], Tensor)>>,
+    hits: std::sync::atomic::AtomicUsize,
+}
+
+impl InversionCache {
+    /// Keeps the last `capacity` reference noises (16 KB each at the real model's size).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: Default::default(),
+            hits: Default::default(),
+        }
+    }
+
+    /// Runs that took their reference noise from here.
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn key(r: &Request) -> candle_core::Result<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut tensor = |t: &Tensor| -> candle_core::Result<()> {
+            h.update(format!("{:?}", t.dims()).as_bytes());
+            for v in t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
+                h.update(v.to_le_bytes());
+            }
+            Ok(())
+        };
+        tensor(&r.image)?;
+        match &r.encode {
+            Encode::Mean => h.update(b"mean"),
+            Encode::Sample(noise) => {
+                h.update(b"sample");
+                let mut g = Sha256::new();
+                for v in noise.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
+                    g.update(v.to_le_bytes());
+                }
+                h.update(format!("{:?}", noise.dims()).as_bytes());
+                h.update(g.finalize());
+            }
+            Encode::SampleSeeded => {
+                h.update(b"seeded");
+                h.update(r.seed.to_le_bytes());
+            }
+        }
+        h.update((r.steps as u64).to_le_bytes());
+        Ok(h.finalize().into())
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<Tensor> {
+        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let i = e.iter().position(|(k, _)| k == key)?;
+        // most recently used last
+        let entry = e.remove(i)?;
+        let t = entry.1.clone();
+        e.push_back(entry);
+        self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(t)
+    }
+
+    fn put(&self, key: [u8; 32], t: Tensor) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        e.retain(|(k, _)| *k != key);
+        while e.len() >= self.capacity {
+            e.pop_front();
+        }
+        e.push_back((key, t));
+    }
+}
+
 pub struct Pipeline {
     pub components: Components,
     device: Device,
     dtype: DType,
+    /// Reference noises of recent sketches ([`Pipeline::with_inversion_cache`]).
+    cache: Option<InversionCache>,
     /// Variants per UNet call in the main passes (`None`: all at once). The result does not
     /// depend on it; memory and speed do. [`Pipeline::new`] picks one at a time on the CPU.
     pub variants_per_call: Option<usize>,
@@ -205,12 +313,29 @@ impl Pipeline {
             device,
             dtype,
             variants_per_call,
+            cache: None,
         }
+    }
+
+    /// Keeps the reference noises of the last `capacity` sketches ([`InversionCache`]).
+    pub fn with_inversion_cache(mut self, capacity: usize) -> Self {
+        self.cache = Some(InversionCache::new(capacity));
+        self
+    }
+
+    /// The cache of reference noises, if this pipeline keeps one.
+    pub fn inversion_cache(&self) -> Option<&InversionCache> {
+        self.cache.as_ref()
     }
 
     /// Where the model runs: "cpu", "cuda" or "metal".
     pub fn device_name(&self) -> &'static str {
         device_name(&self.device)
+    }
+
+    /// The compute precision: "f32" or "bf16".
+    pub fn dtype_name(&self) -> &'static str {
+        dtype_name(self.dtype)
     }
 
     /// Sketch resolution the model works at: `unet.sample_size * vae downscale` (256 for the
@@ -271,29 +396,18 @@ impl Pipeline {
         Ok((b, f))
     }
 
-    pub fn run(&self, r: &Request, progress: &mut dyn Progress) -> Result<Output, PipelineError> {
-        let (b, f) = self.validate(r)?;
-        let comps = &self.components;
-        let unet = &comps.unet;
-        let vae = &comps.vae;
+    /// The sketch's reference noise (1, C, 1, h, w): steps 1 and 2 of [`Pipeline::run`].
+    fn invert(
+        &self,
+        r: &Request,
+        uncond: &Tensor,
+        sched: &flipsketch_schedulers::DdimScheduler,
+        timesteps: &[i64],
+        progress: &mut dyn Progress,
+        evals: &mut usize,
+    ) -> Result<Tensor, PipelineError> {
+        let (vae, unet) = (&self.components.vae, &self.components.unet);
         let scaling = vae.config().scaling_factor;
-        let size = self.image_size();
-        let lat = size / vae.config().downscale();
-        let c = unet.config().in_channels;
-        let mut evals = 0usize;
-        let check = |p: &dyn Progress| {
-            if p.cancelled() {
-                Err(PipelineError::Cancelled)
-            } else {
-                Ok(())
-            }
-        };
-
-        // 0. prompts: cond = prompt, uncond = null = "" (the same tensor)
-        progress.phase(Phase::Encoding, 1);
-        let cond = self.encode_prompt(&r.prompt)?;
-        let uncond = self.encode_prompt("")?;
-
         // 1. sketch -> 5 identical frames -> VAE posterior -> (1, C, 5, h, w). The encoder
         // sees each frame on its own and the frames are copies, so one encode gives the
         // posterior of all five; only the posterior noise differs between them.
@@ -330,18 +444,69 @@ impl Pipeline {
         progress.advance(1);
 
         // 2. DDIM inversion, timesteps ascending, one UNet call per step on the empty prompt
-        let mut sched = comps.scheduler.clone();
-        sched.set_timesteps(r.steps)?;
-        let timesteps = sched.timesteps().to_vec();
         progress.phase(Phase::Inversion, timesteps.len());
         for (k, &t) in timesteps.iter().rev().enumerate() {
-            check(progress)?;
+            if progress.cancelled() {
+                return Err(PipelineError::Cancelled);
+            }
             let e = unet.forward(&x, t as f64, &uncond, None)?;
-            evals += INVERSION_FRAMES;
+            *evals += INVERSION_FRAMES;
             x = sched.inversion_step(&e, t, &x)?;
             progress.advance(k + 1);
         }
-        let inv_latents = x.mean_keepdim(2)?; // (1, C, 1, h, w)
+        Ok(x.mean_keepdim(2)?) // (1, C, 1, h, w)
+    }
+
+    pub fn run(&self, r: &Request, progress: &mut dyn Progress) -> Result<Output, PipelineError> {
+        let (b, f) = self.validate(r)?;
+        let comps = &self.components;
+        let unet = &comps.unet;
+        let vae = &comps.vae;
+        let scaling = vae.config().scaling_factor;
+        let size = self.image_size();
+        let lat = size / vae.config().downscale();
+        let c = unet.config().in_channels;
+        let mut evals = 0usize;
+        let check = |p: &dyn Progress| {
+            if p.cancelled() {
+                Err(PipelineError::Cancelled)
+            } else {
+                Ok(())
+            }
+        };
+
+        // 0. prompts: cond = prompt, uncond = null = "" (the same tensor)
+        progress.phase(Phase::Encoding, 1);
+        let cond = self.encode_prompt(&r.prompt)?;
+        let uncond = self.encode_prompt("")?;
+
+        let mut sched = comps.scheduler.clone();
+        sched.set_timesteps(r.steps)?;
+        let timesteps = sched.timesteps().to_vec();
+
+        // 1-2. the sketch's reference noise: from the cache, or encoded and inverted
+        let key = match &self.cache {
+            Some(_) => Some(InversionCache::key(r)?),
+            None => None,
+        };
+        let cached = match (&self.cache, &key) {
+            (Some(cache), Some(k)) => cache.get(k),
+            _ => None,
+        };
+        let inv_latents = match cached {
+            Some(t) => {
+                progress.inversion_cached();
+                progress.advance(1);
+                t
+            }
+            None => {
+                let inv = self.invert(r, &uncond, &sched, &timesteps, progress, &mut evals)?;
+                if let (Some(cache), Some(k)) = (&self.cache, key) {
+                    cache.put(k, inv.clone());
+                }
+                inv
+            }
+        };
 
         // 3. start latents: noise with frame 0 of every variant = the reference noise
         let noise = match &r.init_noise {

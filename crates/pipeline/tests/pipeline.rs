@@ -8,7 +8,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{case, check, diff, max_abs, pipeline, request, run_case};
-use flipsketch_pipeline::Silent;
+use flipsketch_pipeline::{Encode, Phase, Silent};
 
 #[test]
 fn matches_reference_pipeline_all_cases() {
@@ -155,4 +155,88 @@ fn cancellation_stops_the_run() {
         matches!(err, flipsketch_pipeline::PipelineError::Cancelled),
         "{err}"
     );
+}
+
+/// The values of a tensor as bits, for exact comparisons.
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+#[test]
+fn a_cached_inversion_is_bit_identical_and_skips_its_work() {
+    #[derive(Default)]
+    struct Seen {
+        phases: Vec<Phase>,
+        cached_before: Option<usize>,
+    }
+    impl flipsketch_pipeline::Progress for Seen {
+        fn phase(&mut self, phase: Phase, _total: usize) {
+            self.phases.push(phase);
+        }
+        fn inversion_cached(&mut self) {
+            self.cached_before = Some(self.phases.len());
+        }
+    }
+    let plain = pipeline();
+    let p = pipeline().with_inversion_cache(2);
+    let hits = || p.inversion_cache().unwrap().hits();
+    // a sampled posterior, as the app runs: the noise comes from the seed
+    let (c, t) = case("default");
+    let mut first = request(&c, &t);
+    first.encode = Encode::SampleSeeded;
+    first.seed = 5;
+    let mut second = first.clone();
+    second.prompt = "another prompt altogether".into();
+    p.run(&first, &mut Silent).unwrap();
+    assert_eq!(hits(), 0);
+    let mut seen = Seen::default();
+    let out = p.run(&second, &mut seen).unwrap();
+    assert_eq!(hits(), 1, "the second prompt on the sketch takes the cached inversion");
+    // what the cached run reports: encoding (the prompts), then the cache, then no inversion
+    assert_eq!(seen.phases, [Phase::Encoding, Phase::Denoising, Phase::Decoding]);
+    assert_eq!(seen.cached_before, Some(1));
+    let want = plain.run(&second, &mut Silent).unwrap();
+    for (name, a, b) in [
+        ("inv_latents", &out.inv_latents, &want.inv_latents),
+        ("latents", &out.latents, &want.latents),
+        ("video", &out.video, &want.video),
+    ] {
+        assert!(bits(a) == bits(b), "{name} differs from an uncached run");
+    }
+    assert_eq!(out.unet_frame_evals + 5 * first.steps, want.unet_frame_evals);
+    let plan = flipsketch_pipeline::WorkPlan::new(3, 4, first.steps, first.tau);
+    assert_eq!(
+        plan.without_inversion().total(),
+        plan.total() - 1.0 - 5.0 * first.steps as f64
+    );
+
+    // what the inversion depends on misses the cache: the steps, the sketch, the seed of
+    // the posterior noise; the mean and a given noise are keys of their own
+    let mut steps = first.clone();
+    steps.steps -= 1;
+    let mut sketch = first.clone();
+    sketch.image = (&first.image * 0.5).unwrap();
+    let mut seed = first.clone();
+    seed.seed = 6;
+    let mut mean = first.clone();
+    mean.encode = Encode::Mean;
+    for (what, r) in [("steps", &steps), ("sketch", &sketch), ("seed", &seed), ("mean", &mean)] {
+        p.run(r, &mut Silent).unwrap();
+        assert_eq!(hits(), 1, "{what}: a different inversion must not come from the cache");
+    }
+    // the seed changes only a sampled posterior; the mean is the same for every seed
+    let mut mean_other_seed = mean.clone();
+    mean_other_seed.seed = 99;
+    mean_other_seed.prompt = "x".into();
+    p.run(&mean_other_seed, &mut Silent).unwrap();
+    assert_eq!(hits(), 2, "the posterior mean does not depend on the seed");
+    // two are kept: the first request's entry is gone by now
+    p.run(&first, &mut Silent).unwrap();
+    assert_eq!(hits(), 2, "the oldest entry must have been dropped");
 }

@@ -406,10 +406,16 @@
       const devices = Object.entries(w.devices || {})
         .map(([d, n]) => `${n} ${d.toUpperCase()}`)
         .join(', ');
+      // the precision: one name when all agree, else a count per precision
+      const dtypes = Object.entries(w.dtypes || {});
+      const precision = dtypes
+        .map(([d, n]) => (dtypes.length > 1 ? `${n} ${d}` : d))
+        .join(', ');
       const busy = w.busy ? `; ${w.busy} busy` : '';
-      return `Ready (${w.alive} worker${w.alive === 1 ? '' : 's'}: ${devices}${busy})`;
+      return `Ready (${w.alive} worker${w.alive === 1 ? '' : 's'}: ${devices}${precision ? `, ${precision}` : ''}${busy})`;
     }
-    return body.device ? `Ready (model on ${body.device.toUpperCase()})` : 'Ready';
+    if (!body.device) return 'Ready';
+    return `Ready (model on ${body.device.toUpperCase()}${body.dtype ? `, ${body.dtype}` : ''})`;
   }
 
   async function checkHealth() {

@@ -322,7 +322,9 @@ async fn example(Path(name): Path<String>) -> Result<Response, ApiError> {
 /// workers.
 fn health_json(h: &flipsketch_engine::Health) -> serde_json::Value {
     let mut v = match &h.readiness {
-        Readiness::Ready { device, .. } => json!({"status": "ok", "device": device}),
+        Readiness::Ready { device, dtype, .. } => {
+            json!({"status": "ok", "device": device, "dtype": dtype})
+        }
         Readiness::Loading => json!({"status": "loading"}),
         Readiness::Failed(e) => json!({"status": "failed", "error": e}),
     };
@@ -344,14 +346,19 @@ async fn healthz(State(queue): State<Queue>) -> Response {
 
 async fn info(State(queue): State<Queue>) -> Json<serde_json::Value> {
     let h = queue.health().await;
-    let (image_size, device) = match h.readiness {
-        Readiness::Ready { image_size, device } => (Some(image_size), Some(device)),
-        _ => (None, None),
+    let (image_size, device, dtype) = match h.readiness {
+        Readiness::Ready {
+            image_size,
+            device,
+            dtype,
+        } => (Some(image_size), Some(device), Some(dtype)),
+        _ => (None, None, None),
     };
     let c = queue.config();
     Json(json!({
         "image_size": image_size,
         "device": device,
+        "dtype": dtype,
         "queue": h.queue,
         "workers": h.workers,
         "defaults": c.defaults,

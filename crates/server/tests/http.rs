@@ -73,7 +73,8 @@ fn loader(
             |_| {},
         )
         .map_err(|e| e.to_string())?;
-        Ok(Pipeline::new(c, Device::Cpu))
+        // as `flipsketch serve` makes it: keeping recent sketches' reference noises
+        Ok(Pipeline::new(c, Device::Cpu).with_inversion_cache(8))
     }
 }
 
@@ -197,6 +198,23 @@ impl Server {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// A job's whole event stream, to its end: the status of every event.
+    async fn events(&self, id: &str) -> Vec<Value> {
+        let body = self
+            .client
+            .get(format!("{}/api/jobs/{id}/events", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        body.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| serde_json::from_str(d.trim()).unwrap())
+            .collect()
+    }
+
     /// DELETE of a job; the JSON answer.
     async fn delete(&self, id: &str) -> Value {
         self.client
@@ -248,22 +266,9 @@ async fn job_runs_to_done_with_files_and_events(b: Backend) {
     assert_eq!(code, 202, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
     // the event stream ends with the final status
-    let body = s
-        .client
-        .get(format!("{}/api/jobs/{id}/events", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let events: Vec<Value> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| serde_json::from_str(d.trim()).unwrap())
-        .collect();
+    let events = s.events(&id).await;
     assert!(!events.is_empty());
-    assert_eq!(events.last().unwrap()["status"], "done", "{body}");
+    assert_eq!(events.last().unwrap()["status"], "done", "{events:?}");
     let progress: Vec<f64> = events
         .iter()
         .map(|e| e["progress"].as_f64().unwrap())
@@ -900,3 +905,52 @@ async fn a_job_whose_run_panics_fails_with_the_message_and_the_next_one_runs(b: 
     assert_eq!(code, 200, "{h}");
 }
 both!(a_job_whose_run_panics_fails_with_the_message_and_the_next_one_runs);
+
+async fn a_second_prompt_on_a_sketch_skips_its_inversion_and_progress_says_so(b: Backend) {
+    let Some(s) = start_ready(b, |_| {}).await else {
+        return;
+    };
+    let (info_code, info) = s.get("/api/info").await;
+    assert_eq!(info_code, 200);
+    assert_eq!(info["dtype"], "f32", "{info}");
+    // the same sketch, steps and seed; another prompt
+    let job = |prompt: &'static str| {
+        [
+            ("prompt", prompt),
+            ("variants", "1"),
+            ("frames", "3"),
+            ("steps", "20"),
+            ("seed", "11"),
+        ]
+    };
+    let tau = EngineConfig::default().defaults.tau;
+    let plan = flipsketch_pipeline::WorkPlan::new(1, 3, 20, tau);
+    let cached = plan.without_inversion();
+    let mut seen = Vec::new();
+    for (prompt, want) in [("a cat jumps", &plan), ("a cat sleeps", &cached)] {
+        let (code, v) = s.submit(s.form(&job(prompt))).await;
+        assert_eq!(code, 202, "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        let events = s.events(&id).await;
+        assert_eq!(events.last().unwrap()["status"], "done", "{events:?}");
+        // every denoising report is weighted by the plan of the run that happened
+        let mut denoising = 0;
+        for e in &events {
+            if e["phase"] == "denoising" {
+                let step = e["step"].as_u64().unwrap() as usize;
+                let p = (want.units_before(flipsketch_pipeline::Phase::Denoising, step)
+                    / want.total())
+                .min(0.99);
+                let got = e["progress"].as_f64().unwrap();
+                assert!((got - p).abs() < 1e-9, "{prompt}: step {step}: {got} != {p}");
+                denoising += 1;
+            }
+        }
+        assert!(denoising > 0, "{events:?}");
+        seen.push(events.iter().any(|e| e["phase"] == "inversion"));
+    }
+    // the second job's stream never shows an inversion; the first's did, unless its whole
+    // inversion happened between two events (the stream carries states, not every step)
+    assert!(!seen[1], "the second job ran an inversion");
+}
+both!(a_second_prompt_on_a_sketch_skips_its_inversion_and_progress_says_so);
