@@ -449,7 +449,7 @@ impl Pipeline {
             if progress.cancelled() {
                 return Err(PipelineError::Cancelled);
             }
-            let e = unet.forward(&x, t as f64, &uncond, None)?;
+            let e = unet.forward(&x, t as f64, uncond, None)?;
             *evals += INVERSION_FRAMES;
             x = sched.inversion_step(&e, t, &x)?;
             progress.advance(k + 1);
