@@ -445,7 +445,7 @@ pub fn run(mut a: AnimateArgs) -> Result<()> {
     let result = serde_json::json!({
         "sketch": a.sketch, "prompt": a.prompt, "model": model_dir,
         "variants": variants, "frames": frames, "steps": a.steps, "guidance": a.guidance,
-        "lambda": a.lambda, "tau": a.tau, "dtype": crate::dtype_name(dtype), "device": flipsketch_pipeline::device_name(&device),
+        "lambda": a.lambda, "tau": a.tau, "dtype": flipsketch_pipeline::dtype_name(dtype), "device": flipsketch_pipeline::device_name(&device),
         "seed": seed, "seeds": (0..variants).map(|i| seed.wrapping_add(i as u64)).collect::<Vec<_>>(),
         "unet_frame_evaluations": output.unet_frame_evals,
         "timings_s": {"load": load_s, "generate": run_s, "write": write_s, "rank": rank_s, "total": t_start.elapsed().as_secs_f64(),

@@ -54,21 +54,7 @@ impl Precision {
 
 /// The CPU computes bf16 products natively (AVX512-BF16).
 fn cpu_has_bf16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// How a dtype is named in result.json, the HTTP API and messages.
-pub fn dtype_name(dtype: DType) -> &'static str {
-    flipsketch_pipeline::dtype_name(dtype)
+    flipsketch_kernels::hardware_isa() == flipsketch_kernels::Isa::Avx512Bf16
 }
 
 #[derive(Subcommand)]
@@ -130,7 +116,7 @@ fn inspect(
     })
     .with_context(|| format!("cannot load the model in {}", model.display()))?;
     println!("model: {}", model.display());
-    println!("compute dtype: {}", dtype_name(dtype));
+    println!("compute dtype: {}", flipsketch_pipeline::dtype_name(dtype));
     println!("device: {}", flipsketch_pipeline::device_name(&device));
     for r in &components.reports {
         println!("\n[{}] {}", r.name, r.summary);

@@ -193,7 +193,7 @@ fn loader(
         // a second prompt on one of the last sketches skips its encoding and inversion
         Ok(Pipeline::new(components, device).with_inversion_cache(INVERSION_CACHE))
     };
-    Ok((load, crate::dtype_name(dtype)))
+    Ok((load, flipsketch_pipeline::dtype_name(dtype)))
 }
 
 /// SIGINT or SIGTERM.

@@ -26,7 +26,7 @@ pub use elementwise::{
     GroupNormShape,
 };
 pub use layout::transpose;
-pub use micro::{bf16_bits, bf16_pair, bf16_to_f32, isa, Isa};
+pub use micro::{bf16_bits, bf16_pair, bf16_to_f32, hardware_isa, isa, Isa};
 use micro::{ALayout, TileInit};
 
 /// Rows of the register tile.

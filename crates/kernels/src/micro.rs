@@ -51,21 +51,28 @@ pub fn isa() -> Isa {
         let forced = std::env::var("FLIPSKETCH_OPS")
             .is_ok_and(|v| v.trim().eq_ignore_ascii_case("portable"));
         if forced {
-            return Isa::Portable;
+            Isa::Portable
+        } else {
+            hardware_isa()
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            let f = std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw");
-            if f && std::arch::is_x86_feature_detected!("avx512bf16") {
-                return Isa::Avx512Bf16;
-            }
-            if f {
-                return Isa::Avx512;
-            }
-        }
-        Isa::Portable
     })
+}
+
+/// What this CPU's instructions allow, whatever `FLIPSKETCH_OPS` says (what `--dtype auto`
+/// asks: a CPU with bf16 products runs bf16).
+pub fn hardware_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw");
+        if f && std::arch::is_x86_feature_detected!("avx512bf16") {
+            return Isa::Avx512Bf16;
+        }
+        if f {
+            return Isa::Avx512;
+        }
+    }
+    Isa::Portable
 }
 
 /// Where slot `s` of row `r` of an A block is.

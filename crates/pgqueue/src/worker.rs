@@ -382,7 +382,9 @@ async fn run_claim(
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = watch::channel(Report::Phase(Phase::Encoding, 0, false));
     let dir = opts.scratch.join(&c.id);
+    // the cost model, and the same without the phases a cached inversion skips
     let work = c.spec.work();
+    let work_cached = work.without_inversion();
     let started = Instant::now();
     // the run, on a blocking thread
     let run = {
@@ -464,8 +466,8 @@ async fn run_claim(
         let report = *rx.borrow_and_update();
         let (phase, progress, step, eta) = match report {
             Report::Phase(p, done, cached) => {
-                let plan = if cached { work.without_inversion() } else { work.clone() };
-                let (pr, eta) = progress_of(&plan, p, done, started.elapsed().as_secs_f64());
+                let plan = if cached { &work_cached } else { &work };
+                let (pr, eta) = progress_of(plan, p, done, started.elapsed().as_secs_f64());
                 let step = matches!(p, Phase::Inversion | Phase::Denoising).then_some(done);
                 (JobPhase::from(p), pr, step, eta)
             }

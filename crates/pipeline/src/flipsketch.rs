@@ -239,25 +239,21 @@ impl InversionCache {
 
     fn key(r: &Request) -> candle_core::Result<[u8; 32]> {
         use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        let mut tensor = |t: &Tensor| -> candle_core::Result<()> {
+        // a tensor as its shape and its f32 values
+        fn tensor(h: &mut Sha256, t: &Tensor) -> candle_core::Result<()> {
             h.update(format!("{:?}", t.dims()).as_bytes());
             for v in t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
                 h.update(v.to_le_bytes());
             }
             Ok(())
-        };
-        tensor(&r.image)?;
+        }
+        let mut h = Sha256::new();
+        tensor(&mut h, &r.image)?;
         match &r.encode {
             Encode::Mean => h.update(b"mean"),
             Encode::Sample(noise) => {
                 h.update(b"sample");
-                let mut g = Sha256::new();
-                for v in noise.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
-                    g.update(v.to_le_bytes());
-                }
-                h.update(format!("{:?}", noise.dims()).as_bytes());
-                h.update(g.finalize());
+                tensor(&mut h, noise)?;
             }
             Encode::SampleSeeded => {
                 h.update(b"seeded");
