@@ -114,9 +114,7 @@ fn vae(v: VaeBench) -> Result<()> {
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
     let dev = a.device.open()?;
     let dtype = a.dtype.dtype(&dev);
-    let vae = load("vae", &dir, dtype, &dev, |vb| {
-        AutoencoderKL::new(&cfg, vb)
-    })?;
+    let vae = load("vae", &dir, dtype, &dev, |vb| AutoencoderKL::new(&cfg, vb))?;
     let act = activations(dtype, &dev)?;
     let latents =
         Tensor::randn(0f32, 1., (1, cfg.latent_channels, a.size, a.size), &dev)?.to_dtype(act)?;

@@ -141,6 +141,9 @@ fn inspect(
                 );
             }
         }
+        if let Some(w) = &r.weights {
+            println!("  packed weights: {}", w.cache);
+        }
         println!("  loaded in {:.2} s", r.seconds);
     }
     println!("\ntotal load time: {:.2} s", t0.elapsed().as_secs_f64());
@@ -274,6 +277,14 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve::run(*a),
         Command::Worker(a) => serve::worker(*a),
     };
+    let interrupted =
+        matches!(&result, Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_some());
+    if !interrupted {
+        // Packed-weight cache files still being written (the first load of a model): finish
+        // them, so the next run maps them. Interrupted runs leave at once; the next write
+        // removes what they left.
+        flipsketch_models::packcache::wait_for_writes();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_some() => {

@@ -392,7 +392,11 @@ fn rank_clip_scores_and_orders_every_variant() {
         && std::arch::is_x86_feature_detected!("avx512bw");
     #[cfg(not(target_arch = "x86_64"))]
     let bf16 = false;
-    assert_eq!(result["dtype"], if bf16 { "bf16" } else { "f32" }, "{result}");
+    assert_eq!(
+        result["dtype"],
+        if bf16 { "bf16" } else { "f32" },
+        "{result}"
+    );
     let list = result["ranking"]["variants"].as_array().unwrap();
     assert_eq!(list.len(), 3, "never returns nothing: {result}");
     let scores: Vec<f64> = list.iter().map(|v| v["score"].as_f64().unwrap()).collect();

@@ -45,11 +45,7 @@ fn spawn(args: &[&str], log: &Path) -> Command {
         .env("RUST_LOG", "warn,flipsketch_pgqueue=info")
         .stdout(Stdio::null())
         .stderr(Stdio::from(
-            File::options()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
+            File::options().create(true).append(true).open(log).unwrap(),
         ));
     cmd
 }
@@ -78,7 +74,10 @@ fn front_env(url: &str, dir: &Path, port: u16, queue: &[&str], env: &[(&str, &st
     args.extend(queue);
     let mut cmd = spawn(&args, &dir.join(format!("front-{port}.log")));
     cmd.envs(env.iter().copied());
-    cmd.arg("--jobs-dir").arg(jobs).arg("--model").arg(tiny_model());
+    cmd.arg("--jobs-dir")
+        .arg(jobs)
+        .arg("--model")
+        .arg(tiny_model());
     let p = Proc {
         child: cmd.spawn().unwrap(),
         addr: format!("127.0.0.1:{port}"),
@@ -101,7 +100,15 @@ fn worker_env(
     queue: &[&str],
     env: &[(&str, &str)],
 ) -> Proc {
-    let mut args = vec!["worker", "--queue", url, "--name", name, "--output-size", "64"];
+    let mut args = vec![
+        "worker",
+        "--queue",
+        url,
+        "--name",
+        name,
+        "--output-size",
+        "64",
+    ];
     args.extend(queue);
     let mut cmd = spawn(&args, &dir.join(format!("{name}.log")));
     cmd.envs(env.iter().copied());
@@ -214,16 +221,20 @@ fn scaleout_a_killed_workers_job_runs_again_once_on_another() {
     // after the lease, the job runs again (attempt 2, on w2); after three missed heartbeats
     // w1 is out of the health report
     let (mut rerun, mut gone) = (None, None);
-    eventually(Duration::from_secs(30), "the re-run and w1's absence", || {
-        let (_, v) = get(&fe.addr, &format!("/api/jobs/{victim}"));
-        if rerun.is_none() && v["attempt"] == 2 && v["status"] != "queued" {
-            rerun = Some(killed.elapsed());
-        }
-        if gone.is_none() && alive_workers(&fe.addr) == 1 {
-            gone = Some(killed.elapsed());
-        }
-        rerun.and(gone)
-    });
+    eventually(
+        Duration::from_secs(30),
+        "the re-run and w1's absence",
+        || {
+            let (_, v) = get(&fe.addr, &format!("/api/jobs/{victim}"));
+            if rerun.is_none() && v["attempt"] == 2 && v["status"] != "queued" {
+                rerun = Some(killed.elapsed());
+            }
+            if gone.is_none() && alive_workers(&fe.addr) == 1 {
+                gone = Some(killed.elapsed());
+            }
+            rerun.and(gone)
+        },
+    );
     let (rerun, gone) = (rerun.unwrap(), gone.unwrap());
 
     let mut files = 0;
@@ -302,7 +313,12 @@ fn scaleout_a_paused_worker_past_its_lease_records_nothing() {
     });
     let id = submit_ok(
         &fe.addr,
-        &[("prompt", "a cat"), ("steps", "20"), ("frames", "8"), ("variants", "1")],
+        &[
+            ("prompt", "a cat"),
+            ("steps", "20"),
+            ("frames", "8"),
+            ("variants", "1"),
+        ],
     );
     let first = running_past(&pg, &id, 0.15);
     let (paused, other) = if first == "wa" { (0, 1) } else { (1, 0) };
@@ -314,7 +330,10 @@ fn scaleout_a_paused_worker_past_its_lease_records_nothing() {
     });
     let taken = stopped.elapsed();
     assert_eq!(
-        q(&pg, &format!("SELECT worker FROM flipsketch_jobs WHERE id = '{id}'")),
+        q(
+            &pg,
+            &format!("SELECT worker FROM flipsketch_jobs WHERE id = '{id}'")
+        ),
         workers[other].0
     );
     // resumed while the other runs the job: its next write finds the job not its own
@@ -330,12 +349,16 @@ fn scaleout_a_paused_worker_past_its_lease_records_nothing() {
         format!("2|{}|1", workers[other].0)
     );
     let name = workers[paused].0;
-    let said = eventually(Duration::from_secs(20), "the resumed worker to give up", || {
-        let l = log(d, name);
-        (l.contains("attempt 1 lost its lease")
-            || l.contains("the late result of attempt 1 was refused"))
-        .then_some(l)
-    });
+    let said = eventually(
+        Duration::from_secs(20),
+        "the resumed worker to give up",
+        || {
+            let l = log(d, name);
+            (l.contains("attempt 1 lost its lease")
+                || l.contains("the late result of attempt 1 was refused"))
+            .then_some(l)
+        },
+    );
     assert!(!said.contains("panicked"), "{said}");
     assert_files(&fe.addr, &end);
     assert_eq!(q(&pg, FILES_MATCH), "t");
@@ -351,7 +374,10 @@ fn scaleout_a_paused_worker_past_its_lease_records_nothing() {
     let end2 = wait_end(&fe.addr, &id2);
     assert_eq!(end2["status"], "done", "{end2}");
     assert_eq!(
-        q(&pg, &format!("SELECT worker FROM flipsketch_jobs WHERE id = '{id2}'")),
+        q(
+            &pg,
+            &format!("SELECT worker FROM flipsketch_jobs WHERE id = '{id2}'")
+        ),
         name
     );
 }
@@ -376,7 +402,12 @@ fn scaleout_a_stopped_worker_hands_its_job_back_at_once() {
     });
     let id = submit_ok(
         &fe.addr,
-        &[("prompt", "a cat"), ("steps", "100"), ("frames", "8"), ("variants", "1")],
+        &[
+            ("prompt", "a cat"),
+            ("steps", "100"),
+            ("frames", "8"),
+            ("variants", "1"),
+        ],
     );
     let first = running_past(&pg, &id, 0.05);
     let (stopping, other) = if first == "wa" { (0, 1) } else { (1, 0) };
@@ -414,14 +445,23 @@ fn scaleout_a_stopped_worker_hands_its_job_back_at_once() {
     assert!(log(d, workers[stopping].0).contains("handed back to the queue"));
 
     // a cancel reaches the worker running the job at its next renewal
-    let (code, body) = http(&fe.addr, "DELETE", &format!("/api/jobs/{id}"), "text/plain", b"");
+    let (code, body) = http(
+        &fe.addr,
+        "DELETE",
+        &format!("/api/jobs/{id}"),
+        "text/plain",
+        b"",
+    );
     assert_eq!(code, 200, "{body}");
     let asked = Instant::now();
     let end = wait_end(&fe.addr, &id);
     assert_eq!(end["status"], "cancelled", "{end}");
     let cancelled = asked.elapsed();
     assert_eq!(
-        q(&pg, &format!("SELECT count(*) FROM flipsketch_files WHERE job_id = '{id}'")),
+        q(
+            &pg,
+            &format!("SELECT count(*) FROM flipsketch_files WHERE job_id = '{id}'")
+        ),
         "0"
     );
     // the worker is free again
@@ -463,7 +503,12 @@ fn follow(port: u16, id: &str, timeout: Duration) -> (Vec<Event>, usize) {
             .map(|e| format!("last-event-id: {}\r\n", e.0))
             .unwrap_or_default();
         // HTTP/1.0: the body is the stream until the connection closes (no chunks)
-        if write!(s, "GET /api/jobs/{id}/events HTTP/1.0\r\nhost: {addr}\r\n{last}\r\n").is_err() {
+        if write!(
+            s,
+            "GET /api/jobs/{id}/events HTTP/1.0\r\nhost: {addr}\r\n{last}\r\n"
+        )
+        .is_err()
+        {
             continue;
         }
         let mut event_id = None;
@@ -526,9 +571,11 @@ fn scaleout_restarts_of_a_front_end_and_of_the_database_lose_no_job() {
         running_past(&pg, &ids[1], 0.1);
         let t = Instant::now();
         pg.restart();
-        eventually(Duration::from_secs(30), "the front end to reach it again", || {
-            (get(&fe1.addr, "/healthz").0 == 200).then_some(())
-        });
+        eventually(
+            Duration::from_secs(30),
+            "the front end to reach it again",
+            || (get(&fe1.addr, "/healthz").0 == 200).then_some(()),
+        );
         eprintln!(
             "database restart: the front end answering again after {:.2} s",
             t.elapsed().as_secs_f64()
@@ -571,7 +618,10 @@ fn scaleout_restarts_of_a_front_end_and_of_the_database_lose_no_job() {
         );
     });
     assert_eq!(
-        q(&pg, "SELECT count(*) FROM flipsketch_jobs WHERE state = 'done' AND lost = 0"),
+        q(
+            &pg,
+            "SELECT count(*) FROM flipsketch_jobs WHERE state = 'done' AND lost = 0"
+        ),
         "4"
     );
 }
@@ -599,21 +649,32 @@ fn scaleout_a_worker_whose_model_fails_takes_no_job_and_says_why() {
     });
     let id = submit_ok(
         &fe.addr,
-        &[("prompt", "a cat"), ("steps", "100"), ("frames", "8"), ("variants", "1")],
+        &[
+            ("prompt", "a cat"),
+            ("steps", "100"),
+            ("frames", "8"),
+            ("variants", "1"),
+        ],
     );
     running_past(&pg, &id, 0.0);
     let mut bad = worker(&pg.url, d, "bad", &broken, &flags);
     let code = bad.wait_exit(Duration::from_secs(60));
     assert_eq!(code, Some(Some(1)), "the broken worker exits with an error");
     let said = log(d, "bad");
-    assert!(said.contains("diffusion_pytorch_model.safetensors"), "{said}");
+    assert!(
+        said.contains("diffusion_pytorch_model.safetensors"),
+        "{said}"
+    );
     let row = q(
         &pg,
         "SELECT state, error FROM flipsketch_workers WHERE id = 'bad'",
     );
     assert!(row.starts_with("failed|the model failed to load"), "{row}");
     assert_eq!(
-        q(&pg, "SELECT count(*) FROM flipsketch_jobs WHERE worker = 'bad'"),
+        q(
+            &pg,
+            "SELECT count(*) FROM flipsketch_jobs WHERE worker = 'bad'"
+        ),
         "0"
     );
 
@@ -626,19 +687,31 @@ fn scaleout_a_worker_whose_model_fails_takes_no_job_and_says_why() {
         (code == 503).then_some((code, h))
     });
     assert!(
-        h["error"].as_str().unwrap().contains("the model failed to load"),
+        h["error"]
+            .as_str()
+            .unwrap()
+            .contains("the model failed to load"),
         "{code} {h}"
     );
     let (code, v) = submit(&fe.addr, &sketch(), SMALL);
     assert_eq!(code, 503, "{v}");
-    assert_eq!(get(&fe.addr, &format!("/api/jobs/{id}")).1["status"], "queued");
+    assert_eq!(
+        get(&fe.addr, &format!("/api/jobs/{id}")).1["status"],
+        "queued"
+    );
 
     // a new worker takes it
     let _again = worker(&pg.url, d, "again", &tiny_model(), &flags);
     wait_job(&fe.addr, &id, Duration::from_secs(60), |v| {
         v["status"] == "running" && v["attempt"] == 2
     });
-    let (code, body) = http(&fe.addr, "DELETE", &format!("/api/jobs/{id}"), "text/plain", b"");
+    let (code, body) = http(
+        &fe.addr,
+        "DELETE",
+        &format!("/api/jobs/{id}"),
+        "text/plain",
+        b"",
+    );
     assert_eq!(code, 200, "{body}");
     assert_eq!(wait_end(&fe.addr, &id)["status"], "cancelled");
     let id2 = submit_ok(&fe.addr, SMALL);
@@ -693,7 +766,13 @@ fn start_s3(bin: &str, port: u16, dir: &Path) -> Proc {
         addr: format!("127.0.0.1:{port}"),
     };
     p.wait_listening();
-    let (code, body) = http(&p.addr, "PUT", "/flipsketch", "application/octet-stream", b"");
+    let (code, body) = http(
+        &p.addr,
+        "PUT",
+        "/flipsketch",
+        "application/octet-stream",
+        b"",
+    );
     assert_eq!(code, 200, "creating the bucket: {body}");
     p
 }
@@ -701,7 +780,13 @@ fn start_s3(bin: &str, port: u16, dir: &Path) -> Proc {
 /// The objects in the bucket under `jobs/`: (key, size). (moto lists for anyone but serves
 /// objects only to signed requests.)
 fn s3_objects(addr: &str) -> Vec<(String, usize)> {
-    let (code, body) = http(addr, "GET", "/flipsketch?list-type=2&prefix=jobs/", "text/plain", b"");
+    let (code, body) = http(
+        addr,
+        "GET",
+        "/flipsketch?list-type=2&prefix=jobs/",
+        "text/plain",
+        b"",
+    );
     assert_eq!(code, 200, "{body}");
     let field = |c: &str, tag: &str| -> Option<String> {
         let open = format!("<{tag}>");
@@ -741,7 +826,14 @@ fn scaleout_files_in_an_s3_bucket_are_served_expire_and_fail_clearly_when_it_is_
         ("AWS_SECRET_ACCESS_KEY", "test"),
         ("AWS_REGION", "us-east-1"),
     ];
-    let flags = ["--lease-s", "3", "--heartbeat-s", "1", "--store", "s3://flipsketch/jobs"];
+    let flags = [
+        "--lease-s",
+        "3",
+        "--heartbeat-s",
+        "1",
+        "--store",
+        "s3://flipsketch/jobs",
+    ];
 
     // a bucket that does not exist is said at start, before any job
     let mut bad = worker_env(
@@ -795,7 +887,9 @@ fn scaleout_files_in_an_s3_bucket_are_served_expire_and_fail_clearly_when_it_is_
     let stored = s3_keys(&s3.addr);
     assert_eq!(
         stored.len(),
-        q(&pg, "SELECT count(*) FROM flipsketch_files").parse::<usize>().unwrap(),
+        q(&pg, "SELECT count(*) FROM flipsketch_files")
+            .parse::<usize>()
+            .unwrap(),
         "{stored:?}"
     );
 
@@ -808,7 +902,10 @@ fn scaleout_files_in_an_s3_bucket_are_served_expire_and_fail_clearly_when_it_is_
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("files cannot be read"), "{body}");
     assert!(answered < Duration::from_secs(20), "503 after {answered:?}");
-    assert_eq!(get(&fe.addr, &format!("/api/jobs/{}", ids[0])).1["status"], "done");
+    assert_eq!(
+        get(&fe.addr, &format!("/api/jobs/{}", ids[0])).1["status"],
+        "done"
+    );
     // a job that ends while the bucket is away fails with the reason once a lease has passed
     // (running it again elsewhere would meet the same bucket); the worker goes on
     let id = submit_ok(&fe.addr, SMALL);
@@ -817,7 +914,10 @@ fn scaleout_files_in_an_s3_bucket_are_served_expire_and_fail_clearly_when_it_is_
     let failed_after = submitted.elapsed();
     assert_eq!(end["status"], "failed", "{end}");
     let error = end["error"].as_str().unwrap();
-    assert!(error.contains("the result's files could not be stored"), "{error}");
+    assert!(
+        error.contains("the result's files could not be stored"),
+        "{error}"
+    );
     assert_eq!(end["attempt"], 1, "{end}");
     assert_eq!(alive_workers(&fe.addr), 1);
 
@@ -834,7 +934,14 @@ fn scaleout_files_in_an_s3_bucket_are_served_expire_and_fail_clearly_when_it_is_
     // kept 3 s (--keep-minutes 0.05): finished jobs go, their rows and their objects
     let keep = ["--keep-minutes", "0.05"];
     let fe = front_env(&pg.url, d, free_port(), &[&flags[..], &keep].concat(), &env);
-    let _w = worker_env(&pg.url, d, "w2", &tiny_model(), &[&flags[..], &keep].concat(), &env);
+    let _w = worker_env(
+        &pg.url,
+        d,
+        "w2",
+        &tiny_model(),
+        &[&flags[..], &keep].concat(),
+        &env,
+    );
     eventually(Duration::from_secs(60), "the worker", || {
         (get(&fe.addr, "/healthz").0 == 200).then_some(())
     });

@@ -134,15 +134,83 @@ fn pack_row(prec: Precision, row: &[f32], k0: usize, kc: usize, dst: &mut [u32])
     }
 }
 
+/// What decides the packed layouts: a packed matrix saved by one build is valid for another
+/// exactly when this string and the precision are the same (caches of packed weights key on it).
+pub fn pack_layout() -> String {
+    format!(
+        "rows: MR {MR}, slot-major K blocks of k_block (KC {KC}, split {KC_SPLIT}); \
+         cols: NR {NR}, slot-major; slots: f32 bits or bf16 pairs (nearest even, low half \
+         first), zero padded; v1"
+    )
+}
+
+/// The slots of a packed matrix: owned, or in memory that something else keeps alive and
+/// unchanged (a memory-mapped file of packed weights).
+pub struct Slots(SlotsInner);
+
+enum SlotsInner {
+    Owned(Vec<u32>),
+    Borrowed {
+        _owner: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+        ptr: *const u32,
+        len: usize,
+    },
+}
+
+// SAFETY: the borrowed slots are never written and live as long as their owner, which is
+// Send + Sync; the owned ones are a Vec.
+unsafe impl Send for Slots {}
+unsafe impl Sync for Slots {}
+
+impl Slots {
+    pub fn owned(v: Vec<u32>) -> Self {
+        Slots(SlotsInner::Owned(v))
+    }
+
+    /// Slots in memory that `owner` keeps alive.
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` initialised `u32`s, aligned to 4 bytes, that stay valid and
+    /// unmodified for as long as `owner` lives.
+    pub unsafe fn borrowed(
+        owner: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+        ptr: *const u32,
+        len: usize,
+    ) -> Self {
+        Slots(SlotsInner::Borrowed {
+            _owner: owner,
+            ptr,
+            len,
+        })
+    }
+
+    /// Whether the slots live in memory owned by something else (a mapped file).
+    pub fn is_borrowed(&self) -> bool {
+        matches!(self.0, SlotsInner::Borrowed { .. })
+    }
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        match &self.0 {
+            SlotsInner::Owned(v) => v,
+            // SAFETY: guaranteed by the caller of `Slots::borrowed`.
+            SlotsInner::Borrowed { ptr, len, .. } => unsafe {
+                std::slice::from_raw_parts(*ptr, *len)
+            },
+        }
+    }
+}
+
 /// A matrix packed as the A operand (its rows are C's rows): row blocks of [`MR`], each K
 /// block of [`k_block`] slots stored slot-major ([`ALayout::Interleaved`]).
-#[derive(Clone)]
 pub struct PackedRows {
     prec: Precision,
     m: usize,
     k: usize,
     kblocks: usize,
-    data: Vec<u32>,
+    data: Slots,
 }
 
 impl PackedRows {
@@ -182,8 +250,39 @@ impl PackedRows {
             m,
             k,
             kblocks,
-            data,
+            data: Slots::owned(data),
         }
+    }
+
+    /// The number of slots an `m x k` matrix packs into.
+    pub fn packed_len(prec: Precision, m: usize, k: usize) -> usize {
+        let kslots = prec.slots(k);
+        let kb_len = k_block(kslots);
+        m.div_ceil(MR) * kslots.div_ceil(kb_len).max(1) * MR * kb_len
+    }
+
+    /// A matrix packed earlier (its [`Self::slots`]), e.g. read back from a file.
+    pub fn from_slots(prec: Precision, m: usize, k: usize, data: Slots) -> Result<Self, String> {
+        let want = Self::packed_len(prec, m, k);
+        if data.len() != want {
+            return Err(format!(
+                "packed {m}x{k} rows ({prec:?}) take {want} slots, not {}",
+                data.len()
+            ));
+        }
+        let kslots = prec.slots(k);
+        Ok(Self {
+            prec,
+            m,
+            k,
+            kblocks: kslots.div_ceil(k_block(kslots)).max(1),
+            data,
+        })
+    }
+
+    /// The packed slots (what [`Self::from_slots`] takes back).
+    pub fn slots(&self) -> &Slots {
+        &self.data
     }
 
     pub fn rows(&self) -> usize {
@@ -201,12 +300,11 @@ impl PackedRows {
 
 /// A matrix packed as the B operand (its columns are C's columns): panels of [`NR`] columns,
 /// slot-major. Built from the rows of `W` (`n x k`), so that `B = W^T` (nn.Linear weights).
-#[derive(Clone)]
 pub struct PackedCols {
     prec: Precision,
     n: usize,
     k: usize,
-    data: Vec<u32>,
+    data: Slots,
 }
 
 impl PackedCols {
@@ -226,7 +324,34 @@ impl PackedCols {
                     }
                 }
             });
-        Self { prec, n, k, data }
+        Self {
+            prec,
+            n,
+            k,
+            data: Slots::owned(data),
+        }
+    }
+
+    /// The number of slots `B = W^T` of an `n x k` `W` packs into.
+    pub fn packed_len(prec: Precision, n: usize, k: usize) -> usize {
+        n.div_ceil(NR) * prec.slots(k) * NR
+    }
+
+    /// A matrix packed earlier (its [`Self::slots`]), e.g. read back from a file.
+    pub fn from_slots(prec: Precision, n: usize, k: usize, data: Slots) -> Result<Self, String> {
+        let want = Self::packed_len(prec, n, k);
+        if data.len() != want {
+            return Err(format!(
+                "packed {n}x{k} columns ({prec:?}) take {want} slots, not {}",
+                data.len()
+            ));
+        }
+        Ok(Self { prec, n, k, data })
+    }
+
+    /// The packed slots (what [`Self::from_slots`] takes back).
+    pub fn slots(&self) -> &Slots {
+        &self.data
     }
 
     /// Packs all of a B operand (`n` columns, depth `k`) from an on-the-fly source.
@@ -243,7 +368,7 @@ impl PackedCols {
             prec,
             n,
             k,
-            data: std::mem::take(buf),
+            data: Slots::owned(std::mem::take(buf)),
         }
     }
 

@@ -579,3 +579,50 @@ fn conv_frames_matches_reference() {
         }
     }
 }
+
+/// Packed matrices rebuilt from their slots (as a cache file of packed weights gives them
+/// back, in memory the matrix does not own) compute exactly what the originals compute, and
+/// slots of the wrong length are refused.
+#[test]
+fn packed_matrices_rebuilt_from_their_slots_are_the_same() {
+    use flipsketch_kernels::Slots;
+    use std::sync::Arc;
+    for prec in [Precision::F32, Precision::Bf16] {
+        for &(m, k, n) in &[(5, 7, 3), (13, 301, 45), (30, 1030, 70)] {
+            let x = random(m * k, 11);
+            let w = random(n * k, 12);
+            let cols = PackedCols::from_transposed(prec, &w, n, k);
+            assert_eq!(cols.slots().len(), PackedCols::packed_len(prec, n, k));
+            let owner: Arc<Vec<u32>> = Arc::new(cols.slots().to_vec());
+            // SAFETY: `owner` holds the values and is kept alive by the Slots.
+            let slots = unsafe { Slots::borrowed(owner.clone(), owner.as_ptr(), owner.len()) };
+            assert!(slots.is_borrowed());
+            let again = PackedCols::from_slots(prec, n, k, slots).unwrap();
+            let (mut a, mut b) = (vec![0.0; m * n], vec![1.0; m * n]);
+            linear(&x, m, &cols, None, &mut a);
+            linear(&x, m, &again, None, &mut b);
+            assert_eq!(a, b, "{prec:?} cols {m}x{k}x{n}");
+            let short = Slots::owned(cols.slots()[1..].to_vec());
+            let err = PackedCols::from_slots(prec, n, k, short).unwrap_err();
+            assert!(err.contains("slots"), "{err}");
+
+            // rows: a 1x1 convolution of one image is the product W x
+            let g = ConvGeometry::new(k, 1, n, 1, 1, 1, 0).unwrap();
+            let rows = PackedRows::new(prec, &w[..m.min(n) * k], m.min(n), k);
+            assert_eq!(
+                rows.slots().len(),
+                PackedRows::packed_len(prec, m.min(n), k)
+            );
+            let again =
+                PackedRows::from_slots(prec, m.min(n), k, Slots::owned(rows.slots().to_vec()))
+                    .unwrap();
+            let xs = random(k * n, 13);
+            let mr = m.min(n);
+            let (mut a, mut b) = (vec![0.0; mr * n], vec![1.0; mr * n]);
+            conv2d(&xs, 1, &g, &rows, None, &mut a);
+            conv2d(&xs, 1, &g, &again, None, &mut b);
+            assert_eq!(a, b, "{prec:?} rows {m}x{k}");
+            assert!(PackedRows::from_slots(prec, m.min(n), k + 40, Slots::owned(vec![])).is_err());
+        }
+    }
+}

@@ -19,7 +19,11 @@
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
+use std::sync::Arc;
+
 use candle_nn::VarBuilder;
+
+use crate::packcache::PackCache;
 use flipsketch_kernels::Precision;
 
 /// Which implementations run (`FLIPSKETCH_OPS`).
@@ -139,17 +143,45 @@ impl ComputePlan {
 pub struct Vb {
     inner: VarBuilder<'static>,
     plan: ComputePlan,
+    cache: Option<Arc<PackCache>>,
 }
 
 impl Vb {
     pub fn new(inner: VarBuilder<'static>, plan: ComputePlan) -> Self {
-        Self { inner, plan }
+        Self {
+            inner,
+            plan,
+            cache: None,
+        }
+    }
+
+    /// This builder with its packed weights taken from and recorded in `cache`.
+    pub fn with_pack_cache(self, cache: Arc<PackCache>) -> Self {
+        Self {
+            cache: Some(cache),
+            ..self
+        }
+    }
+
+    pub fn pack_cache(&self) -> Option<&Arc<PackCache>> {
+        self.cache.as_ref()
     }
 
     pub fn pp<S: ToString>(&self, s: S) -> Self {
         Self {
             inner: self.inner.pp(s),
             plan: self.plan,
+            cache: self.cache.clone(),
+        }
+    }
+
+    /// The full checkpoint name of `name` under this builder's prefix.
+    pub fn full_name(&self, name: &str) -> String {
+        let prefix = self.inner.prefix();
+        if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
         }
     }
 

@@ -10,6 +10,7 @@ pub mod embeddings;
 pub mod error;
 pub mod loading;
 pub mod nn;
+pub mod packcache;
 pub mod resnet;
 pub mod transformers;
 pub mod unets;

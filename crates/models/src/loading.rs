@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::compute::ComputePlan;
 pub use crate::compute::Vb;
+use crate::packcache::{CacheUse, PackCache};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -217,6 +218,8 @@ pub struct LoadReport {
     pub parameters: usize,
     /// Tensors in the files the model does not use (sorted).
     pub unexpected: Vec<String>,
+    /// Where the packed weights came from.
+    pub cache: CacheUse,
 }
 
 impl WeightStore {
@@ -296,6 +299,24 @@ impl WeightStore {
         &self.files
     }
 
+    pub fn component(&self) -> &str {
+        &self.component
+    }
+
+    /// Marks `name` as used without reading it (its packed form comes from elsewhere) when
+    /// the files hold it with `shape`; returns whether they do. Nothing is recorded when they
+    /// do not: the caller then loads it the usual way, which reports the problem.
+    pub fn claim(&self, name: &str, shape: &[usize]) -> bool {
+        match self.index.get(name) {
+            Some(e) if e.shape == shape => {
+                let mut tr = self.tracking.lock().expect("weight tracking lock");
+                tr.used.insert(name.to_string());
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.index.keys()
     }
@@ -308,6 +329,24 @@ impl WeightStore {
             VarBuilder::from_backend(backend, plan.dtype, device.clone()),
             plan,
         )
+    }
+
+    /// [`Self::var_builder`] whose packed weights go through the cache in folder `root`
+    /// (see [`crate::packcache`]), when the plan packs any.
+    pub fn cached_var_builder(
+        self: &Arc<Self>,
+        plan: ComputePlan,
+        device: &Device,
+        root: Option<&Path>,
+    ) -> Vb {
+        let vb = self.var_builder(plan, device);
+        match (root, plan.matmul.kernels()) {
+            (Some(root), Some(prec)) => match PackCache::open(root, self, prec) {
+                Some(cache) => vb.with_pack_cache(Arc::new(cache)),
+                None => vb,
+            },
+            _ => vb,
+        }
     }
 
     /// Loads one tensor as stored (no shape check, no tracking).
@@ -417,6 +456,7 @@ impl WeightStore {
             dtypes_on_disk,
             parameters,
             unexpected,
+            cache: CacheUse::Off,
         })
     }
 }
@@ -497,7 +537,8 @@ pub fn optional_prefix(vb: &Vb, prefix: &str, probes: &[&str]) -> Vb {
     }
 }
 
-/// Builds a model from a component folder and checks its weights in one go.
+/// Builds a model from a component folder and checks its weights in one go, packed weights
+/// through the cache the environment names ([`crate::packcache::default_root`]).
 ///
 /// `dtype` is the requested compute dtype; how it runs on `device` (which ops take the CPU
 /// kernels, in which precision) is [`ComputePlan::current`]'s.
@@ -509,11 +550,37 @@ pub fn load_component<M, S: AsRef<str>>(
     device: &Device,
     build: impl FnOnce(Vb) -> candle_core::Result<M>,
 ) -> Result<(M, LoadReport)> {
+    let root = crate::packcache::default_root();
+    load_component_cached(
+        component,
+        dir,
+        candidates,
+        dtype,
+        device,
+        root.as_deref(),
+        build,
+    )
+}
+
+/// [`load_component`] with the packed-weight cache in `cache_root` (`None`: no cache).
+pub fn load_component_cached<M, S: AsRef<str>>(
+    component: &str,
+    dir: &Path,
+    candidates: &[S],
+    dtype: DType,
+    device: &Device,
+    cache_root: Option<&Path>,
+    build: impl FnOnce(Vb) -> candle_core::Result<M>,
+) -> Result<(M, LoadReport)> {
     let plan = ComputePlan::current(dtype, device).map_err(Error::Invalid)?;
     let store = WeightStore::open_dir(component, dir, candidates)?;
-    let vb = store.var_builder(plan, device);
+    let vb = store.cached_var_builder(plan, device, cache_root);
+    let cache = vb.pack_cache().cloned();
     let model = build(vb)?;
-    let report = store.finish()?;
+    let mut report = store.finish()?;
+    if let Some(cache) = cache {
+        report.cache = cache.finish();
+    }
     Ok((model, report))
 }
 

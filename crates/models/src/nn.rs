@@ -102,7 +102,22 @@ pub struct Linear {
     out_dim: usize,
 }
 
+/// A bias as the f32 values the kernels add.
+fn bias_values(bias: Option<&Tensor>) -> Result<Option<Arc<[f32]>>> {
+    bias.map(cpu_values).transpose().map(|b| b.map(Arc::from))
+}
+
 impl Linear {
+    /// A Linear whose weight was packed before (a cache), `W` being `out_dim x in_dim`.
+    pub fn from_packed(weight: Arc<PackedCols>, bias: Option<Tensor>) -> Result<Self> {
+        let b = bias_values(bias.as_ref())?;
+        Ok(Self {
+            out_dim: weight.cols(),
+            weight: LinearWeight::Packed(weight, b),
+            bias,
+        })
+    }
+
     /// `path`: the plan's matrix path (the weight is packed for the kernels at once).
     pub fn new(weight: Tensor, bias: Option<Tensor>, path: OpPath) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
@@ -111,8 +126,7 @@ impl Linear {
                 let w = with_cpu_f32(&weight, |v| {
                     PackedCols::from_transposed(prec, v, out_dim, in_dim)
                 })?;
-                let b = bias.as_ref().map(cpu_values).transpose()?.map(Arc::from);
-                LinearWeight::Packed(Arc::new(w), b)
+                LinearWeight::Packed(Arc::new(w), bias_values(bias.as_ref())?)
             }
             None => LinearWeight::Tensor(weight),
         };
@@ -193,8 +207,7 @@ impl Conv2d {
         let weight = match packing(path, &weight)? {
             Some(prec) => {
                 let w = with_cpu_f32(&weight, |v| PackedRows::new(prec, v, o, i * kh * kw))?;
-                let b = bias.as_ref().map(cpu_values).transpose()?.map(Arc::from);
-                ConvWeight::Packed(Arc::new(w), b)
+                ConvWeight::Packed(Arc::new(w), bias_values(bias.as_ref())?)
             }
             None => ConvWeight::Tensor(weight),
         };
@@ -204,6 +217,31 @@ impl Conv2d {
             config,
             dims,
         })
+    }
+}
+
+impl Conv2d {
+    /// A Conv2d (no groups or dilation) whose `(out, in, kh, kw)` weight was packed before.
+    pub fn from_packed(
+        weight: Arc<PackedRows>,
+        bias: Option<Tensor>,
+        config: Conv2dConfig,
+        dims: (usize, usize, usize, usize),
+    ) -> Result<Self> {
+        let b = bias_values(bias.as_ref())?;
+        Ok(Self {
+            weight: ConvWeight::Packed(weight, b),
+            bias,
+            config,
+            dims,
+        })
+    }
+
+    fn packed(&self) -> Option<&Arc<PackedRows>> {
+        match &self.weight {
+            ConvWeight::Packed(w, _) => Some(w),
+            ConvWeight::Tensor(_) => None,
+        }
     }
 }
 
@@ -271,6 +309,22 @@ enum FrameConvWeight {
 }
 
 impl FrameConv {
+    /// A temporal convolution whose taps were packed before, `(out, 3 * in)`.
+    pub fn from_packed(weight: Arc<PackedRows>, bias: &Tensor, in_dim: usize) -> Result<Self> {
+        Ok(Self {
+            out_dim: weight.rows(),
+            weight: FrameConvWeight::Packed(weight, Some(Arc::from(cpu_values(bias)?))),
+            in_dim,
+        })
+    }
+
+    fn packed(&self) -> Option<&Arc<PackedRows>> {
+        match &self.weight {
+            FrameConvWeight::Packed(w, _) => Some(w),
+            FrameConvWeight::Taps(_) => None,
+        }
+    }
+
     /// `weight`: (out, in, 3, 1, 1), `bias`: (out).
     pub fn new(weight: Tensor, bias: Tensor, path: OpPath) -> Result<Self> {
         let (out_dim, in_dim, kt, kh, kw) = weight.dims5()?;
@@ -353,15 +407,32 @@ impl FrameConv {
     }
 }
 
+/// The packed-weight cache of `vb` with the full name of its tensor `name`, when the
+/// weights are packed for the kernels.
+fn pack_cache(vb: &Vb, name: &str) -> Option<(Arc<crate::packcache::PackCache>, String)> {
+    vb.plan().matmul.kernels()?;
+    Some((vb.pack_cache()?.clone(), vb.full_name(name)))
+}
+
 /// `nn.Linear(in_dim, out_dim, bias=bias)`.
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: Vb) -> Result<Linear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = if bias {
         Some(vb.get(out_dim, "bias")?)
     } else {
         None
     };
-    Linear::new(weight, bias, vb.plan().matmul)
+    let cache = pack_cache(&vb, "weight");
+    if let Some((cache, name)) = &cache {
+        if let Some(w) = cache.cols(name, &[out_dim, in_dim], "cols", out_dim, in_dim) {
+            return Linear::from_packed(w, bias);
+        }
+    }
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let l = Linear::new(weight, bias, vb.plan().matmul)?;
+    if let (Some((cache, name)), LinearWeight::Packed(w, _)) = (&cache, &l.weight) {
+        cache.put_cols(name, "cols", w);
+    }
+    Ok(l)
 }
 
 /// `nn.Conv2d(in_c, out_c, kernel, stride, padding)` with bias.
@@ -373,14 +444,44 @@ pub fn conv2d(
     padding: usize,
     vb: Vb,
 ) -> Result<Conv2d> {
-    let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
     let bias = vb.get(out_c, "bias")?;
     let cfg = Conv2dConfig {
         padding,
         stride,
         ..Default::default()
     };
-    Conv2d::new(weight, Some(bias), cfg, vb.plan().matmul)
+    let shape = [out_c, in_c, kernel, kernel];
+    let cache = pack_cache(&vb, "weight");
+    if let Some((cache, name)) = &cache {
+        let k = in_c * kernel * kernel;
+        if let Some(w) = cache.rows(name, &shape, "rows", out_c, k) {
+            return Conv2d::from_packed(w, Some(bias), cfg, (out_c, in_c, kernel, kernel));
+        }
+    }
+    let weight = vb.get(&shape[..], "weight")?;
+    let conv = Conv2d::new(weight, Some(bias), cfg, vb.plan().matmul)?;
+    if let (Some((cache, name)), Some(w)) = (&cache, conv.packed()) {
+        cache.put_rows(name, "rows", w);
+    }
+    Ok(conv)
+}
+
+/// diffusers' `Conv3d(in_dim, out_dim, (3, 1, 1), padding (1, 0, 0))` as a [`FrameConv`].
+pub fn frame_conv(in_dim: usize, out_dim: usize, vb: Vb) -> Result<FrameConv> {
+    let bias = vb.get(out_dim, "bias")?;
+    let shape = [out_dim, in_dim, 3, 1, 1];
+    let cache = pack_cache(&vb, "weight");
+    if let Some((cache, name)) = &cache {
+        if let Some(w) = cache.rows(name, &shape, "frames", out_dim, 3 * in_dim) {
+            return FrameConv::from_packed(w, &bias, in_dim);
+        }
+    }
+    let weight = vb.get(&shape[..], "weight")?;
+    let conv = FrameConv::new(weight, bias, vb.plan().matmul)?;
+    if let (Some((cache, name)), Some(w)) = (&cache, conv.packed()) {
+        cache.put_rows(name, "frames", w);
+    }
+    Ok(conv)
 }
 
 /// `nn.GroupNorm(groups, channels, eps, affine=True)`.

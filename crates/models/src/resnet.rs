@@ -99,12 +99,9 @@ impl TemporalConv {
         conv_index: usize,
         vb: Vb,
     ) -> Result<Self> {
-        let conv_vb = vb.pp(conv_index);
-        let w = conv_vb.get((out_dim, in_dim, 3, 1, 1), "weight")?;
-        let bias = conv_vb.get(out_dim, "bias")?;
         Ok(Self {
             norm: FrameGroupNorm::new(groups, in_dim, 1e-5, vb.pp(0))?,
-            conv: FrameConv::new(w, bias, vb.plan().matmul)?,
+            conv: crate::nn::frame_conv(in_dim, out_dim, vb.pp(conv_index))?,
         })
     }
 

@@ -163,7 +163,10 @@ impl PgQueue {
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         *db = r.as_ref().err().map(|e| e.to_string());
         if r.is_err() {
-            *self.unreachable_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            *self
+                .unreachable_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Instant::now();
         }
         r
     }

@@ -79,10 +79,9 @@ impl Store {
     /// so that a wrong `--store` is said at once and not after a job's whole run.
     pub async fn check(&self) -> Result<(), PgError> {
         if let Store::S3 { store, prefix, url } = self {
-            store
-                .list_with_delimiter(Some(prefix))
-                .await
-                .map_err(|e| PgError::Store(format!("--store {url}: the bucket cannot be read: {e}")))?;
+            store.list_with_delimiter(Some(prefix)).await.map_err(|e| {
+                PgError::Store(format!("--store {url}: the bucket cannot be read: {e}"))
+            })?;
         }
         Ok(())
     }

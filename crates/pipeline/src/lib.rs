@@ -8,6 +8,6 @@ pub mod ranking;
 pub mod text;
 
 pub use flipsketch::{
-    device_name, dtype_name, video_to_frames, Encode, Output, Phase, Pipeline, PipelineError, Progress,
-    Request, Silent, WorkPlan,
+    device_name, dtype_name, video_to_frames, Encode, Output, Phase, Pipeline, PipelineError,
+    Progress, Request, Silent, WorkPlan,
 };

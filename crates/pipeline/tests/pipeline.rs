@@ -197,9 +197,16 @@ fn a_cached_inversion_is_bit_identical_and_skips_its_work() {
     assert_eq!(hits(), 0);
     let mut seen = Seen::default();
     let out = p.run(&second, &mut seen).unwrap();
-    assert_eq!(hits(), 1, "the second prompt on the sketch takes the cached inversion");
+    assert_eq!(
+        hits(),
+        1,
+        "the second prompt on the sketch takes the cached inversion"
+    );
     // what the cached run reports: encoding (the prompts), then the cache, then no inversion
-    assert_eq!(seen.phases, [Phase::Encoding, Phase::Denoising, Phase::Decoding]);
+    assert_eq!(
+        seen.phases,
+        [Phase::Encoding, Phase::Denoising, Phase::Decoding]
+    );
     assert_eq!(seen.cached_before, Some(1));
     let want = plain.run(&second, &mut Silent).unwrap();
     for (name, a, b) in [
@@ -209,7 +216,10 @@ fn a_cached_inversion_is_bit_identical_and_skips_its_work() {
     ] {
         assert!(bits(a) == bits(b), "{name} differs from an uncached run");
     }
-    assert_eq!(out.unet_frame_evals + 5 * first.steps, want.unet_frame_evals);
+    assert_eq!(
+        out.unet_frame_evals + 5 * first.steps,
+        want.unet_frame_evals
+    );
     let plan = flipsketch_pipeline::WorkPlan::new(3, 4, first.steps, first.tau);
     assert_eq!(
         plan.without_inversion().total(),
@@ -226,9 +236,18 @@ fn a_cached_inversion_is_bit_identical_and_skips_its_work() {
     seed.seed = 6;
     let mut mean = first.clone();
     mean.encode = Encode::Mean;
-    for (what, r) in [("steps", &steps), ("sketch", &sketch), ("seed", &seed), ("mean", &mean)] {
+    for (what, r) in [
+        ("steps", &steps),
+        ("sketch", &sketch),
+        ("seed", &seed),
+        ("mean", &mean),
+    ] {
         p.run(r, &mut Silent).unwrap();
-        assert_eq!(hits(), 1, "{what}: a different inversion must not come from the cache");
+        assert_eq!(
+            hits(),
+            1,
+            "{what}: a different inversion must not come from the cache"
+        );
     }
     // the seed changes only a sampled posterior; the mean is the same for every seed
     let mut mean_other_seed = mean.clone();

@@ -942,7 +942,10 @@ async fn a_second_prompt_on_a_sketch_skips_its_inversion_and_progress_says_so(b:
                     / want.total())
                 .min(0.99);
                 let got = e["progress"].as_f64().unwrap();
-                assert!((got - p).abs() < 1e-9, "{prompt}: step {step}: {got} != {p}");
+                assert!(
+                    (got - p).abs() < 1e-9,
+                    "{prompt}: step {step}: {got} != {p}"
+                );
                 denoising += 1;
             }
         }

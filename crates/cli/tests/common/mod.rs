@@ -76,7 +76,13 @@ impl Drop for Proc {
 }
 
 /// One HTTP exchange on a fresh connection: (status, body).
-pub fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String) {
     let Ok(mut s) = TcpStream::connect(addr) else {
         return (0, String::new());
     };
@@ -113,7 +119,11 @@ pub fn get(addr: &str, path: &str) -> (u16, serde_json::Value) {
 pub fn get_bytes(addr: &str, path: &str) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let split = out
@@ -174,7 +184,9 @@ pub fn is_final(status: &serde_json::Value) -> bool {
 
 /// Polls a job until it ends (done, failed, cancelled); its last view.
 pub fn wait_end(addr: &str, id: &str) -> serde_json::Value {
-    wait_job(addr, id, Duration::from_secs(120), |v| is_final(&v["status"]))
+    wait_job(addr, id, Duration::from_secs(120), |v| {
+        is_final(&v["status"])
+    })
 }
 
 /// Polls a job until `until` holds for its view (answers that are not 200 are skipped).
