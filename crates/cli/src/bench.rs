@@ -188,11 +188,13 @@ fn repeat(
             };
             println!("  {kernel:?}: {calls} calls, {secs:.3} s{rate}");
         }
-        println!("the longest matrix shapes (linear: rows x k x columns; conv: images x k x pixels x c_out):");
-        for s in flipsketch_kernels::stats::shapes().iter().take(16) {
+        println!("the longest shapes (linear: rows x k x columns; conv: images x k x pixels x c_out; attention: items x queries x keys x head size; norms: elements):");
+        for s in flipsketch_kernels::stats::shapes().iter().take(80) {
             let [a, b, c, d] = s.shape;
+            use flipsketch_kernels::stats::Kernel;
             let shape = match s.kernel {
-                flipsketch_kernels::stats::Kernel::Linear => format!("{a}x{b}x{c}"),
+                Kernel::Linear => format!("{a}x{b}x{c}"),
+                Kernel::GroupNorm | Kernel::Geglu => format!("{a}"),
                 _ => format!("{a}x{b}x{c}x{d}"),
             };
             println!(

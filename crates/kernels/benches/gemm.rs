@@ -74,8 +74,13 @@ fn main() {
                 2.0 * (m * k * n) as f64 / s / 1e9
             );
         }
-        // 3x3 convolutions of the ResNets at 32x32, 16x16 and 4x4, 10 frames.
-        for &(c, hw, co) in &[(320, 32, 320), (640, 16, 640), (1280, 4, 1280)] {
+        // 3x3 convolutions of the ResNets at 32x32, 16x16, 8x8 and 4x4, 10 frames.
+        for &(c, hw, co) in &[
+            (320, 32, 320),
+            (640, 16, 640),
+            (1280, 8, 1280),
+            (1280, 4, 1280),
+        ] {
             let g = ConvGeometry::new(c, hw, hw, 3, 3, 1, 1).unwrap();
             let x = fill(10 * c * hw * hw);
             let w = PackedRows::new(prec, &fill(co * c * 9), co, c * 9);
@@ -84,6 +89,20 @@ fn main() {
             let flops = 2.0 * (10 * hw * hw * co * c * 9) as f64;
             println!(
                 "{prec:?} conv3x3 10x{c}x{hw}x{hw} -> {co}: {:.1} ms, {:.0} GFLOP/s",
+                s * 1e3,
+                flops / s / 1e9
+            );
+        }
+        // The temporal convolutions at 8x8 and 16x16 (one GEMM with K = 3c over 1x1 patches).
+        for &(c, hw) in &[(1280, 8), (640, 16)] {
+            let g = ConvGeometry::new(3 * c, hw, hw, 1, 1, 1, 0).unwrap();
+            let x = fill(10 * 3 * c * hw * hw);
+            let w = PackedRows::new(prec, &fill(c * 3 * c), c, 3 * c);
+            let mut out = vec![0.0; 10 * c * hw * hw];
+            let s = best_of(10, || conv2d(&x, 10, &g, &w, None, &mut out));
+            let flops = 2.0 * (10 * hw * hw * c * 3 * c) as f64;
+            println!(
+                "{prec:?} temporal conv 10x{c}x{hw}x{hw}: {:.1} ms, {:.0} GFLOP/s",
                 s * 1e3,
                 flops / s / 1e9
             );

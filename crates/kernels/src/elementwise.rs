@@ -165,7 +165,7 @@ pub fn geglu(h: &[f32], inner: usize, out: &mut [f32]) {
     );
     assert_eq!(out.len() * 2, h.len(), "geglu: output size");
     let rows_per = (CHUNK / inner).max(1);
-    let _t = crate::stats::Timer::start(crate::stats::Kernel::Geglu, 0);
+    let _t = crate::stats::Timer::start(crate::stats::Kernel::Geglu, [h.len(), 0, 0, 0], 0);
     out.par_chunks_mut(rows_per * inner)
         .zip(h.par_chunks(rows_per * 2 * inner))
         .for_each(|(o, h)| geglu_rows(h, inner, o));
@@ -261,7 +261,7 @@ pub fn group_norm(
     assert_eq!(out.len(), x.len(), "group_norm: output size");
     assert_eq!(weight.len(), channels, "group_norm: weight size");
     assert_eq!(bias.len(), channels, "group_norm: bias size");
-    let _t = crate::stats::Timer::start(crate::stats::Kernel::GroupNorm, 0);
+    let _t = crate::stats::Timer::start(crate::stats::Kernel::GroupNorm, [x.len(), 0, 0, 0], 0);
     let cpg = channels / groups;
     let item_len = channels * plane;
     let group_len = cpg * plane;

@@ -50,6 +50,9 @@ pub fn k_block(kslots: usize) -> usize {
 /// Packed weight bytes above which [`linear`] with few rows fetches each weight only once
 /// (smaller weights stay in L3 between blocks of rows, and the old order is as fast).
 const BIG_WEIGHTS: usize = 8 << 20;
+/// Convolutions with large weights ([`BIG_WEIGHTS`]) over images of at most this many pixels
+/// run over all images in one GEMM.
+const BATCHED_PIXELS: usize = 256;
 /// At most this many rows count as few for [`linear`].
 const FEW_ROWS: usize = 1024;
 
@@ -1176,12 +1179,15 @@ unsafe fn conv2d_impl(
     }
     let t = threads();
     let kslots = w.prec.slots(k);
-    let batched_tmp = pix < NR && images > 1 && x.len() < i32::MAX as usize;
+    // Small images with large weights (the 4x4 and 8x8 levels, 1280 channels: 3-30 MB of
+    // packed weights), or images smaller than a panel: one GEMM whose columns run over the
+    // pixels of all images, into a (c_out, images * pix) buffer. Image by image, every image
+    // would fetch all the weights from memory again and use each weight for a few panels only.
+    let small = pix < NR || (pix <= BATCHED_PIXELS && w.data.len() * 4 > BIG_WEIGHTS);
+    let batched_tmp = small && images > 1 && x.len() < i32::MAX as usize;
     if batched_tmp {
-        // Small images (4x4 latents): a panel of NR columns would be mostly padding, so the
-        // columns run over the pixels of all images, into a (c_out, images * pix) buffer.
         let total = images * pix;
-        let mut tmp = vec![0f32; c_out * total];
+        let mut tmp = Vec::<f32>::with_capacity(c_out * total);
         let c = Out(tmp.as_mut_ptr());
         let bias = bias.map_or(Bias::None, Bias::Rows);
         let patches = Patches {
@@ -1190,40 +1196,46 @@ unsafe fn conv2d_impl(
             geom: g,
             batched: Some((pix, stride)),
         };
+        // The output channels are split between the threads (each fetches its share of the
+        // weights), and the columns into chunks whose part of C stays in L2 through all K
+        // blocks.
+        let rows = split(c_out, t, MR);
+        let per_task = rows.iter().map(|r| r.1 - r.0).max().unwrap_or(MR);
+        let cols = ((512 << 10) / (4 * per_task) / NR).max(1) * NR;
+        let tasks: Vec<_> = rows
+            .iter()
+            .flat_map(|&r| {
+                (0..total)
+                    .step_by(cols)
+                    .map(move |c0| (r, (c0, (c0 + cols).min(total))))
+            })
+            .collect();
         stats::timed(
             stats::Kernel::Conv2d,
             [images, k, pix, c_out],
             2 * (images * c_out * pix * k) as u64,
             || {
-                // Few columns: split the output channels between the threads instead.
-                split(c_out, t, MR).par_iter().for_each(|&(m0, m1)| {
+                tasks.par_iter().for_each(|&(mr, nr)| {
                     let c = c;
-                    // SAFETY: each task writes rows m0..m1 of the c_out x total buffer.
-                    unsafe {
-                        run_task(
-                            w.prec,
-                            kslots,
-                            w,
-                            &patches,
-                            (m0, m1),
-                            (0, total),
-                            c.0,
-                            total,
-                            bias,
-                            None,
-                        )
-                    }
+                    // SAFETY: each task writes rows mr and columns nr of the c_out x total
+                    // buffer; the tasks cover it all.
+                    unsafe { run_task(w.prec, kslots, w, &patches, mr, nr, c.0, total, bias, None) }
                 });
-                for img in 0..images {
+                // SAFETY: every element of the buffer was written just above.
+                unsafe { tmp.set_len(c_out * total) };
+                // Back to (images, c_out, pix), one image per task.
+                let o = Out(out);
+                (0..images).into_par_iter().for_each(|img| {
+                    let o = o;
                     for m in 0..c_out {
                         let t = &tmp[m * total + img * pix..][..pix];
                         // SAFETY: channel m of image img, inside the output.
                         unsafe {
-                            let o = out.add((img * c_out + m) * pix);
-                            std::ptr::copy_nonoverlapping(t.as_ptr(), o, pix);
+                            let dst = o.0.add((img * c_out + m) * pix);
+                            std::ptr::copy_nonoverlapping(t.as_ptr(), dst, pix);
                         }
                     }
-                }
+                });
             },
         );
         return;
@@ -1466,7 +1478,7 @@ fn attention_impl(
     }
     let items = batch * heads;
     let flops = 2 * (items * lq * lk * (d + dv)) as u64;
-    let _t = stats::Timer::start(stats::Kernel::Attention, flops);
+    let _t = stats::Timer::start(stats::Kernel::Attention, [items, lq, lk, d], flops);
     let c = Out(out.as_mut_ptr());
     let (qld, vld) = (heads * d, heads * dv);
     if lq <= SMALL_SEQ && lk <= SMALL_SEQ && d <= SMALL_D {

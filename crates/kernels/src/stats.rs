@@ -63,6 +63,8 @@ pub fn snapshot() -> Vec<(Kernel, u64, f64, f64)> {
 pub struct ShapeStat {
     pub kernel: Kernel,
     /// Linear: rows, k, columns, 0. Conv2d: images, k (c_in x taps), pixels, c_out.
+    /// Attention: items (batch x heads), query length, key length, head size. GroupNorm and
+    /// GEGLU: their input's element count, 0, 0, 0.
     pub shape: [usize; 4],
     pub calls: u64,
     pub seconds: f64,
@@ -95,32 +97,36 @@ pub(crate) fn timed<R>(kernel: Kernel, shape: [usize; 4], flops: u64, f: impl Fn
     }
     let t = Instant::now();
     let r = f();
-    let nanos = t.elapsed().as_nanos() as u64;
+    record(kernel, shape, t.elapsed().as_nanos() as u64, flops);
+    r
+}
+
+/// Adds one call to its family's counters and to its shape's line.
+fn record(kernel: Kernel, shape: [usize; 4], nanos: u64, flops: u64) {
     count(kernel, nanos, flops);
     if let Some(table) = SHAPES.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
         let e = table.entry((kernel, shape)).or_default();
         *e = (e.0 + 1, e.1 + nanos, e.2 + flops);
     }
-    r
 }
 
 /// Counts the time until it is dropped as one call (for kernels with early returns).
-pub(crate) struct Timer(Option<(Kernel, u64, Instant)>);
+pub(crate) struct Timer(Option<(Kernel, [usize; 4], u64, Instant)>);
 
 impl Timer {
-    pub(crate) fn start(kernel: Kernel, flops: u64) -> Self {
+    pub(crate) fn start(kernel: Kernel, shape: [usize; 4], flops: u64) -> Self {
         Self(
             ENABLED
                 .load(Ordering::Relaxed)
-                .then(|| (kernel, flops, Instant::now())),
+                .then(|| (kernel, shape, flops, Instant::now())),
         )
     }
 }
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        if let Some((kernel, flops, t)) = self.0 {
-            count(kernel, t.elapsed().as_nanos() as u64, flops);
+        if let Some((kernel, shape, flops, t)) = self.0 {
+            record(kernel, shape, t.elapsed().as_nanos() as u64, flops);
         }
     }
 }

@@ -128,6 +128,9 @@ fn conv2d_matches_reference() {
             (5, 9, 4, 4, 13, 3, 3, 1, 1),
             (7, 4, 3, 5, 6, 1, 1, 1, 0),
             (3, 5, 7, 7, 4, 3, 3, 2, 1),
+            // Small images with large weights (f32: 8.8 MB packed): one GEMM over all images,
+            // its columns in two chunks, panels straddling images (36 pixels each).
+            (8, 245, 6, 6, 1000, 3, 3, 1, 1),
         ] {
             let g = ConvGeometry::new(ci, h, w, kh, kw, st, pad).expect("valid geometry");
             let k = ci * kh * kw;
