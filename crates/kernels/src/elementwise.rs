@@ -99,6 +99,15 @@ macro_rules! multiversion {
 pub(crate) use multiversion;
 
 multiversion! {
+    /// `out[i]` = the bf16 pair (lo[i], hi[i]), rounded to nearest even.
+    pub(crate) fn bf16_pairs(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+        for ((o, &a), &b) in out.iter_mut().zip(lo).zip(hi) {
+            *o = crate::micro::bf16_pair(a, b);
+        }
+    }
+}
+
+multiversion! {
     fn silu_chunk(x: &[f32], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = silu(v);

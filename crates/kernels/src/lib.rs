@@ -142,8 +142,10 @@ fn pack_row(prec: Precision, row: &[f32], k0: usize, kc: usize, dst: &mut [u32])
 pub fn pack_layout() -> String {
     format!(
         "rows: MR {MR}, slot-major K blocks of k_block (KC {KC}, split {KC_SPLIT}); \
+         taps: blocks of channel slots (about KC_SPLIT / taps each), tap-major within a \
+         block, bf16 pairs of neighbouring channels; \
          cols: NR {NR}, slot-major; slots: f32 bits or bf16 pairs (nearest even, low half \
-         first), zero padded; v1"
+         first), zero padded; v2"
     )
 }
 
@@ -208,12 +210,100 @@ impl std::ops::Deref for Slots {
 
 /// A matrix packed as the A operand (its rows are C's rows): row blocks of [`MR`], each K
 /// block of [`k_block`] slots stored slot-major ([`ALayout::Interleaved`]).
+///
+/// Convolution weights may instead be packed for the direct convolution
+/// ([`PackedRows::new_taps`]): K runs over blocks of input channels, within a block tap by
+/// tap (`kh x kw` of them), within a tap over the block's channel slots (a bf16 slot is two
+/// neighbouring channels of one tap), so that a block's B operand is the input itself, shifted
+/// per tap, instead of the patches (`kh * kw` copies of every input value).
 pub struct PackedRows {
     prec: Precision,
     m: usize,
+    /// The depth of the matrix: for convolution weights `c_in * kh * kw`.
     k: usize,
+    kb_len: usize,
     kblocks: usize,
+    taps: Option<TapLayout>,
     data: Slots,
+}
+
+/// How [`PackedRows::new_taps`] laid out a convolution's weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TapLayout {
+    pub c_in: usize,
+    pub kh: usize,
+    pub kw: usize,
+    /// Channel slots per K block (the last block may hold fewer).
+    block_slots: usize,
+}
+
+impl TapLayout {
+    fn new(prec: Precision, c_in: usize, kh: usize, kw: usize) -> Self {
+        let taps = (kh * kw).max(1);
+        let cs = prec.slots(c_in).max(1);
+        // About KC_SPLIT slots per K block, as for the other packed matrices.
+        let blocks = cs.div_ceil((KC_SPLIT / taps).max(1));
+        Self {
+            c_in,
+            kh,
+            kw,
+            block_slots: cs.div_ceil(blocks),
+        }
+    }
+
+    fn taps(&self) -> usize {
+        self.kh * self.kw
+    }
+
+    /// (K blocks, slots per full block).
+    fn blocks(&self, prec: Precision) -> (usize, usize) {
+        let cs = prec.slots(self.c_in).max(1);
+        (
+            cs.div_ceil(self.block_slots),
+            self.taps() * self.block_slots,
+        )
+    }
+}
+
+/// Values in one slot: 1 f32, or 2 bf16.
+fn values_per_slot(prec: Precision) -> usize {
+    match prec {
+        Precision::F32 => 1,
+        Precision::Bf16 => 2,
+    }
+}
+
+/// Packs `m` rows of `kslots` slots in K blocks of `kb_len`; `row(r, buf)` puts row r's
+/// values (`kslots` slots' worth, f32) in `buf`.
+fn pack_rows_blocked<F>(prec: Precision, m: usize, kslots: usize, kb_len: usize, row: F) -> Vec<u32>
+where
+    F: Fn(usize, &mut Vec<f32>) + Sync,
+{
+    let kblocks = kslots.div_ceil(kb_len).max(1);
+    let rblocks = m.div_ceil(MR);
+    // Slot-major blocks of MR x kb_len slots: no padding of K blocks to KC (a 3x3
+    // convolution's K blocks are often 180 slots long, which would waste 30%).
+    let mut data = vec![0u32; rblocks * kblocks * MR * kb_len];
+    data.par_chunks_mut(kblocks * MR * kb_len)
+        .enumerate()
+        .for_each(|(rb, blk)| {
+            let mut tmp = vec![0u32; kb_len];
+            let mut values = Vec::new();
+            for r in 0..MR.min(m - rb * MR) {
+                values.clear();
+                row(rb * MR + r, &mut values);
+                let row = &values[..];
+                for kb in 0..kblocks {
+                    let kc = kb_len.min(kslots - kb * kb_len);
+                    let block = &mut blk[kb * MR * kb_len..][..MR * kb_len];
+                    pack_row(prec, row, kb * kb_len, kc, &mut tmp);
+                    for (s, &v) in tmp[..kc].iter().enumerate() {
+                        block[ALayout::Interleaved.index(r, s)] = v;
+                    }
+                }
+            }
+        });
+    data
 }
 
 impl PackedRows {
@@ -227,32 +317,67 @@ impl PackedRows {
         );
         let kslots = prec.slots(k);
         let kb_len = k_block(kslots);
-        let kblocks = kslots.div_ceil(kb_len).max(1);
-        let rblocks = m.div_ceil(MR);
-        // Slot-major blocks of MR x kb_len slots: no padding of K blocks to KC (a 3x3
-        // convolution's K blocks are often 180 slots long, which would waste 30%).
-        let mut data = vec![0u32; rblocks * kblocks * MR * kb_len];
-        data.par_chunks_mut(kblocks * MR * kb_len)
-            .enumerate()
-            .for_each(|(rb, blk)| {
-                let mut tmp = vec![0u32; kb_len];
-                for kb in 0..kblocks {
-                    let kc = kb_len.min(kslots - kb * kb_len);
-                    let block = &mut blk[kb * MR * kb_len..][..MR * kb_len];
-                    for r in 0..MR.min(m - rb * MR) {
-                        let row = &src[(rb * MR + r) * k..][..k];
-                        pack_row(prec, row, kb * kb_len, kc, &mut tmp);
-                        for (s, &v) in tmp[..kc].iter().enumerate() {
-                            block[ALayout::Interleaved.index(r, s)] = v;
-                        }
-                    }
-                }
-            });
+        let data = pack_rows_blocked(prec, m, kslots, kb_len, |r, buf| {
+            buf.extend_from_slice(&src[r * k..][..k])
+        });
         Self {
             prec,
             m,
             k,
-            kblocks,
+            kb_len,
+            kblocks: kslots.div_ceil(kb_len).max(1),
+            taps: None,
+            data: Slots::owned(data),
+        }
+    }
+
+    /// Packs convolution weights `(m, c_in, kh, kw)` (row-major) for the direct convolution
+    /// of [`conv2d`] (stride 1); see the type's description.
+    pub fn new_taps(
+        prec: Precision,
+        w: &[f32],
+        m: usize,
+        c_in: usize,
+        kh: usize,
+        kw: usize,
+    ) -> Self {
+        let taps = kh * kw;
+        assert_eq!(
+            w.len(),
+            m * c_in * taps,
+            "PackedRows: {m}x{c_in}x{kh}x{kw} needs {} values",
+            m * c_in * taps
+        );
+        let layout = TapLayout::new(prec, c_in, kh, kw);
+        let (blocks, kb_len) = layout.blocks(prec);
+        let cs = prec.slots(c_in).max(1);
+        let per = values_per_slot(prec);
+        let kslots = taps * cs;
+        let data = pack_rows_blocked(prec, m, kslots, kb_len, |r, buf| {
+            for cb in 0..blocks {
+                let s0 = cb * layout.block_slots;
+                let s1 = (s0 + layout.block_slots).min(cs);
+                for t in 0..taps {
+                    for s in s0..s1 {
+                        for e in 0..per {
+                            let ch = s * per + e;
+                            buf.push(if ch < c_in {
+                                w[(r * c_in + ch) * taps + t]
+                            } else {
+                                0.0
+                            });
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            prec,
+            m,
+            k: c_in * taps,
+            kb_len,
+            kblocks: blocks,
+            taps: Some(layout),
             data: Slots::owned(data),
         }
     }
@@ -262,6 +387,12 @@ impl PackedRows {
         let kslots = prec.slots(k);
         let kb_len = k_block(kslots);
         m.div_ceil(MR) * kslots.div_ceil(kb_len).max(1) * MR * kb_len
+    }
+
+    /// The number of slots [`Self::new_taps`] packs `(m, c_in, kh, kw)` weights into.
+    pub fn packed_len_taps(prec: Precision, m: usize, c_in: usize, kh: usize, kw: usize) -> usize {
+        let (blocks, kb_len) = TapLayout::new(prec, c_in, kh, kw).blocks(prec);
+        m.div_ceil(MR) * blocks * MR * kb_len
     }
 
     /// A matrix packed earlier (its [`Self::slots`]), e.g. read back from a file.
@@ -274,13 +405,48 @@ impl PackedRows {
             ));
         }
         let kslots = prec.slots(k);
+        let kb_len = k_block(kslots);
         Ok(Self {
             prec,
             m,
             k,
-            kblocks: kslots.div_ceil(k_block(kslots)).max(1),
+            kb_len,
+            kblocks: kslots.div_ceil(kb_len).max(1),
+            taps: None,
             data,
         })
+    }
+
+    /// Weights packed earlier by [`Self::new_taps`] (its [`Self::slots`]).
+    pub fn from_slots_taps(
+        prec: Precision,
+        m: usize,
+        (c_in, kh, kw): (usize, usize, usize),
+        data: Slots,
+    ) -> Result<Self, String> {
+        let want = Self::packed_len_taps(prec, m, c_in, kh, kw);
+        if data.len() != want {
+            return Err(format!(
+                "packed {m}x{c_in}x{kh}x{kw} convolution weights ({prec:?}) take {want} slots, not {}",
+                data.len()
+            ));
+        }
+        let layout = TapLayout::new(prec, c_in, kh, kw);
+        let (kblocks, kb_len) = layout.blocks(prec);
+        Ok(Self {
+            prec,
+            m,
+            k: c_in * kh * kw,
+            kb_len,
+            kblocks,
+            taps: Some(layout),
+            data,
+        })
+    }
+
+    /// How the weights were laid out by [`Self::new_taps`], if they were.
+    pub fn tap_layout(&self) -> Option<TapLayout> {
+        self.taps
     }
 
     /// The packed slots (what [`Self::from_slots`] takes back).
@@ -442,7 +608,7 @@ impl Source for PackedRows {
         _: usize,
         _: &mut Vec<u32>,
     ) -> (*const u32, usize) {
-        let kb_len = k_block(self.prec.slots(self.k));
+        let kb_len = self.kb_len;
         let stride = self.kblocks * MR * kb_len;
         let off = (i0 / MR) * stride + (k0 / kb_len) * MR * kb_len;
         (self.data[off..].as_ptr(), stride)
@@ -1177,6 +1343,23 @@ unsafe fn conv2d_impl(
     if images == 0 || c_out == 0 || pix == 0 {
         return;
     }
+    if let Some(layout) = w.taps {
+        assert!(
+            g.stride == 1 && (layout.c_in, layout.kh, layout.kw) == (g.c_in, g.kh, g.kw),
+            "conv2d: weights packed for a {}x{} direct convolution of {} channels at stride 1, \
+             not {}x{} at stride {} over {} channels",
+            layout.kh,
+            layout.kw,
+            layout.c_in,
+            g.kh,
+            g.kw,
+            g.stride,
+            g.c_in
+        );
+        // SAFETY: the caller's contract on `out`; the images lie in `x` (checked above).
+        unsafe { direct_conv(x, images, g, w, layout, bias, out, stride) };
+        return;
+    }
     let t = threads();
     let kslots = w.prec.slots(k);
     // Small images with large weights (the 4x4 and 8x8 levels, 1280 channels: 3-30 MB of
@@ -1287,6 +1470,214 @@ unsafe fn conv2d_impl(
             })
         },
     );
+}
+
+/// The direct convolution (stride 1) with weights from [`PackedRows::new_taps`].
+///
+/// Each image is seen in padded coordinates: a plane of `(h + 2 pad) x wp` values, `wp = w +
+/// 2 pad`, flattened row after row. Output pixel (y, x) is then column `q = y * wp + x` of
+/// the product, and tap (dy, dx) reads the plane at `q + dy * wp + dx`: one shift of the same
+/// flat input for every column. So the B operand of a K block (a block of input channels) is
+/// the input itself, packed once (converted, channels paired in bf16, with the padding's
+/// zeros), and each tap is a segment of K starting at its shift ([`micro::Segments`]),
+/// instead of `kh * kw` packed copies of every input value. The `wp - w_out` columns per row
+/// that fall in the padding are computed and dropped (6% at 32 px wide, under 1% at 256).
+#[allow(clippy::too_many_arguments)]
+unsafe fn direct_conv(
+    x: &[f32],
+    images: usize,
+    g: &ConvGeometry,
+    w: &PackedRows,
+    layout: TapLayout,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    stride: usize,
+) {
+    let prec = w.prec;
+    let c_out = w.m;
+    let (kh, kw, pad) = (g.kh, g.kw, g.pad);
+    let wp = g.w + 2 * pad;
+    let (ho, wo) = (g.h_out, g.w_out);
+    let flat = ho * wp;
+    let taps = kh * kw;
+    let offsets: Vec<usize> = (0..taps).map(|t| (t / kw) * wp + t % kw).collect();
+    let (blocks, kb_len) = layout.blocks(prec);
+    let cs = prec.slots(g.c_in).max(1);
+    let t = threads();
+    // Columns per task as for the patches: C's part (c_out x columns) stays in L2.
+    let l2_cols = ((512 << 10) / (4 * c_out)).max(NR) / NR * NR;
+    // A whole number of tasks per thread for a single image (5 tasks on 2 threads took as
+    // long as 6).
+    let parts = (t * 2).div_ceil(images).max(flat.div_ceil(l2_cols));
+    let parts = if images == 1 {
+        parts.div_ceil(t) * t
+    } else {
+        parts
+    };
+    let per_image = split(flat, parts, NR);
+    let tasks: Vec<_> = (0..images)
+        .flat_map(|i| per_image.iter().map(move |&r| (i, r)))
+        .collect();
+    let micro = micro::select_taps(prec, isa());
+    let plane = g.h * g.w;
+    let o = Out(out);
+    stats::timed(
+        stats::Kernel::Conv2d,
+        [images, g.c_in * taps, ho * wo, c_out],
+        2 * (images * c_out * ho * wo * g.c_in * taps) as u64,
+        || {
+            tasks.par_iter().for_each(|&(img, (q0, q1))| {
+                let o = o;
+                let image = &x[img * stride..][..g.c_in * plane];
+                let nq = q1 - q0;
+                let panels = nq.div_ceil(NR);
+                let span = panels * NR + offsets[taps - 1];
+                let mut b = vec![0u32; layout.block_slots * span];
+                // C for this task's columns, c_out x nq: every element is stored at the first
+                // K block (from zero or the bias) before any is read.
+                let mut cbuf = Vec::<f32>::with_capacity(c_out * nq);
+                let c = cbuf.as_mut_ptr();
+                for cb in 0..blocks {
+                    let s0 = cb * layout.block_slots;
+                    let scb = layout.block_slots.min(cs - s0);
+                    for sl in 0..scb {
+                        pack_shifted(
+                            prec,
+                            image,
+                            g,
+                            (s0 + sl) * values_per_slot(prec),
+                            q0,
+                            &mut b[sl * span..][..span],
+                        );
+                    }
+                    let seg = micro::Segments {
+                        count: taps,
+                        len: scb,
+                        offsets: offsets.as_ptr(),
+                        ldb: span,
+                    };
+                    for i0 in (0..c_out).step_by(MC) {
+                        let ilen = MC.min(c_out - i0);
+                        let (ap, astride) =
+                            w.block(i0, ilen, cb * kb_len, taps * scb, &mut Vec::new());
+                        for pb in 0..panels {
+                            let cols = NR.min(nq - pb * NR);
+                            for rb in 0..ilen.div_ceil(MR) {
+                                let rows = MR.min(ilen - rb * MR);
+                                let row = i0 + rb * MR;
+                                let init = match (cb, bias) {
+                                    (0, None) => TileInit::Zero,
+                                    (0, Some(v)) => TileInit::RowBias(v[row..].as_ptr()),
+                                    _ => TileInit::Accumulate,
+                                };
+                                // SAFETY: A's block for rows row.., K block cb; B's slots hold
+                                // span values, the panel's last read at pb * NR + NR - 1 plus
+                                // the largest offset, inside span; C's tile inside c_out x nq.
+                                unsafe {
+                                    micro(
+                                        seg,
+                                        ap.add(rb * astride),
+                                        b.as_ptr().add(pb * NR),
+                                        c.add(row * nq + pb * NR),
+                                        nq,
+                                        rows,
+                                        cols,
+                                        init,
+                                    )
+                                };
+                            }
+                        }
+                    }
+                }
+                // The columns inside the image, into (c_out, ho, wo).
+                for co in 0..c_out {
+                    let mut q = q0;
+                    while q < q1 {
+                        let (y, xq) = (q / wp, q % wp);
+                        let end = (q - xq + wp).min(q1);
+                        if xq < wo {
+                            let n = (q - xq + wo).min(end) - q;
+                            // SAFETY: C's row co, columns q - q0 .. + n, all stored above;
+                            // output pixels (y, xq..xq + n) of channel co of image img.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    c.add(co * nq + (q - q0)),
+                                    o.0.add(((img * c_out + co) * ho + y) * wo + xq),
+                                    n,
+                                )
+                            };
+                        }
+                        q = end;
+                    }
+                }
+            })
+        },
+    );
+}
+
+/// One slot row of a direct convolution's B operand: the padded flat plane of channel `ch`
+/// (and `ch + 1` in bf16, as pairs; 0 past the last channel) from position `q0` on, with
+/// zeros in the padding.
+fn pack_shifted(
+    prec: Precision,
+    image: &[f32],
+    g: &ConvGeometry,
+    ch: usize,
+    q0: usize,
+    dst: &mut [u32],
+) {
+    let (pad, wp) = (g.pad, g.w + 2 * g.pad);
+    let plane = g.h * g.w;
+    let channel = |c: usize| (c < g.c_in).then(|| &image[c * plane..][..plane]);
+    let (lo, hi) = (
+        channel(ch),
+        if prec == Precision::Bf16 {
+            channel(ch + 1)
+        } else {
+            None
+        },
+    );
+    let mut f = 0;
+    while f < dst.len() {
+        let p = q0 + f;
+        let (py, px0) = (p / wp, p % wp);
+        let n = (wp - px0).min(dst.len() - f);
+        let seg = &mut dst[f..f + n];
+        f += n;
+        let Some(lo) = lo else {
+            seg.fill(0);
+            continue;
+        };
+        if py < pad || py >= pad + g.h {
+            seg.fill(0);
+            continue;
+        }
+        let iy = py - pad;
+        // Positions px0..px0 + n of the padded row; the image's columns are pad..pad + w.
+        let start = pad.saturating_sub(px0).min(n);
+        let stop = (pad + g.w).saturating_sub(px0).min(n).max(start);
+        seg[..start].fill(0);
+        seg[stop..].fill(0);
+        let ix0 = px0 + start - pad;
+        let len = stop - start;
+        let a = &lo[iy * g.w + ix0..][..len];
+        let d = &mut seg[start..stop];
+        match prec {
+            Precision::F32 => {
+                for (d, &v) in d.iter_mut().zip(a) {
+                    *d = v.to_bits();
+                }
+            }
+            Precision::Bf16 => match hi {
+                Some(hi) => elementwise::bf16_pairs(a, &hi[iy * g.w + ix0..][..len], d),
+                None => {
+                    for (d, &v) in d.iter_mut().zip(a) {
+                        *d = bf16_pair(v, 0.0);
+                    }
+                }
+            },
+        }
+    }
 }
 
 /// A B source whose columns start at `by`.

@@ -32,6 +32,41 @@ pub(crate) type Micro = unsafe fn(
     init: TileInit,
 );
 
+/// How a direct convolution's K runs through B: `count` segments (kernel taps) of `len`
+/// slots each; segment `t` starts `offsets[t]` slots into the B operand and has `ldb` slots
+/// between consecutive slots. A's slots run on across the segments (slot-major).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Segments {
+    pub count: usize,
+    pub len: usize,
+    pub offsets: *const usize,
+    pub ldb: usize,
+}
+
+/// A direct-convolution tile: like [`Micro`] with K in [`Segments`], A slot-major.
+pub(crate) type MicroTaps = unsafe fn(
+    seg: Segments,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    init: TileInit,
+);
+
+/// The direct-convolution kernel for `prec` on `isa`.
+pub(crate) fn select_taps(prec: Precision, isa: Isa) -> MicroTaps {
+    match (prec, isa) {
+        #[cfg(target_arch = "x86_64")]
+        (Precision::Bf16, Isa::Avx512Bf16) => x86::taps_bf16,
+        #[cfg(target_arch = "x86_64")]
+        (Precision::F32, Isa::Avx512Bf16 | Isa::Avx512) => x86::taps_f32,
+        (Precision::Bf16, _) => portable_taps_bf16,
+        (Precision::F32, _) => portable_taps_f32,
+    }
+}
+
 /// What this CPU can run, decided once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -151,7 +186,7 @@ fn unpair(s: u32) -> (f32, f32) {
 #[allow(clippy::too_many_arguments)]
 unsafe fn portable(
     layout: ALayout,
-    kc: usize,
+    seg: Segments,
     a: *const u32,
     b: *const u32,
     c: *mut f32,
@@ -172,10 +207,13 @@ unsafe fn portable(
             };
         }
     }
-    for s in 0..kc {
-        let bs = std::slice::from_raw_parts(b.add(s * NR), NR);
-        for (r, row) in acc.iter_mut().enumerate() {
-            fma(row, *a.add(layout.index(r, s)), bs);
+    for t in 0..seg.count {
+        let bt = b.add(*seg.offsets.add(t));
+        for s in 0..seg.len {
+            let bs = std::slice::from_raw_parts(bt.add(s * seg.ldb), NR);
+            for (r, row) in acc.iter_mut().enumerate() {
+                fma(row, *a.add(layout.index(r, t * seg.len + s)), bs);
+            }
         }
     }
     for (r, row) in acc.iter().enumerate().take(rows) {
@@ -183,6 +221,84 @@ unsafe fn portable(
             *c.add(r * ldc + j) = *v;
         }
     }
+}
+
+/// A plain GEMM tile's K: one segment of `kc` slots, NR apart.
+fn one_segment(kc: usize) -> Segments {
+    const ZERO: &usize = &0;
+    Segments {
+        count: 1,
+        len: kc,
+        offsets: ZERO,
+        ldb: NR,
+    }
+}
+
+/// The f32 product of one slot pair: `row += a * b`.
+fn fma_f32(row: &mut [f32; NR], av: u32, bs: &[u32]) {
+    let x = f32::from_bits(av);
+    for (v, &bv) in row.iter_mut().zip(bs) {
+        *v += x * f32::from_bits(bv);
+    }
+}
+
+/// The bf16 product of one slot: two products per lane.
+fn fma_bf16(row: &mut [f32; NR], av: u32, bs: &[u32]) {
+    let (x0, x1) = unpair(av);
+    for (v, &bv) in row.iter_mut().zip(bs) {
+        let (y0, y1) = unpair(bv);
+        *v += x0 * y0 + x1 * y1;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_taps_f32(
+    seg: Segments,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    init: TileInit,
+) {
+    portable(
+        ALayout::Interleaved,
+        seg,
+        a,
+        b,
+        c,
+        ldc,
+        rows,
+        cols,
+        init,
+        fma_f32,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_taps_bf16(
+    seg: Segments,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    init: TileInit,
+) {
+    portable(
+        ALayout::Interleaved,
+        seg,
+        a,
+        b,
+        c,
+        ldc,
+        rows,
+        cols,
+        init,
+        fma_bf16,
+    )
 }
 
 unsafe fn portable_f32<const IL: bool>(
@@ -197,7 +313,7 @@ unsafe fn portable_f32<const IL: bool>(
 ) {
     portable(
         layout_of(IL),
-        kc,
+        one_segment(kc),
         a,
         b,
         c,
@@ -205,12 +321,7 @@ unsafe fn portable_f32<const IL: bool>(
         rows,
         cols,
         init,
-        |row, av, bs| {
-            let x = f32::from_bits(av);
-            for (v, &bv) in row.iter_mut().zip(bs) {
-                *v += x * f32::from_bits(bv);
-            }
-        },
+        fma_f32,
     )
 }
 
@@ -226,7 +337,7 @@ unsafe fn portable_bf16<const IL: bool>(
 ) {
     portable(
         layout_of(IL),
-        kc,
+        one_segment(kc),
         a,
         b,
         c,
@@ -234,19 +345,13 @@ unsafe fn portable_bf16<const IL: bool>(
         rows,
         cols,
         init,
-        |row, av, bs| {
-            let (x0, x1) = unpair(av);
-            for (v, &bv) in row.iter_mut().zip(bs) {
-                let (y0, y1) = unpair(bv);
-                *v += x0 * y0 + x1 * y1;
-            }
-        },
+        fma_bf16,
     )
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{layout_of, TileInit};
+    use super::{layout_of, ALayout, Segments, TileInit};
     use crate::{MR, NR};
     use std::arch::x86_64::*;
 
@@ -263,8 +368,29 @@ pub(crate) mod x86 {
     }
 
     /// Shared body of the AVX-512 kernels; `$step` adds one slot's products into `acc`.
+    /// K runs in `$nseg` segments of `$kc` slots: A's slots follow each other across segments,
+    /// B's segment `t` starts at `$b + $boff(t)` with `$ldb` slots between its slots (one
+    /// segment at offset 0 with stride NR is a plain GEMM tile; a direct convolution has one
+    /// segment per kernel tap).
     macro_rules! tile {
-        ($layout:expr, $kc:expr, $a:expr, $b:expr, $c:expr, $ldc:expr, $rows:expr, $cols:expr, $init:expr, |$x0:ident, $x1:ident, $av:ident, $b0:ident, $b1:ident| $step:block) => {{
+        ($layout:expr, $kc:expr, $a:expr, $b:expr, $c:expr, $ldc:expr, $rows:expr, $cols:expr, $init:expr, |$x0:ident, $x1:ident, $av:ident, $b0:ident, $b1:ident| $step:block) => {
+            tile!(
+                $layout,
+                1,
+                $kc,
+                |_t: usize| 0usize,
+                NR,
+                $a,
+                $b,
+                $c,
+                $ldc,
+                $rows,
+                $cols,
+                $init,
+                |$x0, $x1, $av, $b0, $b1| $step
+            )
+        };
+        ($layout:expr, $nseg:expr, $kc:expr, $boff:expr, $ldb:expr, $a:expr, $b:expr, $c:expr, $ldc:expr, $rows:expr, $cols:expr, $init:expr, |$x0:ident, $x1:ident, $av:ident, $b0:ident, $b1:ident| $step:block) => {{
             let (m0, m1) = masks($cols);
             // Fetch the tile of C while the products run: its lines are usually not cached,
             // and missing on the stores at the end costs as much as a short K loop.
@@ -309,16 +435,20 @@ pub(crate) mod x86 {
                     }
                 }
             }
-            for s in 0..$kc {
-                let $b0 = _mm512_loadu_ps($b.add(s * NR) as *const f32);
-                let $b1 = _mm512_loadu_ps($b.add(s * NR + 16) as *const f32);
-                for r in 0..MR {
-                    let $av = *$a.add($layout.index(r, s));
-                    let $x0 = acc[r][0];
-                    let $x1 = acc[r][1];
-                    let (n0, n1) = $step;
-                    acc[r][0] = n0;
-                    acc[r][1] = n1;
+            for t in 0..$nseg {
+                let bt = $b.add(($boff)(t));
+                let at = t * $kc;
+                for s in 0..$kc {
+                    let $b0 = _mm512_loadu_ps(bt.add(s * $ldb) as *const f32);
+                    let $b1 = _mm512_loadu_ps(bt.add(s * $ldb + 16) as *const f32);
+                    for r in 0..MR {
+                        let $av = *$a.add($layout.index(r, at + s));
+                        let $x0 = acc[r][0];
+                        let $x1 = acc[r][1];
+                        let (n0, n1) = $step;
+                        acc[r][0] = n0;
+                        acc[r][1] = n1;
+                    }
                 }
             }
             if $cols == NR {
@@ -386,6 +516,72 @@ pub(crate) mod x86 {
         tile!(
             layout_of(IL),
             kc,
+            a,
+            b,
+            c,
+            ldc,
+            rows,
+            cols,
+            init,
+            |c0, c1, av, b0, b1| {
+                let x = _mm512_set1_ps(f32::from_bits(av));
+                (_mm512_fmadd_ps(x, b0, c0), _mm512_fmadd_ps(x, b1, c1))
+            }
+        )
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(crate) unsafe fn taps_bf16(
+        seg: Segments,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        init: TileInit,
+    ) {
+        let boff = |t: usize| *seg.offsets.add(t);
+        tile!(
+            ALayout::Interleaved,
+            seg.count,
+            seg.len,
+            boff,
+            seg.ldb,
+            a,
+            b,
+            c,
+            ldc,
+            rows,
+            cols,
+            init,
+            |c0, c1, av, b0, b1| {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(av as i32));
+                let y0: __m512bh = std::mem::transmute(b0);
+                let y1: __m512bh = std::mem::transmute(b1);
+                (_mm512_dpbf16_ps(c0, x, y0), _mm512_dpbf16_ps(c1, x, y1))
+            }
+        )
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(crate) unsafe fn taps_f32(
+        seg: Segments,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        init: TileInit,
+    ) {
+        let boff = |t: usize| *seg.offsets.add(t);
+        tile!(
+            ALayout::Interleaved,
+            seg.count,
+            seg.len,
+            boff,
+            seg.ldb,
             a,
             b,
             c,

@@ -131,18 +131,30 @@ fn conv2d_matches_reference() {
             // Small images with large weights (f32: 8.8 MB packed): one GEMM over all images,
             // its columns in two chunks, panels straddling images (36 pixels each).
             (8, 245, 6, 6, 1000, 3, 3, 1, 1),
+            // Rows wider than a panel (direct convolution: panels over padded rows).
+            (1, 5, 40, 37, 7, 3, 3, 1, 1),
+            (2, 3, 12, 70, 4, 3, 3, 1, 0),
         ] {
             let g = ConvGeometry::new(ci, h, w, kh, kw, st, pad).expect("valid geometry");
             let k = ci * kh * kw;
             let x = random(imgs * ci * h * w, 20 + ci as u64);
             let wt = random(co * k, 21 + co as u64);
             let bias = random(co, 22);
-            let packed = PackedRows::new(prec, &wt, co, k);
+            // Stride 1 runs both ways: from the patches, and as the direct convolution with
+            // the weights packed tap by tap.
+            let mut packings = vec![("patches", PackedRows::new(prec, &wt, co, k))];
+            if st == 1 {
+                packings.push(("direct", PackedRows::new_taps(prec, &wt, co, ci, kh, kw)));
+            }
             let (xr, wr) = (rounded(prec, &x), rounded(prec, &wt));
             let pix = g.h_out * g.w_out;
-            let mut out = vec![f32::NAN; imgs * co * pix];
-            conv2d(&x, imgs, &g, &packed, Some(&bias), &mut out);
-            let mut want = vec![0f64; out.len()];
+            let mut outs = Vec::new();
+            for (how, packed) in &packings {
+                let mut out = vec![f32::NAN; imgs * co * pix];
+                conv2d(&x, imgs, &g, packed, Some(&bias), &mut out);
+                outs.push((*how, out));
+            }
+            let mut want = vec![0f64; imgs * co * pix];
             for i in 0..imgs {
                 for o in 0..co {
                     for oy in 0..g.h_out {
@@ -168,11 +180,13 @@ fn conv2d_matches_reference() {
                     }
                 }
             }
-            let e = rel_err(&out, &want);
-            assert!(
-                e < tol(ci * kh * kw),
-                "{prec:?} conv {imgs}x{ci}x{h}x{w} -> {co} k{kh}x{kw} s{st} p{pad}: rel err {e:e}"
-            );
+            for (how, out) in &outs {
+                let e = rel_err(out, &want);
+                assert!(
+                    e < tol(ci * kh * kw),
+                    "{prec:?} {how} conv {imgs}x{ci}x{h}x{w} -> {co} k{kh}x{kw} s{st} p{pad}: rel err {e:e}"
+                );
+            }
         }
     }
 }

@@ -301,12 +301,15 @@ impl Encoder {
     fn new(c: &AutoencoderKLConfig, vb: Vb) -> Result<Self> {
         let bo = &c.block_out_channels;
         let g = c.norm_num_groups;
+        let n = bo.len();
+        // The convolutions' image width per level at the configured sample size.
+        let at_level = |vb: Vb, level: usize| vb.with_conv_width(c.sample_size >> level);
         let mut down_blocks = Vec::new();
         let mut out_c = bo[0];
         for i in 0..bo.len() {
             let in_c = out_c;
             out_c = bo[i];
-            let bvb = vb.pp(format!("down_blocks.{i}"));
+            let bvb = at_level(vb.pp(format!("down_blocks.{i}")), i);
             let is_final = i == bo.len() - 1;
             down_blocks.push(CoderBlock {
                 resnets: resnets(c.layers_per_block, in_c, out_c, g, &bvb)?,
@@ -326,11 +329,23 @@ impl Encoder {
         }
         let last = bo[bo.len() - 1];
         Ok(Self {
-            conv_in: conv2d(c.in_channels, bo[0], 3, 1, 1, vb.pp("conv_in"))?,
+            conv_in: conv2d(c.in_channels, bo[0], 3, 1, 1, at_level(vb.pp("conv_in"), 0))?,
             down_blocks,
-            mid_block: UNetMidBlock2D::new(last, g, c.mid_block_add_attention, vb.pp("mid_block"))?,
+            mid_block: UNetMidBlock2D::new(
+                last,
+                g,
+                c.mid_block_add_attention,
+                at_level(vb.pp("mid_block"), n - 1),
+            )?,
             conv_norm_out: group_norm(g, last, VAE_EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(last, 2 * c.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_out: conv2d(
+                last,
+                2 * c.latent_channels,
+                3,
+                1,
+                1,
+                at_level(vb.pp("conv_out"), n - 1),
+            )?,
         })
     }
 
@@ -358,12 +373,15 @@ impl Decoder {
     fn new(c: &AutoencoderKLConfig, vb: Vb) -> Result<Self> {
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let g = c.norm_num_groups;
+        let n = rev.len();
+        // The convolutions' image width per level (the latents' at level n - 1).
+        let at_level = |vb: Vb, level: usize| vb.with_conv_width(c.sample_size >> level);
         let mut up_blocks = Vec::new();
         let mut out_c = rev[0];
         for i in 0..rev.len() {
             let prev = out_c;
             out_c = rev[i];
-            let bvb = vb.pp(format!("up_blocks.{i}"));
+            let bvb = at_level(vb.pp(format!("up_blocks.{i}")), n - 1 - i);
             let is_final = i == rev.len() - 1;
             up_blocks.push(CoderBlock {
                 resnets: resnets(c.layers_per_block + 1, prev, out_c, g, &bvb)?,
@@ -377,16 +395,30 @@ impl Decoder {
         }
         let first = c.block_out_channels[0];
         Ok(Self {
-            conv_in: conv2d(c.latent_channels, rev[0], 3, 1, 1, vb.pp("conv_in"))?,
+            conv_in: conv2d(
+                c.latent_channels,
+                rev[0],
+                3,
+                1,
+                1,
+                at_level(vb.pp("conv_in"), n - 1),
+            )?,
             mid_block: UNetMidBlock2D::new(
                 rev[0],
                 g,
                 c.mid_block_add_attention,
-                vb.pp("mid_block"),
+                at_level(vb.pp("mid_block"), n - 1),
             )?,
             up_blocks,
             conv_norm_out: group_norm(g, first, VAE_EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(first, c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_out: conv2d(
+                first,
+                c.out_channels,
+                3,
+                1,
+                1,
+                at_level(vb.pp("conv_out"), 0),
+            )?,
         })
     }
 

@@ -144,7 +144,15 @@ pub struct Vb {
     inner: VarBuilder<'static>,
     plan: ComputePlan,
     cache: Option<Arc<PackCache>>,
+    conv_width: Option<usize>,
+    direct_min_width: usize,
 }
+
+/// The narrowest images (at the model's configured sample size) whose stride-1 convolutions
+/// get weights packed for the direct convolution of the CPU kernels. Narrower rows would waste
+/// too many of each panel's 32 columns on padding (an 8-pixel row computes 10 columns for 8),
+/// and those levels' large weights are better served by one GEMM over all frames.
+pub const DIRECT_CONV_MIN_WIDTH: usize = 32;
 
 impl Vb {
     pub fn new(inner: VarBuilder<'static>, plan: ComputePlan) -> Self {
@@ -152,7 +160,38 @@ impl Vb {
             inner,
             plan,
             cache: None,
+            conv_width: None,
+            direct_min_width: DIRECT_CONV_MIN_WIDTH,
         }
+    }
+
+    /// This builder for layers whose convolutions see images `width` wide at the model's
+    /// configured sample size (a model sets it per resolution level).
+    pub fn with_conv_width(&self, width: usize) -> Self {
+        Self {
+            conv_width: Some(width),
+            ..self.clone()
+        }
+    }
+
+    /// This builder with direct convolutions from images `width` wide on (default
+    /// [`DIRECT_CONV_MIN_WIDTH`]; 0 makes every stride-1 convolution direct, as tests of the
+    /// small fixtures do).
+    pub fn with_direct_conv_min_width(self, width: usize) -> Self {
+        Self {
+            direct_min_width: width,
+            ..self
+        }
+    }
+
+    /// The image width set by [`Self::with_conv_width`].
+    pub fn conv_width(&self) -> Option<usize> {
+        self.conv_width
+    }
+
+    /// Whether stride-1 convolutions built here pack their weights for the direct convolution.
+    pub fn direct_convs(&self) -> bool {
+        self.conv_width.is_some_and(|w| w >= self.direct_min_width)
     }
 
     /// This builder with its packed weights taken from and recorded in `cache`.
@@ -172,6 +211,8 @@ impl Vb {
             inner: self.inner.pp(s),
             plan: self.plan,
             cache: self.cache.clone(),
+            conv_width: self.conv_width,
+            direct_min_width: self.direct_min_width,
         }
     }
 

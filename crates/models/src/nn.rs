@@ -194,19 +194,29 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
+    /// With `direct`, a stride-1 convolution on the CPU kernels packs its weights for the
+    /// direct convolution (see [`PackedRows::new_taps`]); else from patches.
     pub fn new(
         weight: Tensor,
         bias: Option<Tensor>,
         config: Conv2dConfig,
         path: OpPath,
+        direct: bool,
     ) -> Result<Self> {
         let dims = weight.dims4()?;
         let (o, i, kh, kw) = dims;
         let packable = config.groups == 1 && config.dilation == 1;
         let path = if packable { path } else { OpPath::Candle };
+        let direct = direct && config.stride == 1;
         let weight = match packing(path, &weight)? {
             Some(prec) => {
-                let w = with_cpu_f32(&weight, |v| PackedRows::new(prec, v, o, i * kh * kw))?;
+                let w = with_cpu_f32(&weight, |v| {
+                    if direct {
+                        PackedRows::new_taps(prec, v, o, i, kh, kw)
+                    } else {
+                        PackedRows::new(prec, v, o, i * kh * kw)
+                    }
+                })?;
                 ConvWeight::Packed(Arc::new(w), bias_values(bias.as_ref())?)
             }
             None => ConvWeight::Tensor(weight),
@@ -345,7 +355,7 @@ impl FrameConv {
             None => {
                 let tap = |k: usize, bias: Option<Tensor>| -> Result<Conv2d> {
                     let t = weight.narrow(2, k, 1)?.squeeze(4)?.contiguous()?;
-                    Conv2d::new(t, bias, Default::default(), OpPath::Candle)
+                    Conv2d::new(t, bias, Default::default(), OpPath::Candle, false)
                 };
                 FrameConvWeight::Taps(Box::new([
                     tap(0, None)?,
@@ -451,17 +461,27 @@ pub fn conv2d(
         ..Default::default()
     };
     let shape = [out_c, in_c, kernel, kernel];
+    // Direct convolutions only where they pay: a kernel larger than 1x1 over wide images.
+    let direct = stride == 1 && kernel > 1 && vb.direct_convs();
+    let tag = if direct { "taps" } else { "rows" };
     let cache = pack_cache(&vb, "weight");
     if let Some((cache, name)) = &cache {
         let k = in_c * kernel * kernel;
-        if let Some(w) = cache.rows(name, &shape, "rows", out_c, k) {
+        let hit = if direct {
+            cache.rows_with(name, &shape, tag, out_c, k, |prec, slots| {
+                PackedRows::from_slots_taps(prec, out_c, (in_c, kernel, kernel), slots)
+            })
+        } else {
+            cache.rows(name, &shape, tag, out_c, k)
+        };
+        if let Some(w) = hit {
             return Conv2d::from_packed(w, Some(bias), cfg, (out_c, in_c, kernel, kernel));
         }
     }
     let weight = vb.get(&shape[..], "weight")?;
-    let conv = Conv2d::new(weight, Some(bias), cfg, vb.plan().matmul)?;
+    let conv = Conv2d::new(weight, Some(bias), cfg, vb.plan().matmul, direct)?;
     if let (Some((cache, name)), Some(w)) = (&cache, conv.packed()) {
-        cache.put_rows(name, "rows", w);
+        cache.put_rows(name, tag, w);
     }
     Ok(conv)
 }

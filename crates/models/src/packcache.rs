@@ -104,7 +104,8 @@ struct Header {
 struct Entry {
     /// The checkpoint tensor's name.
     name: String,
-    /// How it was packed: "cols" (Linear), "rows" (Conv2d), "frames" (temporal convolution).
+    /// How it was packed: "cols" (Linear), "rows" (Conv2d), "taps" (Conv2d packed for the
+    /// direct convolution), "frames" (temporal convolution).
     tag: String,
     /// Rows (or columns) and depth of the packed matrix.
     m: usize,
@@ -329,8 +330,23 @@ impl PackCache {
         m: usize,
         k: usize,
     ) -> Option<Arc<PackedRows>> {
+        self.rows_with(name, shape, tag, m, k, |prec, slots| {
+            PackedRows::from_slots(prec, m, k, slots)
+        })
+    }
+
+    /// [`Self::rows`] for rows in another layout, rebuilt from their slots by `make`.
+    pub fn rows_with(
+        &self,
+        name: &str,
+        shape: &[usize],
+        tag: &str,
+        m: usize,
+        k: usize,
+        make: impl FnOnce(Precision, Slots) -> Result<PackedRows, String>,
+    ) -> Option<Arc<PackedRows>> {
         let slots = self.find(name, shape, tag, m, k)?;
-        let p = Arc::new(PackedRows::from_slots(self.precision, m, k, slots).ok()?);
+        let p = Arc::new(make(self.precision, slots).ok()?);
         self.note(name, tag, m, k, Packed::Rows(p.clone()), true);
         Some(p)
     }

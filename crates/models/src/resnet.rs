@@ -179,6 +179,11 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(channels: usize, out_channels: usize, vb: Vb) -> Result<Self> {
+        // The convolution runs on the upsampled image, twice as wide as the block's.
+        let vb = match vb.conv_width() {
+            Some(w) => vb.with_conv_width(2 * w),
+            None => vb,
+        };
         Ok(Self {
             conv: conv2d(channels, out_channels, 3, 1, 1, vb.pp("conv"))?,
         })

@@ -10,12 +10,22 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, golden};
-use flipsketch_models::compute::ComputePlan;
+use flipsketch_models::compute::{ComputePlan, DIRECT_CONV_MIN_WIDTH};
 use flipsketch_models::loading::{load_component_cached, LoadReport, DIFFUSERS_WEIGHTS};
 use flipsketch_models::packcache::{wait_for_writes, CacheUse};
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 
 fn load(dir: &Path, dtype: DType, root: Option<&Path>) -> (UNet3DConditionModel, LoadReport) {
+    load_with(dir, dtype, root, DIRECT_CONV_MIN_WIDTH)
+}
+
+/// [`load`] with direct convolutions from images `min_width` wide.
+fn load_with(
+    dir: &Path,
+    dtype: DType,
+    root: Option<&Path>,
+    min_width: usize,
+) -> (UNet3DConditionModel, LoadReport) {
     let cfg = UNet3DConfig::from_file(&dir.join("config.json")).unwrap();
     load_component_cached(
         "unet",
@@ -24,7 +34,7 @@ fn load(dir: &Path, dtype: DType, root: Option<&Path>) -> (UNet3DConditionModel,
         dtype,
         &Device::Cpu,
         root,
-        |vb| UNet3DConditionModel::new(&cfg, vb),
+        |vb| UNet3DConditionModel::new(&cfg, vb.with_direct_conv_min_width(min_width)),
     )
     .unwrap()
 }
@@ -151,6 +161,27 @@ fn packed_weight_cache() {
     if !kernels {
         return;
     }
+    // Weights packed for the direct convolution (every stride-1 convolution here) go through
+    // the cache as well, in a folder of their own.
+    let direct_root = tmp.path().join("direct");
+    for dtype in [DType::F32, DType::BF16] {
+        let (plain, _) = load_with(&model, dtype, None, 0);
+        let want = outputs(&plain, dtype);
+        drop(plain);
+        let (first, rep) = load_with(&model, dtype, Some(&direct_root), 0);
+        assert!(matches!(rep.cache, CacheUse::Writing(_)), "{:?}", rep.cache);
+        assert_eq!(outputs(&first, dtype), want, "{dtype:?} direct, packed");
+        drop(first);
+        wait_for_writes();
+        let (second, rep) = load_with(&model, dtype, Some(&direct_root), 0);
+        assert!(matches!(rep.cache, CacheUse::Hit(_)), "{:?}", rep.cache);
+        assert_eq!(
+            outputs(&second, dtype),
+            want,
+            "{dtype:?} direct, from the file"
+        );
+    }
+
     // One file per precision, no temporaries left.
     let files = cache_files(&root);
     assert_eq!(files.len(), 2, "{files:?}");

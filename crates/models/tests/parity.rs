@@ -19,6 +19,20 @@ const TOL: f32 = 1e-4;
 pub const BF16_TOL: f32 = 3e-2;
 
 pub fn load_unet(dir: &std::path::Path, dtype: DType) -> UNet3DConditionModel {
+    load_unet_direct_from(
+        dir,
+        dtype,
+        flipsketch_models::compute::DIRECT_CONV_MIN_WIDTH,
+    )
+}
+
+/// [`load_unet`] with direct convolutions for images from `min_width` wide (0: all of them;
+/// the fixtures' images are narrower than the default's 32).
+pub fn load_unet_direct_from(
+    dir: &std::path::Path,
+    dtype: DType,
+    min_width: usize,
+) -> UNet3DConditionModel {
     let cfg = UNet3DConfig::from_file(&dir.join("config.json")).unwrap();
     let (m, report) = load_component(
         "unet",
@@ -26,7 +40,7 @@ pub fn load_unet(dir: &std::path::Path, dtype: DType) -> UNet3DConditionModel {
         &DIFFUSERS_WEIGHTS.candidates(None),
         dtype,
         &Device::Cpu,
-        |vb| UNet3DConditionModel::new(&cfg, vb),
+        |vb| UNet3DConditionModel::new(&cfg, vb.with_direct_conv_min_width(min_width)),
     )
     .unwrap();
     assert!(
@@ -73,6 +87,10 @@ fn text_encoder_b_fp16_on_disk_quick_gelu() {
 }
 
 fn vae(config: &str) {
+    vae_direct_from(config, flipsketch_models::compute::DIRECT_CONV_MIN_WIDTH)
+}
+
+fn vae_direct_from(config: &str, min_width: usize) {
     let dir = model_dir(config).join("vae");
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
     let (m, report) = load_component(
@@ -81,7 +99,7 @@ fn vae(config: &str) {
         &DIFFUSERS_WEIGHTS.candidates(None),
         DType::F32,
         &Device::Cpu,
-        |vb| AutoencoderKL::new(&cfg, vb),
+        |vb| AutoencoderKL::new(&cfg, vb.with_direct_conv_min_width(min_width)),
     )
     .unwrap();
     assert!(report.unexpected.is_empty());
@@ -123,6 +141,35 @@ fn vae_a() {
 #[test]
 fn vae_b_fp16_on_disk_non_square() {
     vae("b");
+}
+
+/// Every stride-1 convolution direct (the default makes only those over images at least 32
+/// wide direct, and the fixtures' are narrower), on both VAE fixtures: 16x16 and 24x20 images,
+/// a padded right edge, fp16 weights on disk.
+#[test]
+fn vae_direct_convolutions() {
+    vae_direct_from("a", 0);
+    vae_direct_from("b", 0);
+}
+
+#[test]
+fn unet_direct_convolutions() {
+    for config in ["a", "b"] {
+        let unet = load_unet_direct_from(&model_dir(config).join("unet"), DType::F32, 0);
+        unet_cases(config, &unet, DType::F32, TOL);
+    }
+    // bf16 (channel pairs per tap) within the bf16 tolerance of the f32 reference.
+    let unet = load_unet_direct_from(&model_dir("a").join("unet"), DType::BF16, 0);
+    let g = golden("unet_a_0.safetensors");
+    let out = unet
+        .forward(&g["sample"], 999.0, &g["encoder_hidden_states"], None)
+        .unwrap();
+    assert_close(
+        "unet a bf16, direct convolutions",
+        &out,
+        &g["out"],
+        BF16_TOL,
+    );
 }
 
 #[test]

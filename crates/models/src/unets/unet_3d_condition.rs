@@ -236,7 +236,13 @@ impl UNet3DConditionModel {
             output_scale_factor: scale,
         };
 
-        let conv_in = conv2d(c.in_channels, bo[0], 3, 1, 1, vb.pp("conv_in"))?;
+        // The convolutions' image width per level at the configured sample size (which picks
+        // the direct convolution for the wide levels).
+        let at_level = |vb: Vb, level: usize| match c.sample_size {
+            Some(s) => vb.with_conv_width(s >> level),
+            None => vb,
+        };
+        let conv_in = conv2d(c.in_channels, bo[0], 3, 1, 1, at_level(vb.pp("conv_in"), 0))?;
         let time_embedding =
             TimestepEmbedding::new(bo[0], time_embed_dim, vb.pp("time_embedding"))?;
         let transformer_in = TransformerTemporalModel::new(
@@ -262,14 +268,14 @@ impl UNet3DConditionModel {
                 !is_final,
                 c.downsample_padding,
                 &settings(i, 1.0),
-                vb.pp(format!("down_blocks.{i}")),
+                at_level(vb.pp(format!("down_blocks.{i}")), i),
             )?);
         }
 
         let mid_block = UNetMidBlock3DCrossAttn::new(
             bo[n - 1],
             &settings(n - 1, c.mid_block_scale_factor),
-            vb.pp("mid_block"),
+            at_level(vb.pp("mid_block"), n - 1),
         )?;
 
         let reversed: Vec<usize> = bo.iter().rev().copied().collect();
@@ -291,7 +297,7 @@ impl UNet3DConditionModel {
                 prev_output_channel,
                 !is_final,
                 &s,
-                vb.pp(format!("up_blocks.{i}")),
+                at_level(vb.pp(format!("up_blocks.{i}")), n - 1 - i),
             )?);
         }
 
@@ -308,7 +314,14 @@ impl UNet3DConditionModel {
                 c.norm_eps,
                 vb.pp("conv_norm_out"),
             )?,
-            conv_out: conv2d(bo[0], c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_out: conv2d(
+                bo[0],
+                c.out_channels,
+                3,
+                1,
+                1,
+                at_level(vb.pp("conv_out"), 0),
+            )?,
             config: c.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
