@@ -108,6 +108,51 @@ multiversion! {
 }
 
 multiversion! {
+    /// [`bf16_pairs`] of `map(lo)`, `map(hi)`: each side's `(mean, scale, shift)` as in
+    /// [`PlaneAffine`], then SiLU if `silu`; `hi` absent is zeros (not mapped).
+    pub(crate) fn bf16_pairs_mapped(
+        lo: &[f32],
+        hi: Option<&[f32]>,
+        ml: [f32; 3],
+        mh: [f32; 3],
+        silu_after: bool,
+        out: &mut [u32],
+    ) {
+        let f = |v: f32, [m, a, b]: [f32; 3]| {
+            let y = (v - m) * a + b;
+            if silu_after {
+                silu(y)
+            } else {
+                y
+            }
+        };
+        match hi {
+            Some(hi) => {
+                for ((o, &x), &y) in out.iter_mut().zip(lo).zip(hi) {
+                    *o = crate::micro::bf16_pair(f(x, ml), f(y, mh));
+                }
+            }
+            None => {
+                for (o, &x) in out.iter_mut().zip(lo) {
+                    *o = crate::micro::bf16_pair(f(x, ml), 0.0);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The bits of `map(x)` (see [`bf16_pairs_mapped`]).
+    pub(crate) fn f32_bits_mapped(x: &[f32], m: [f32; 3], silu_after: bool, out: &mut [u32]) {
+        let [mean, a, b] = m;
+        for (o, &v) in out.iter_mut().zip(x) {
+            let y = (v - mean) * a + b;
+            *o = if silu_after { silu(y) } else { y }.to_bits();
+        }
+    }
+}
+
+multiversion! {
     fn silu_chunk(x: &[f32], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = silu(v);
@@ -150,8 +195,9 @@ multiversion! {
 }
 
 multiversion! {
-    fn moments(x: &[f32], mean: f64, out: &mut (f64, f64)) {
-        *out = (sum_f64(x), sq_dev_f64(x, mean));
+    /// Sum and sum of squares in f64.
+    fn moments(x: &[f32], out: &mut (f64, f64)) {
+        *out = sum_sq_f64(x);
     }
 }
 
@@ -194,6 +240,16 @@ pub fn softmax_rows(x: &mut [f32], cols: usize, scale: f32) {
 /// Reductions run in 16 lanes so that they vectorise.
 #[inline(always)]
 pub fn softmax_row(row: &mut [f32], scale: f32) {
+    let inv = 1.0 / exp_row(row, scale);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// The unnormalised softmax of a row: `row[i] = e^((row[i] - max) * scale)`; returns their
+/// sum.
+#[inline(always)]
+pub(crate) fn exp_row(row: &mut [f32], scale: f32) -> f32 {
     const L: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; L];
     let mut chunks = row.chunks_exact(L);
@@ -221,10 +277,7 @@ pub fn softmax_row(row: &mut [f32], scale: f32) {
         *v = exp((*v - max) * scale);
         sum += *v;
     }
-    let inv = 1.0 / (sum + sums.iter().sum::<f32>());
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
+    sum + sums.iter().sum::<f32>()
 }
 
 /// Shape of a GroupNorm whose statistics can span several consecutive items (frames).
@@ -240,17 +293,78 @@ pub struct GroupNormShape {
     pub groups: usize,
 }
 
-/// GroupNorm of `x` (items, channels, plane) with affine `weight`/`bias`, optionally followed by
-/// SiLU. Mean and variance (biased) of each (span of items, group) are accumulated in f64.
-pub fn group_norm(
+/// What a GroupNorm (+ SiLU) does to each (item, channel) plane of its input: `y = (x -
+/// mean) * scale + shift`, then SiLU when `silu`. [`group_norm_affine`] computes it from the
+/// statistics; a convolution can apply it while it reads its input
+/// ([`crate::ConvFusion::input`]) instead of reading a normalised copy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlaneAffine {
+    /// One value per (item, channel), item-major.
+    pub mean: Vec<f32>,
+    pub scale: Vec<f32>,
+    pub shift: Vec<f32>,
+    pub silu: bool,
+}
+
+impl PlaneAffine {
+    /// Planes described (items x channels).
+    pub fn planes(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// `(mean, scale, shift)` of plane `i`.
+    #[inline]
+    pub(crate) fn of(&self, i: usize) -> [f32; 3] {
+        [self.mean[i], self.scale[i], self.shift[i]]
+    }
+
+    /// `out = map(x)` for the values of plane `i` (any part of it).
+    pub fn apply(&self, i: usize, x: &[f32], out: &mut [f32]) {
+        let [mean, a, b] = self.of(i);
+        affine_chunk(x, mean, a, b, self.silu, out);
+    }
+
+    /// The whole mapped input, `x` being `planes()` planes of `plane` values.
+    pub fn apply_all(&self, x: &[f32], plane: usize) -> Vec<f32> {
+        assert_eq!(
+            x.len(),
+            self.planes() * plane,
+            "plane affine: input is not {} planes of {plane}",
+            self.planes()
+        );
+        let mut out = crate::zeroed(x.len());
+        out.par_chunks_mut(plane.max(1))
+            .zip(x.par_chunks(plane.max(1)))
+            .enumerate()
+            .for_each(|(i, (o, x))| self.apply(i, x, o));
+        out
+    }
+}
+
+/// The map of a GroupNorm of `x` (items, channels, plane) with affine `weight`/`bias`, then
+/// SiLU if `silu_after`. Mean and variance (biased) of each (span of items, group) are
+/// accumulated in f64 in one pass (sum and sum of squares: in f64 the cancellation of
+/// `E[x^2] - mean^2` costs nothing at the ratios of mean to spread activations have).
+pub fn group_norm_affine(
     x: &[f32],
     shape: GroupNormShape,
     eps: f32,
     weight: &[f32],
     bias: &[f32],
     silu_after: bool,
-    out: &mut [f32],
-) {
+) -> PlaneAffine {
+    let _t = crate::stats::Timer::start(crate::stats::Kernel::GroupNorm, [x.len(), 0, 0, 0], 0);
+    affine_of(x, shape, eps, weight, bias, silu_after)
+}
+
+fn affine_of(
+    x: &[f32],
+    shape: GroupNormShape,
+    eps: f32,
+    weight: &[f32],
+    bias: &[f32],
+    silu_after: bool,
+) -> PlaneAffine {
     let GroupNormShape {
         items,
         span,
@@ -267,74 +381,92 @@ pub fn group_norm(
         "group_norm: {items} items in spans of {span}"
     );
     assert_eq!(x.len(), items * channels * plane, "group_norm: input size");
-    assert_eq!(out.len(), x.len(), "group_norm: output size");
     assert_eq!(weight.len(), channels, "group_norm: weight size");
     assert_eq!(bias.len(), channels, "group_norm: bias size");
-    let _t = crate::stats::Timer::start(crate::stats::Kernel::GroupNorm, [x.len(), 0, 0, 0], 0);
     let cpg = channels / groups;
     let item_len = channels * plane;
     let group_len = cpg * plane;
     let count = (span * group_len) as f64;
-    // Statistics per (sample, group).
-    let stats: Vec<(f32, f32)> = (0..items / span * groups)
+    // Statistics per (sample, group); each group's values in chunks, one task each.
+    const PART: usize = 1 << 15;
+    let parts = group_len.div_ceil(PART).max(1);
+    let sums: Vec<(f64, f64)> = (0..items / span * groups * span * parts)
         .into_par_iter()
-        .map(|sg| {
+        .map(|t| {
+            let (sgf, part) = (t / parts, t % parts);
+            let (sg, f) = (sgf / span, sgf % span);
             let (s, g) = (sg / groups, sg % groups);
-            let parts =
-                (0..span).map(|f| &x[(s * span + f) * item_len + g * group_len..][..group_len]);
+            let values = &x[(s * span + f) * item_len + g * group_len..][..group_len];
+            let values = &values[(part * PART).min(group_len)..((part + 1) * PART).min(group_len)];
             let mut m = (0.0, 0.0);
-            let sum: f64 = parts
-                .clone()
-                .map(|p| {
-                    moments(p, 0.0, &mut m);
-                    m.0
-                })
-                .sum();
+            moments(values, &mut m);
+            m
+        })
+        .collect();
+    let stats: Vec<(f32, f32)> = sums
+        .chunks(span * parts)
+        .map(|c| {
+            let (sum, sq) = c.iter().fold((0.0, 0.0), |a, m| (a.0 + m.0, a.1 + m.1));
             let mean = sum / count;
-            let var: f64 = parts
-                .map(|p| {
-                    moments(p, mean, &mut m);
-                    m.1
-                })
-                .sum::<f64>()
-                / count;
+            let var = (sq / count - mean * mean).max(0.0);
             (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
         })
         .collect();
-    out.par_chunks_mut(plane.max(1))
-        .zip(x.par_chunks(plane.max(1)))
+    let n = items * channels;
+    let mut map = PlaneAffine {
+        mean: Vec::with_capacity(n),
+        scale: Vec::with_capacity(n),
+        shift: Vec::with_capacity(n),
+        silu: silu_after,
+    };
+    for ic in 0..n {
+        let (item, c) = (ic / channels, ic % channels);
+        let (mean, rstd) = stats[(item / span) * groups + c / cpg];
+        map.mean.push(mean);
+        map.scale.push(rstd * weight[c]);
+        map.shift.push(bias[c]);
+    }
+    map
+}
+
+/// GroupNorm of `x` (items, channels, plane) with affine `weight`/`bias`, optionally followed by
+/// SiLU: [`group_norm_affine`] applied.
+pub fn group_norm(
+    x: &[f32],
+    shape: GroupNormShape,
+    eps: f32,
+    weight: &[f32],
+    bias: &[f32],
+    silu_after: bool,
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), x.len(), "group_norm: output size");
+    let _t = crate::stats::Timer::start(crate::stats::Kernel::GroupNorm, [x.len(), 0, 0, 0], 0);
+    let map = affine_of(x, shape, eps, weight, bias, silu_after);
+    let plane = shape.plane.max(1);
+    out.par_chunks_mut(plane)
+        .zip(x.par_chunks(plane))
         .enumerate()
-        .for_each(|(ic, (o, x))| {
-            let (item, c) = (ic / channels, ic % channels);
-            let (mean, rstd) = stats[(item / span) * groups + c / cpg];
-            affine_chunk(x, mean, rstd * weight[c], bias[c], silu_after, o);
-        });
+        .for_each(|(i, (o, x))| map.apply(i, x, o));
 }
 
-/// Sum in f64 with 8 independent lanes (vectorisable).
+/// Sum and sum of squares in f64, 8 independent lanes each (vectorisable).
 #[inline(always)]
-fn sum_f64(x: &[f32]) -> f64 {
+fn sum_sq_f64(x: &[f32]) -> (f64, f64) {
     let mut acc = [0f64; 8];
+    let mut sq = [0f64; 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
     for c in chunks {
         for i in 0..8 {
-            acc[i] += c[i] as f64;
+            let v = c[i] as f64;
+            acc[i] += v;
+            sq[i] += v * v;
         }
     }
-    acc.iter().sum::<f64>() + rest.iter().map(|&v| v as f64).sum::<f64>()
-}
-
-#[inline(always)]
-fn sq_dev_f64(x: &[f32], mean: f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            let d = c[i] as f64 - mean;
-            acc[i] += d * d;
-        }
-    }
-    acc.iter().sum::<f64>() + rest.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>()
+    let tail = rest.iter().map(|&v| v as f64);
+    (
+        acc.iter().sum::<f64>() + tail.clone().sum::<f64>(),
+        sq.iter().sum::<f64>() + tail.map(|v| v * v).sum::<f64>(),
+    )
 }

@@ -22,8 +22,8 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 pub use elementwise::{
-    erfc, exp, geglu, gelu_erf, group_norm, silu, silu_slice, softmax_row, softmax_rows,
-    GroupNormShape,
+    erfc, exp, geglu, gelu_erf, group_norm, group_norm_affine, silu, silu_slice, softmax_row,
+    softmax_rows, GroupNormShape, PlaneAffine,
 };
 pub use layout::transpose;
 pub use micro::{bf16_bits, bf16_pair, bf16_to_f32, hardware_isa, isa, Isa};
@@ -1247,7 +1247,18 @@ pub fn conv2d(
 ) {
     assert_eq!(out.len(), geom.out_len(images, w.m), "conv2d: output size");
     // SAFETY: `out` holds the whole output.
-    unsafe { conv2d_impl(x, images, geom, w, bias, out.as_mut_ptr(), None) }
+    unsafe {
+        conv2d_impl(
+            x,
+            images,
+            geom,
+            w,
+            bias,
+            out.as_mut_ptr(),
+            None,
+            ConvFusion::default(),
+        )
+    }
 }
 
 /// [`conv2d`] into a new vector (its memory is written once, not zeroed first).
@@ -1258,9 +1269,100 @@ pub fn conv2d_new(
     w: &PackedRows,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
+    conv2d_fused(x, images, geom, w, bias, ConvFusion::default())
+}
+
+/// What a convolution does around its product besides the bias: the passes of a ResNet block
+/// (`conv(silu(norm(x))) + temb`, `(shortcut + conv(..)) / s`) folded into the convolution's
+/// own reading and writing, in the reference's order of operations.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConvFusion<'a> {
+    /// Map every input plane (image i, channel c: plane `i * c_in + c`) as it is read.
+    pub input: Option<&'a PlaneAffine>,
+    /// Added after the bias, per image and output channel (`images x c_out` values).
+    pub image_bias: Option<&'a [f32]>,
+    /// `out = (residual + out) / divisor` last, `residual` shaped as the output.
+    pub residual: Option<(&'a [f32], f32)>,
+}
+
+impl ConvFusion<'_> {
+    fn has_output_part(&self) -> bool {
+        self.image_bias.is_some() || self.residual.is_some()
+    }
+
+    /// Output value `v` of output plane `plane` (image-major), element `i` of the output.
+    #[inline(always)]
+    fn finish(&self, plane: usize, i: usize, v: f32) -> f32 {
+        let v = match self.image_bias {
+            Some(b) => v + b[plane],
+            None => v,
+        };
+        match self.residual {
+            Some((r, d)) => (r[i] + v) / d,
+            None => v,
+        }
+    }
+}
+
+/// [`conv2d_new`] with a [`ConvFusion`]: the same values as the separate passes.
+pub fn conv2d_fused(
+    x: &[f32],
+    images: usize,
+    geom: &ConvGeometry,
+    w: &PackedRows,
+    bias: Option<&[f32]>,
+    fusion: ConvFusion,
+) -> Vec<f32> {
     let len = geom.out_len(images, w.m);
+    let planes_in = images * geom.c_in;
+    if let Some(map) = fusion.input {
+        assert_eq!(
+            map.planes(),
+            planes_in,
+            "conv2d: the input map has {} planes, the input {images}x{}",
+            map.planes(),
+            geom.c_in
+        );
+    }
+    if let Some(b) = fusion.image_bias {
+        assert_eq!(
+            b.len(),
+            images * w.m,
+            "conv2d: image bias is not {images}x{}",
+            w.m
+        );
+    }
+    if let Some((r, _)) = fusion.residual {
+        assert_eq!(r.len(), len, "conv2d: the residual is not the output's size");
+    }
+    // Only the direct convolution reads each input value once; the other paths take the
+    // mapped input as a copy.
+    let mapped;
+    let (x, fusion) = match fusion.input {
+        Some(map) if w.taps.is_none() => {
+            assert_eq!(x.len(), planes_in * geom.h * geom.w, "conv2d: input size");
+            mapped = map.apply_all(x, geom.h * geom.w);
+            let f = ConvFusion {
+                input: None,
+                ..fusion
+            };
+            (mapped.as_slice(), f)
+        }
+        _ => (x, fusion),
+    };
     // SAFETY: conv2d_impl stores every output and reads none.
-    unsafe { filled(len, |p| conv2d_impl(x, images, geom, w, bias, p, None)) }
+    let mut out = unsafe { filled(len, |p| conv2d_impl(x, images, geom, w, bias, p, None, fusion)) };
+    if w.taps.is_none() && fusion.has_output_part() {
+        let plane = geom.h_out * geom.w_out;
+        out.par_chunks_mut(plane.max(1))
+            .enumerate()
+            .for_each(|(p, o)| {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = fusion.finish(p, p * plane + j, *v);
+                }
+            });
+    }
+    out
 }
 
 /// diffusers' `Conv3d(kernel (3, 1, 1), padding (1, 0, 0))` over the `frames` frames of one
@@ -1302,12 +1404,13 @@ pub fn conv_frames(
     // `frames` images of 3c channels, one frame apart, lie inside `padded`.
     unsafe {
         filled(g.out_len(frames, w.m), |p| {
-            conv2d_impl(&padded, frames, &g, w, bias, p, Some(frame))
+            conv2d_impl(&padded, frames, &g, w, bias, p, Some(frame), ConvFusion::default())
         })
     }
 }
 
 /// The convolution into `out`, valid for the whole output: stores every element, reads none.
+/// `fusion` is applied by the direct convolution only (the caller does it for the others).
 #[allow(clippy::too_many_arguments)]
 unsafe fn conv2d_impl(
     x: &[f32],
@@ -1317,6 +1420,7 @@ unsafe fn conv2d_impl(
     bias: Option<&[f32]>,
     out: *mut f32,
     stride: Option<usize>,
+    fusion: ConvFusion,
 ) {
     let g = geom;
     let c_out = w.m;
@@ -1357,7 +1461,7 @@ unsafe fn conv2d_impl(
             g.c_in
         );
         // SAFETY: the caller's contract on `out`; the images lie in `x` (checked above).
-        unsafe { direct_conv(x, images, g, w, layout, bias, out, stride) };
+        unsafe { direct_conv(x, images, g, w, layout, bias, out, stride, fusion) };
         return;
     }
     let t = threads();
@@ -1492,6 +1596,7 @@ unsafe fn direct_conv(
     bias: Option<&[f32]>,
     out: *mut f32,
     stride: usize,
+    fusion: ConvFusion,
 ) {
     let prec = w.prec;
     let c_out = w.m;
@@ -1547,6 +1652,7 @@ unsafe fn direct_conv(
                             g,
                             (s0 + sl) * values_per_slot(prec),
                             q0,
+                            fusion.input.map(|m| (m, img * g.c_in)),
                             &mut b[sl * span..][..span],
                         );
                     }
@@ -1597,14 +1703,19 @@ unsafe fn direct_conv(
                         let end = (q - xq + wp).min(q1);
                         if xq < wo {
                             let n = (q - xq + wo).min(end) - q;
+                            let at = ((img * c_out + co) * ho + y) * wo + xq;
                             // SAFETY: C's row co, columns q - q0 .. + n, all stored above;
                             // output pixels (y, xq..xq + n) of channel co of image img.
                             unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    c.add(co * nq + (q - q0)),
-                                    o.0.add(((img * c_out + co) * ho + y) * wo + xq),
-                                    n,
-                                )
+                                let src = c.add(co * nq + (q - q0));
+                                if fusion.has_output_part() {
+                                    for j in 0..n {
+                                        let v = fusion.finish(img * c_out + co, at + j, *src.add(j));
+                                        *o.0.add(at + j) = v;
+                                    }
+                                } else {
+                                    std::ptr::copy_nonoverlapping(src, o.0.add(at), n)
+                                }
                             };
                         }
                         q = end;
@@ -1617,13 +1728,15 @@ unsafe fn direct_conv(
 
 /// One slot row of a direct convolution's B operand: the padded flat plane of channel `ch`
 /// (and `ch + 1` in bf16, as pairs; 0 past the last channel) from position `q0` on, with
-/// zeros in the padding.
+/// zeros in the padding. With `map = (m, first)`, channel c's values are mapped by plane
+/// `first + c` of `m` (the padding stays zero: it pads the mapped input).
 fn pack_shifted(
     prec: Precision,
     image: &[f32],
     g: &ConvGeometry,
     ch: usize,
     q0: usize,
+    map: Option<(&PlaneAffine, usize)>,
     dst: &mut [u32],
 ) {
     let (pad, wp) = (g.pad, g.w + 2 * g.pad);
@@ -1662,6 +1775,17 @@ fn pack_shifted(
         let len = stop - start;
         let a = &lo[iy * g.w + ix0..][..len];
         let d = &mut seg[start..stop];
+        if let Some((m, first)) = map {
+            match prec {
+                Precision::F32 => elementwise::f32_bits_mapped(a, m.of(first + ch), m.silu, d),
+                Precision::Bf16 => {
+                    let h = hi.map(|hi| &hi[iy * g.w + ix0..][..len]);
+                    let mh = if h.is_some() { m.of(first + ch + 1) } else { [0.0; 3] };
+                    elementwise::bf16_pairs_mapped(a, h, m.of(first + ch), mh, m.silu, d)
+                }
+            }
+            continue;
+        }
         match prec {
             Precision::F32 => {
                 for (d, &v) in d.iter_mut().zip(a) {

@@ -191,6 +191,98 @@ fn conv2d_matches_reference() {
     }
 }
 
+/// A convolution with its ResNet-block fusions (input GroupNorm + SiLU, per-image bias,
+/// residual and divisor) gives exactly the values of the separate passes, on every path.
+#[test]
+fn conv2d_fusions_equal_separate_passes() {
+    use flipsketch_kernels::{conv2d_fused, group_norm_affine, ConvFusion, GroupNormShape};
+    for prec in [Precision::F32, Precision::Bf16] {
+        // (images, c_in, h, w, c_out, stride, pad): odd and even channel counts (bf16 pairs),
+        // direct and patches, small images over one GEMM, a stride-2 one.
+        for &(imgs, ci, h, w, co, st, pad) in &[
+            (2, 6, 9, 40, 5, 1, 1),
+            (1, 5, 12, 33, 7, 1, 1),
+            (3, 4, 5, 5, 6, 1, 1),
+            (1, 8, 10, 10, 3, 2, 1),
+        ] {
+            let g = ConvGeometry::new(ci, h, w, 3, 3, st, pad).expect("valid geometry");
+            let k = ci * 9;
+            let x: Vec<f32> = random(imgs * ci * h * w, 60).iter().map(|v| v * 2.0 + 0.7).collect();
+            let wt = random(co * k, 61);
+            let bias = random(co, 62);
+            let gamma = random(ci, 63);
+            let beta = random(ci, 64);
+            let image_bias = random(imgs * co, 65);
+            let out_len = g.out_len(imgs, co);
+            let residual = random(out_len, 66);
+            let groups = if ci % 2 == 0 { 2 } else { 1 };
+            let shape = GroupNormShape {
+                items: imgs,
+                span: 1,
+                channels: ci,
+                plane: h * w,
+                groups,
+            };
+            let mut packings = vec![("patches", PackedRows::new(prec, &wt, co, k))];
+            if st == 1 {
+                packings.push(("direct", PackedRows::new_taps(prec, &wt, co, ci, 3, 3)));
+            }
+            for silu in [false, true] {
+                let map = group_norm_affine(&x, shape, 1e-6, &gamma, &beta, silu);
+                let normed = map.apply_all(&x, h * w);
+                for (how, packed) in &packings {
+                    let mut want = vec![f32::NAN; out_len];
+                    conv2d(&normed, imgs, &g, packed, Some(&bias), &mut want);
+                    let plane = g.h_out * g.w_out;
+                    for (i, v) in want.iter_mut().enumerate() {
+                        *v = (residual[i] + (*v + image_bias[i / plane])) / 1.5;
+                    }
+                    let got = conv2d_fused(
+                        &x,
+                        imgs,
+                        &g,
+                        packed,
+                        Some(&bias),
+                        ConvFusion {
+                            input: Some(&map),
+                            image_bias: Some(&image_bias),
+                            residual: Some((&residual, 1.5)),
+                        },
+                    );
+                    let diff = got
+                        .iter()
+                        .zip(&want)
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                    assert_eq!(
+                        diff, 0,
+                        "{prec:?} {how} fused conv {imgs}x{ci}x{h}x{w} -> {co} s{st} silu {silu}: \
+                         {diff} of {out_len} values differ from the separate passes"
+                    );
+                    // Each fusion alone, too (the input map only; the output parts only).
+                    let only_input = conv2d_fused(
+                        &x,
+                        imgs,
+                        &g,
+                        packed,
+                        Some(&bias),
+                        ConvFusion {
+                            input: Some(&map),
+                            ..ConvFusion::default()
+                        },
+                    );
+                    let mut plain = vec![f32::NAN; out_len];
+                    conv2d(&normed, imgs, &g, packed, Some(&bias), &mut plain);
+                    assert!(
+                        only_input.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{prec:?} {how}: the input map alone differs"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn matmul_matches_reference() {
     for prec in [Precision::F32, Precision::Bf16] {
@@ -290,10 +382,14 @@ fn group_norm_matches_reference() {
         (6, 3, 8, 9, 2),
         (2, 2, 5, 7, 1),
         (3, 1, 6, 1, 6),
+        // Groups of 80000 values (statistics summed over three parts), spanning 2 frames.
+        (4, 2, 4, 40000, 2),
     ] {
+        // A mean of 1.5 or 40 against a spread of 3 (one-pass statistics: sum and sum of squares).
+        let offset = if plane > 1000 { 40.0 } else { 1.5 };
         let x = random(items * c * plane, 50)
             .iter()
-            .map(|v| v * 3.0 + 1.5)
+            .map(|v| v * 3.0 + offset)
             .collect::<Vec<_>>();
         let w = random(c, 51);
         let b = random(c, 52);
@@ -354,6 +450,8 @@ fn attention_matches_reference() {
         (2, 3, 300, 300, 16, 16),
         (40, 2, 5, 5, 8, 8),
         (3, 2, 17, 77, 24, 12),
+        // Keys over several K blocks of P V in both precisions, a last row block of 10 rows.
+        (1, 2, 250, 1100, 8, 8),
         // Short sequences: the UNet's temporal shape, lq != lk with dv over 128, and a head
         // too large for the direct path.
         (50, 5, 10, 10, 64, 64),

@@ -355,8 +355,8 @@ impl Encoder {
             x = b.forward(&x)?;
         }
         let x = self.mid_block.forward(&x)?;
-        let x = self.conv_norm_out.forward_silu(&x)?;
-        self.conv_out.forward(&x)
+        self.conv_out
+            .forward_fused(&x, Some(&self.conv_norm_out), None, None)
     }
 }
 
@@ -428,8 +428,8 @@ impl Decoder {
         for b in &self.up_blocks {
             x = b.forward(&x)?;
         }
-        let x = self.conv_norm_out.forward_silu(&x)?;
-        self.conv_out.forward(&x)
+        self.conv_out
+            .forward_fused(&x, Some(&self.conv_norm_out), None, None)
     }
 }
 

@@ -300,6 +300,99 @@ impl Module for Conv2d {
     }
 }
 
+impl Conv2d {
+    /// `(residual + conv(silu(norm(x))) + image_bias) / divisor`, each part optional (the
+    /// convolutions of a ResNet block): on the CPU kernels one pass over the activations,
+    /// the norm applied as the convolution reads its input and the rest as it writes its
+    /// output ([`kernels::ConvFusion`]); the separate ops elsewhere, in the same order.
+    /// `image_bias`: (n, c_out); `residual`: the output's shape.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        norm_silu: Option<&GroupNorm>,
+        image_bias: Option<&Tensor>,
+        residual: Option<(&Tensor, f64)>,
+    ) -> Result<Tensor> {
+        let ConvWeight::Packed(w, bias) = &self.weight else {
+            let x = match norm_silu {
+                Some(n) => n.forward_silu(x)?,
+                None => x.clone(),
+            };
+            let h = self.forward(&x)?;
+            let h = match image_bias {
+                Some(t) => h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?,
+                None => h,
+            };
+            return match residual {
+                Some((r, d)) if d == 1.0 => r + h,
+                Some((r, d)) => (r + h)? / d,
+                None => Ok(h),
+            };
+        };
+        let (n, ci, h, wd) = x.dims4()?;
+        let (o, i, kh, kw) = self.dims;
+        if ci != i {
+            candle_core::bail!("conv2d: input has {ci} channels, weight expects {i}")
+        }
+        let c = &self.config;
+        let g = ConvGeometry::new(ci, h, wd, kh, kw, c.stride, c.padding).ok_or_else(|| {
+            candle_core::Error::Msg(format!("conv2d: a {kh}x{kw} kernel does not fit {h}x{wd}"))
+        })?;
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        // The norm as a map of the input planes when the kernels compute it, else applied.
+        let (x, map) = match norm_silu {
+            Some(norm) => match norm.plane_affine(&x, 1, true)? {
+                Some(map) => (x, Some(map)),
+                None => (norm.forward_silu(&x)?.to_dtype(DType::F32)?, None),
+            },
+            None => (x, None),
+        };
+        let ib = match image_bias {
+            Some(t) => {
+                if t.dims() != [n, o] {
+                    candle_core::bail!("conv2d: image bias is {:?}, not [{n}, {o}]", t.dims())
+                }
+                Some(cpu_values(&t.to_dtype(DType::F32)?)?)
+            }
+            None => None,
+        };
+        let out_shape = (n, o, g.h_out, g.w_out);
+        let res = match residual {
+            Some((r, d)) => {
+                if r.dims() != [n, o, g.h_out, g.w_out] {
+                    candle_core::bail!(
+                        "conv2d: residual is {:?}, the output {:?}",
+                        r.dims(),
+                        [n, o, g.h_out, g.w_out]
+                    )
+                }
+                Some((r.to_dtype(DType::F32)?.contiguous()?, d as f32))
+            }
+            None => None,
+        };
+        let run = |xs: &[f32], r: Option<(&[f32], f32)>| {
+            kernels::conv2d_fused(
+                xs,
+                n,
+                &g,
+                w,
+                bias.as_deref(),
+                kernels::ConvFusion {
+                    input: map.as_ref(),
+                    image_bias: ib.as_deref(),
+                    residual: r,
+                },
+            )
+        };
+        let out = with_cpu_f32(&x, |xs| match &res {
+            Some((r, d)) => with_cpu_f32(r, |rv| run(xs, Some((rv, *d)))),
+            None => Ok(run(xs, None)),
+        })??;
+        Tensor::from_vec(out, out_shape, x.device())?.to_dtype(dtype)
+    }
+}
+
 /// diffusers' `Conv3d(in, out, kernel (3, 1, 1), padding (1, 0, 0))` run over (batch*frames,
 /// in, h, w) tensors, frames of a sample consecutive (DESIGN trap 2): `out[f] = W0 x[f-1] +
 /// W1 x[f] + W2 x[f+1] + b`, zero beyond both ends of each sample.
@@ -576,6 +669,46 @@ impl GroupNorm {
         })
     }
 
+    fn shape(&self, items: usize, span: usize, c: usize, plane: usize) -> kernels::GroupNormShape {
+        kernels::GroupNormShape {
+            items,
+            span,
+            channels: c,
+            plane,
+            groups: self.groups,
+        }
+    }
+
+    /// What this norm (then SiLU if `silu`) does to each (item, channel) plane of the f32
+    /// tensor `x` (items, channels, ...), statistics spanning `span` items; `None` when the
+    /// kernels do not compute this norm.
+    pub fn plane_affine(
+        &self,
+        x: &Tensor,
+        span: usize,
+        silu: bool,
+    ) -> Result<Option<kernels::PlaneAffine>> {
+        let Some((w, b)) = &self.values else {
+            return Ok(None);
+        };
+        let dims = x.dims();
+        if dims.len() < 2 || dims[1] != w.len() {
+            candle_core::bail!(
+                "group_norm: input {dims:?} is not (items, {} channels, ...)",
+                w.len()
+            )
+        }
+        let (items, c) = (dims[0], dims[1]);
+        if span == 0 || items % span != 0 {
+            candle_core::bail!("group_norm: {items} items are not spans of {span} frames")
+        }
+        let plane: usize = dims[2..].iter().product();
+        with_cpu_f32(x, |xs| {
+            let shape = self.shape(items, span, c, plane);
+            Some(kernels::group_norm_affine(xs, shape, self.eps as f32, w, b, silu))
+        })
+    }
+
     /// GroupNorm then SiLU.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_spanning(x, 1, true)
@@ -601,16 +734,11 @@ impl GroupNorm {
         }
         // The kernel when the plan says so (f32 activations on the CPU), candle's ops below
         // otherwise.
-        if let Some((w, b)) = &self.values {
+        if self.values.is_some() {
+            let (w, b) = self.values.as_ref().expect("checked");
             let mut out = kernels::zeroed(x.elem_count());
-            let shape = kernels::GroupNormShape {
-                items,
-                span,
-                channels: c,
-                plane,
-                groups: self.groups,
-            };
             with_cpu_f32(x, |xs| {
+                let shape = self.shape(items, span, c, plane);
                 kernels::group_norm(xs, shape, self.eps as f32, w, b, silu, &mut out)
             })?;
             return Tensor::from_vec(out, dims, x.device());

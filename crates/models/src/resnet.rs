@@ -58,26 +58,26 @@ impl ResnetBlock2D {
     }
 
     /// `x`: (n, c, h, w); `temb`: (n, temb_channels) when the block has a time projection.
+    /// `conv1(silu(norm1(x))) + temb`, then `(shortcut + conv2(silu(norm2(h)))) / scale`, each
+    /// convolution with its norm and additions fused ([`Conv2d::forward_fused`]).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        let h = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => {
-                let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-                h.broadcast_add(&t)?
-            }
-            _ => h,
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&temb.silu()?)?),
+            _ => None,
         };
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        let h = self
+            .conv1
+            .forward_fused(x, Some(&self.norm1), t.as_ref(), None)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
-        if self.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            out / self.output_scale_factor
-        }
+        self.conv2.forward_fused(
+            &h,
+            Some(&self.norm2),
+            None,
+            Some((&shortcut, self.output_scale_factor)),
+        )
     }
 }
 

@@ -427,8 +427,9 @@ impl UNet3DConditionModel {
         }
 
         // 6. post-process, back to (b, c, f, h, w)
-        let x = self.conv_norm_out.forward_silu(&x)?;
-        let x = self.conv_out.forward(&x)?;
+        let x = self
+            .conv_out
+            .forward_fused(&x, Some(&self.conv_norm_out), None, None)?;
         let out_c = self.config.out_channels;
         x.reshape((batch, num_frames, out_c, height, width))?
             .permute((0, 2, 1, 3, 4))?
