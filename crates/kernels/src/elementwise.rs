@@ -153,6 +153,75 @@ multiversion! {
 }
 
 multiversion! {
+    /// `out = map(x)` with one plane's `(mean, scale, shift)` ([`PlaneAffine`]), then SiLU.
+    pub(crate) fn map_values(x: &[f32], mean: f32, a: f32, b: f32, silu_after: bool, out: &mut [f32]) {
+        affine_chunk(x, mean, a, b, silu_after, out)
+    }
+}
+
+multiversion! {
+    /// The Winograd F(2x2, 3x3) input transform `B^T d B` of `n` tiles side by side: `r0..r3`
+    /// are the tile row's 4 input rows (2n + 2 values each, tile j at columns 2j..2j+3), `v`
+    /// gets element t of tile j at `t * n + j`.
+    pub(crate) fn winograd_input(
+        r0: &[f32],
+        r1: &[f32],
+        r2: &[f32],
+        r3: &[f32],
+        n: usize,
+        v: &mut [f32],
+    ) {
+        let rows = [r0, r1, r2, r3];
+        let v = &mut v[..16 * n];
+        for j in 0..n {
+            // Along each row d B, with d0..d3 = columns 2j..2j+3; then B^T down the rows.
+            let mut r = [[0f32; 4]; 4];
+            for (a, row) in rows.iter().enumerate() {
+                let d = &row[2 * j..2 * j + 4];
+                r[a] = [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]];
+            }
+            for l in 0..4 {
+                v[l * n + j] = r[0][l] - r[2][l];
+                v[(4 + l) * n + j] = r[1][l] + r[2][l];
+                v[(8 + l) * n + j] = r[2][l] - r[1][l];
+                v[(12 + l) * n + j] = r[1][l] - r[3][l];
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The Winograd F(2x2, 3x3) output transform `A^T M A` (+ `bias`) of `n` tiles side by
+    /// side: element t of tile j is `m[t * tstride + first + j]`; `y0` and `y1` get the two
+    /// output rows (2n values each).
+    pub(crate) fn winograd_output(
+        m: &[f32],
+        tstride: usize,
+        first: usize,
+        n: usize,
+        bias: f32,
+        y0: &mut [f32],
+        y1: &mut [f32],
+    ) {
+        let e: [&[f32]; 16] = std::array::from_fn(|t| &m[t * tstride + first..][..n]);
+        let (y0, y1) = (&mut y0[..2 * n], &mut y1[..2 * n]);
+        for j in 0..n {
+            let mut s0 = [0f32; 4];
+            let mut s1 = [0f32; 4];
+            for i in 0..4 {
+                let (a, b, c, d) = (e[i * 4][j], e[i * 4 + 1][j], e[i * 4 + 2][j], e[i * 4 + 3][j]);
+                s0[i] = a + b + c;
+                s1[i] = b - c - d;
+            }
+            y0[2 * j] = s0[0] + s0[1] + s0[2] + bias;
+            y0[2 * j + 1] = s1[0] + s1[1] + s1[2] + bias;
+            y1[2 * j] = s0[1] - s0[2] - s0[3] + bias;
+            y1[2 * j + 1] = s1[1] - s1[2] - s1[3] + bias;
+        }
+    }
+}
+
+multiversion! {
     fn silu_chunk(x: &[f32], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = silu(v);

@@ -144,8 +144,9 @@ pub fn pack_layout() -> String {
         "rows: MR {MR}, slot-major K blocks of k_block (KC {KC}, split {KC_SPLIT}); \
          taps: blocks of channel slots (about KC_SPLIT / taps each), tap-major within a \
          block, bf16 pairs of neighbouring channels; \
+         winograd: F(2x2, 3x3), the 16 matrices G g G^T stacked as rows, each padded to MR; \
          cols: NR {NR}, slot-major; slots: f32 bits or bf16 pairs (nearest even, low half \
-         first), zero padded; v2"
+         first), zero padded; v3"
     )
 }
 
@@ -224,6 +225,9 @@ pub struct PackedRows {
     kb_len: usize,
     kblocks: usize,
     taps: Option<TapLayout>,
+    /// Set by [`PackedRows::new_winograd`]: the rows are 16 transformed matrices of
+    /// `wino_rows` rows each (c_out rounded up to MR), depth c_in.
+    wino_rows: Option<usize>,
     data: Slots,
 }
 
@@ -327,6 +331,7 @@ impl PackedRows {
             kb_len,
             kblocks: kslots.div_ceil(kb_len).max(1),
             taps: None,
+            wino_rows: None,
             data: Slots::owned(data),
         }
     }
@@ -378,6 +383,7 @@ impl PackedRows {
             kb_len,
             kblocks: blocks,
             taps: Some(layout),
+            wino_rows: None,
             data: Slots::owned(data),
         }
     }
@@ -413,6 +419,7 @@ impl PackedRows {
             kb_len,
             kblocks: kslots.div_ceil(kb_len).max(1),
             taps: None,
+            wino_rows: None,
             data,
         })
     }
@@ -440,8 +447,88 @@ impl PackedRows {
             kb_len,
             kblocks,
             taps: Some(layout),
+            wino_rows: None,
             data,
         })
+    }
+
+    /// Packs 3x3 convolution weights `(m, c_in, 3, 3)` (row-major) for the Winograd
+    /// convolution F(2x2, 3x3) of [`conv2d`] (stride 1, padding 1): each weight `g` (3x3) of
+    /// an (output, input) channel pair becomes `U = G g G^T` (4x4, computed in f64), and the
+    /// rows are the 16 matrices `U_t` (m x c_in) one after the other, each padded to a whole
+    /// number of row blocks.
+    pub fn new_winograd(prec: Precision, w: &[f32], m: usize, c_in: usize) -> Self {
+        assert_eq!(
+            w.len(),
+            m * c_in * 9,
+            "PackedRows: {m}x{c_in}x3x3 needs {} values",
+            m * c_in * 9
+        );
+        let rows = m.div_ceil(MR).max(1) * MR;
+        let kslots = prec.slots(c_in);
+        let kb_len = k_block(kslots);
+        let data = pack_rows_blocked(prec, 16 * rows, kslots, kb_len, |r, buf| {
+            let (t, co) = (r / rows, r % rows);
+            if co >= m {
+                buf.resize(c_in, 0.0);
+                return;
+            }
+            buf.extend((0..c_in).map(|ci| winograd_weight(&w[(co * c_in + ci) * 9..][..9], t)));
+        });
+        Self {
+            prec,
+            m,
+            k: c_in * 9,
+            kb_len,
+            kblocks: kslots.div_ceil(kb_len).max(1),
+            taps: None,
+            wino_rows: Some(rows),
+            data: Slots::owned(data),
+        }
+    }
+
+    /// The number of slots [`Self::new_winograd`] packs `(m, c_in, 3, 3)` weights into.
+    pub fn packed_len_winograd(prec: Precision, m: usize, c_in: usize) -> usize {
+        Self::packed_len(prec, 16 * m.div_ceil(MR).max(1) * MR, c_in)
+    }
+
+    /// Weights packed earlier by [`Self::new_winograd`] (its [`Self::slots`]).
+    pub fn from_slots_winograd(
+        prec: Precision,
+        m: usize,
+        c_in: usize,
+        data: Slots,
+    ) -> Result<Self, String> {
+        let want = Self::packed_len_winograd(prec, m, c_in);
+        if data.len() != want {
+            return Err(format!(
+                "packed {m}x{c_in}x3x3 Winograd weights ({prec:?}) take {want} slots, not {}",
+                data.len()
+            ));
+        }
+        let kslots = prec.slots(c_in);
+        let kb_len = k_block(kslots);
+        Ok(Self {
+            prec,
+            m,
+            k: c_in * 9,
+            kb_len,
+            kblocks: kslots.div_ceil(kb_len).max(1),
+            taps: None,
+            wino_rows: Some(m.div_ceil(MR).max(1) * MR),
+            data,
+        })
+    }
+
+    /// Whether the weights were packed by [`Self::new_winograd`].
+    pub fn is_winograd(&self) -> bool {
+        self.wino_rows.is_some()
+    }
+
+    /// Whether the convolution reads its input itself (direct or Winograd), so that
+    /// [`ConvFusion`] is applied inside it.
+    fn fuses(&self) -> bool {
+        self.taps.is_some() || self.wino_rows.is_some()
     }
 
     /// How the weights were laid out by [`Self::new_taps`], if they were.
@@ -1333,13 +1420,17 @@ pub fn conv2d_fused(
         );
     }
     if let Some((r, _)) = fusion.residual {
-        assert_eq!(r.len(), len, "conv2d: the residual is not the output's size");
+        assert_eq!(
+            r.len(),
+            len,
+            "conv2d: the residual is not the output's size"
+        );
     }
-    // Only the direct convolution reads each input value once; the other paths take the
-    // mapped input as a copy.
+    // Only the direct and Winograd convolutions read each input value once; the other paths
+    // take the mapped input as a copy.
     let mapped;
     let (x, fusion) = match fusion.input {
-        Some(map) if w.taps.is_none() => {
+        Some(map) if !w.fuses() => {
             assert_eq!(x.len(), planes_in * geom.h * geom.w, "conv2d: input size");
             mapped = map.apply_all(x, geom.h * geom.w);
             let f = ConvFusion {
@@ -1351,8 +1442,12 @@ pub fn conv2d_fused(
         _ => (x, fusion),
     };
     // SAFETY: conv2d_impl stores every output and reads none.
-    let mut out = unsafe { filled(len, |p| conv2d_impl(x, images, geom, w, bias, p, None, fusion)) };
-    if w.taps.is_none() && fusion.has_output_part() {
+    let mut out = unsafe {
+        filled(len, |p| {
+            conv2d_impl(x, images, geom, w, bias, p, None, fusion)
+        })
+    };
+    if !w.fuses() && fusion.has_output_part() {
         let plane = geom.h_out * geom.w_out;
         out.par_chunks_mut(plane.max(1))
             .enumerate()
@@ -1404,7 +1499,16 @@ pub fn conv_frames(
     // `frames` images of 3c channels, one frame apart, lie inside `padded`.
     unsafe {
         filled(g.out_len(frames, w.m), |p| {
-            conv2d_impl(&padded, frames, &g, w, bias, p, Some(frame), ConvFusion::default())
+            conv2d_impl(
+                &padded,
+                frames,
+                &g,
+                w,
+                bias,
+                p,
+                Some(frame),
+                ConvFusion::default(),
+            )
         })
     }
 }
@@ -1445,6 +1549,20 @@ unsafe fn conv2d_impl(
         assert_eq!(b.len(), c_out, "conv2d: bias is not {c_out}");
     }
     if images == 0 || c_out == 0 || pix == 0 {
+        return;
+    }
+    if w.is_winograd() {
+        assert!(
+            (g.kh, g.kw, g.stride, g.pad) == (3, 3, 1, 1),
+            "conv2d: weights packed for a 3x3 Winograd convolution (stride 1, padding 1), not \
+             {}x{} at stride {} with padding {}",
+            g.kh,
+            g.kw,
+            g.stride,
+            g.pad
+        );
+        // SAFETY: the caller's contract on `out`; the images lie in `x` (checked above).
+        unsafe { winograd_conv(x, images, g, w, bias, out, stride, fusion) };
         return;
     }
     if let Some(layout) = w.taps {
@@ -1710,7 +1828,8 @@ unsafe fn direct_conv(
                                 let src = c.add(co * nq + (q - q0));
                                 if fusion.has_output_part() {
                                     for j in 0..n {
-                                        let v = fusion.finish(img * c_out + co, at + j, *src.add(j));
+                                        let v =
+                                            fusion.finish(img * c_out + co, at + j, *src.add(j));
                                         *o.0.add(at + j) = v;
                                     }
                                 } else {
@@ -1724,6 +1843,325 @@ unsafe fn direct_conv(
             })
         },
     );
+}
+
+/// Element `t` (row-major in 4x4) of `G g G^T` for a 3x3 weight `g` (row-major), the weight
+/// transform of F(2x2, 3x3) with `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]`,
+/// in f64.
+fn winograd_weight(g: &[f32], t: usize) -> f32 {
+    const G: [[f64; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    let (i, l) = (t / 4, t % 4);
+    let mut u = 0.0;
+    for a in 0..3 {
+        for b in 0..3 {
+            u += G[i][a] * g[a * 3 + b] as f64 * G[l][b];
+        }
+    }
+    u as f32
+}
+
+/// The Winograd convolution F(2x2, 3x3) (stride 1, padding 1) with weights from
+/// [`PackedRows::new_winograd`].
+///
+/// The output is cut into 2x2 tiles; tile (ty, tx) reads the 4x4 input patch at (2ty - 1,
+/// 2tx - 1) (zeros outside the image), `d`. With `V = B^T d B` per input channel and `U = G g
+/// G^T` per channel pair, the tile's output is `A^T M A` where `M = sum over input channels of
+/// U ⊙ V`: element by element that is 16 matrix products `M_t = U_t V_t` (c_out x c_in times
+/// c_in x tiles), 16 multiplications per tile and channel pair where the direct convolution
+/// does 36, `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`, `A^T = [[1,
+/// 1, 1, 0], [0, 1, -1, -1]]`. The input is transformed (in f32, then rounded to the
+/// precision) as it is packed, a block of tiles and of input channels at a time; the 16
+/// products of a block of tiles accumulate over the channel blocks in a buffer that the output
+/// transform (f32) then reads.
+#[allow(clippy::too_many_arguments)]
+unsafe fn winograd_conv(
+    x: &[f32],
+    images: usize,
+    g: &ConvGeometry,
+    w: &PackedRows,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    stride: usize,
+    fusion: ConvFusion,
+) {
+    let prec = w.prec;
+    let c_out = w.m;
+    let rows = w.wino_rows.expect("Winograd weights");
+    let (h, wd) = (g.h, g.w);
+    let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
+    let tiles = th * tw;
+    let kslots = prec.slots(g.c_in);
+    let t = threads();
+    // Tiles per task: the 16 products' buffer (16 x c_out x tiles f32) within about 2 MB
+    // (1, 2, 4 and 8 MB measured within 6% of each other on the VAE, 2 MB the best).
+    let per = ((2 << 20) / (64 * c_out.max(1)) / NR).max(1) * NR;
+    let parts = (t * 2).div_ceil(images).max(tiles.div_ceil(per));
+    let parts = if images == 1 {
+        parts.div_ceil(t) * t
+    } else {
+        parts
+    };
+    let per_image = split(tiles, parts, NR);
+    let tasks: Vec<_> = (0..images)
+        .flat_map(|i| per_image.iter().map(move |&r| (i, r)))
+        .collect();
+    let micro = micro::select(prec, isa(), ALayout::Interleaved);
+    let plane = h * wd;
+    let o = Out(out);
+    stats::timed(
+        stats::Kernel::Conv2d,
+        [images, g.c_in * 9, plane, c_out],
+        2 * (images * c_out * plane * g.c_in * 9) as u64,
+        || {
+            tasks.par_iter().for_each(|&(img, (q0, q1))| {
+                let o = o;
+                WINO.with(|bufs| {
+                    let bufs = &mut *bufs.borrow_mut();
+                    let image = &x[img * stride..][..g.c_in * plane];
+                    let job = WinoTask {
+                        prec,
+                        g,
+                        w,
+                        rows,
+                        kslots,
+                        image,
+                        img,
+                        tiles: (q0, q1),
+                        input: fusion.input,
+                    };
+                    let nt = q1 - q0;
+                    let ld = nt.div_ceil(NR) * NR;
+                    // SAFETY: `micro` is the Interleaved-A kernel of this precision and CPU.
+                    unsafe { winograd_products(&job, micro, bufs) };
+                    let WinoBuffers { m, y0, y1, .. } = bufs;
+                    // Output transform, a channel and a tile row's run of tiles at a time.
+                    for co in 0..c_out {
+                        let b = bias.map_or(0.0, |b| b[co]);
+                        let oplane = img * c_out + co;
+                        let mut q = q0;
+                        while q < q1 {
+                            let (ty, tx0) = (q / tw, q % tw);
+                            let n = (tw - tx0).min(q1 - q);
+                            y0.resize(2 * n, 0.0);
+                            y1.resize(2 * n, 0.0);
+                            elementwise::winograd_output(
+                                m,
+                                c_out * ld,
+                                co * ld + (q - q0),
+                                n,
+                                b,
+                                y0,
+                                y1,
+                            );
+                            let ox0 = 2 * tx0;
+                            let nx = (2 * n).min(wd - ox0);
+                            for (dy, yr) in [&*y0, &*y1].into_iter().enumerate() {
+                                let oy = 2 * ty + dy;
+                                if oy >= h {
+                                    continue;
+                                }
+                                let at = (oplane * h + oy) * wd + ox0;
+                                // SAFETY: pixels (oy, ox0..ox0 + nx) of output plane oplane,
+                                // which only this task's tiles cover.
+                                let dst =
+                                    unsafe { std::slice::from_raw_parts_mut(o.0.add(at), nx) };
+                                if fusion.has_output_part() {
+                                    for (j, (d, &v)) in dst.iter_mut().zip(yr.iter()).enumerate() {
+                                        *d = fusion.finish(oplane, at + j, v);
+                                    }
+                                } else {
+                                    dst.copy_from_slice(&yr[..nx]);
+                                }
+                            }
+                            q += n;
+                        }
+                    }
+                })
+            })
+        },
+    );
+}
+
+thread_local! {
+    static WINO: RefCell<WinoBuffers> = RefCell::new(WinoBuffers::default());
+}
+
+/// Per-thread buffers of the Winograd convolution, reused from task to task (fresh
+/// allocations of this size cost page faults every time).
+#[derive(Default)]
+struct WinoBuffers {
+    /// V of one K block: [t][panel][slot][NR].
+    v: Vec<u32>,
+    /// The 16 products: [t][c_out][ld].
+    m: Vec<f32>,
+    /// The task's input rows of one channel (two in bf16), padded with zeros and mapped.
+    plane: [Vec<f32>; 2],
+    /// V of one channel for one tile row's run of tiles, [t][tile].
+    vt: [Vec<f32>; 2],
+    y0: Vec<f32>,
+    y1: Vec<f32>,
+}
+
+/// What one task of [`winograd_conv`] works on.
+struct WinoTask<'a> {
+    prec: Precision,
+    g: &'a ConvGeometry,
+    w: &'a PackedRows,
+    /// Rows of each transformed weight matrix (c_out rounded up to MR).
+    rows: usize,
+    kslots: usize,
+    /// The image's input planes.
+    image: &'a [f32],
+    img: usize,
+    /// Tiles q0..q1, raster order over the tile grid.
+    tiles: (usize, usize),
+    input: Option<&'a PlaneAffine>,
+}
+
+/// The 16 products `M_t = U_t V_t` of a task's tiles into `bufs.m` ([t][c_out][ld], ld the
+/// tiles rounded up to NR), the input transformed and packed a K block at a time.
+///
+/// # Safety
+/// `micro` must be the Interleaved-A micro-kernel of the task's precision on this CPU.
+unsafe fn winograd_products(job: &WinoTask, micro: micro::Micro, bufs: &mut WinoBuffers) {
+    let WinoTask {
+        prec,
+        g,
+        w,
+        rows,
+        kslots,
+        image,
+        img,
+        tiles: (q0, q1),
+        input,
+    } = *job;
+    let c_out = w.m;
+    let kb = w.kb_len;
+    let nt = q1 - q0;
+    let panels = nt.div_ceil(NR);
+    let ld = panels * NR;
+    let (h, wd) = (g.h, g.w);
+    let tw = wd.div_ceil(2);
+    let plane = h * wd;
+    let vps = values_per_slot(prec);
+    // The input rows the tiles read, 2 ty0 - 1 ..= 2 ty1 + 2, each padded: columns -1 ..= 2 tw.
+    let (ty0, ty1) = (q0 / tw, (q1 - 1) / tw);
+    let prow = 2 * (ty1 - ty0) + 4;
+    let pw = 2 * tw + 2;
+    grow(&mut bufs.v, 16 * panels * kb * NR);
+    bufs.m.clear();
+    bufs.m.reserve(16 * c_out * ld);
+    let mp = bufs.m.as_mut_ptr();
+    for k0 in (0..kslots).step_by(kb) {
+        let kc = kb.min(kslots - k0);
+        for sl in 0..kc {
+            let ch = (k0 + sl) * vps;
+            for e in 0..vps {
+                let c = ch + e;
+                let pl = &mut bufs.plane[e];
+                pl.clear();
+                pl.resize(prow * pw, 0.0);
+                if c >= g.c_in {
+                    continue;
+                }
+                let src = &image[c * plane..][..plane];
+                for r in 0..prow {
+                    let iy = (2 * ty0 + r) as isize - 1;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    let line = &src[iy as usize * wd..][..wd];
+                    let d = &mut pl[r * pw + 1..][..wd];
+                    match input {
+                        Some(f) => {
+                            let [mean, a, b] = f.of(img * g.c_in + c);
+                            elementwise::map_values(line, mean, a, b, f.silu, d)
+                        }
+                        None => d.copy_from_slice(line),
+                    }
+                }
+            }
+            let mut q = q0;
+            while q < q1 {
+                let (ty, tx0) = (q / tw, q % tw);
+                let n = (tw - tx0).min(q1 - q);
+                let r0 = 2 * (ty - ty0);
+                for e in 0..vps {
+                    let pl = &bufs.plane[e];
+                    let at = |r: usize| &pl[(r0 + r) * pw + 2 * tx0..][..2 * n + 2];
+                    let vt = &mut bufs.vt[e];
+                    vt.resize(16 * n, 0.0);
+                    elementwise::winograd_input(at(0), at(1), at(2), at(3), n, vt);
+                }
+                // Into V's panels: tile q + j is column q + j - q0.
+                for t in 0..16 {
+                    let mut j = 0;
+                    while j < n {
+                        let col = q + j - q0;
+                        let (p, jj) = (col / NR, col % NR);
+                        let len = (NR - jj).min(n - j);
+                        let dst = &mut bufs.v[((t * panels + p) * kc + sl) * NR + jj..][..len];
+                        let lo = &bufs.vt[0][t * n + j..][..len];
+                        match prec {
+                            Precision::F32 => {
+                                for (d, &v) in dst.iter_mut().zip(lo) {
+                                    *d = v.to_bits();
+                                }
+                            }
+                            Precision::Bf16 => {
+                                elementwise::bf16_pairs(lo, &bufs.vt[1][t * n + j..][..len], dst)
+                            }
+                        }
+                        j += len;
+                    }
+                }
+                q += n;
+            }
+        }
+        for tt in 0..16 {
+            for i0 in (0..c_out).step_by(MC) {
+                let ilen = MC.min(c_out - i0);
+                let (ap, astride) = w.block(tt * rows + i0, ilen, k0, kc, &mut Vec::new());
+                for pb in 0..panels {
+                    let cols = NR.min(nt - pb * NR);
+                    // SAFETY: panel pb of V_tt holds kc slots x NR.
+                    let bp = unsafe { bufs.v.as_ptr().add((tt * panels + pb) * kc * NR) };
+                    for rb in 0..ilen.div_ceil(MR) {
+                        let nrows = MR.min(ilen - rb * MR);
+                        let row = i0 + rb * MR;
+                        let init = if k0 == 0 {
+                            TileInit::Zero
+                        } else {
+                            TileInit::Accumulate
+                        };
+                        // SAFETY: A's block for rows row.. of U_tt, K block k0; C's tile
+                        // inside M_tt (c_out x ld, reserved above), stored from zero at the
+                        // first K block before any read.
+                        unsafe {
+                            micro(
+                                kc,
+                                ap.add(rb * astride),
+                                bp,
+                                mp.add((tt * c_out + row) * ld + pb * NR),
+                                ld,
+                                nrows,
+                                cols,
+                                init,
+                            )
+                        };
+                    }
+                }
+            }
+        }
+    }
+    // SAFETY: rows < c_out, columns < nt of every M_t were stored. The last panel's columns
+    // nt..ld were not (uninitialised f32s, never read: the output transform reads tiles < nt).
+    unsafe { bufs.m.set_len(16 * c_out * ld) };
 }
 
 /// One slot row of a direct convolution's B operand: the padded flat plane of channel `ch`
@@ -1780,7 +2218,11 @@ fn pack_shifted(
                 Precision::F32 => elementwise::f32_bits_mapped(a, m.of(first + ch), m.silu, d),
                 Precision::Bf16 => {
                     let h = hi.map(|hi| &hi[iy * g.w + ix0..][..len]);
-                    let mh = if h.is_some() { m.of(first + ch + 1) } else { [0.0; 3] };
+                    let mh = if h.is_some() {
+                        m.of(first + ch + 1)
+                    } else {
+                        [0.0; 3]
+                    };
                     elementwise::bf16_pairs_mapped(a, h, m.of(first + ch), mh, m.silu, d)
                 }
             }

@@ -191,6 +191,79 @@ fn conv2d_matches_reference() {
     }
 }
 
+/// The Winograd convolution F(2x2, 3x3) against the f64 convolution of the unrounded
+/// operands: in f32 within 4x the f32 tolerance of the direct products (its transforms add a
+/// few roundings per value; measured 0.4-7e-7), in bf16 within 4x the error of the direct
+/// convolution's own bf16 rounding of the same operands (it rounds transformed values instead:
+/// the input transform's sums of up to 4 values, the weights' of up to 9 halves; measured
+/// 1.0-2.9x, 1.3e-3 to 5.2e-3 against the direct 1.3e-3 to 2.2e-3).
+#[test]
+fn winograd_conv_matches_reference() {
+    // (images, c_in, h, w, c_out): even and odd sizes (tiles past the edge), one K block and
+    // several (bf16: 2 channels a slot), c_out not a multiple of the row block, several tasks.
+    for &(imgs, ci, h, w, co) in &[
+        (2, 4, 8, 8, 5),
+        (1, 3, 9, 13, 14),
+        (3, 7, 5, 7, 13),
+        (1, 70, 6, 5, 14),
+        (1, 600, 4, 6, 20),
+        (2, 5, 40, 37, 7),
+        (1, 16, 65, 66, 30),
+        (4, 2, 1, 1, 3),
+    ] {
+        let g = ConvGeometry::new(ci, h, w, 3, 3, 1, 1).expect("valid geometry");
+        let k = ci * 9;
+        let x = random(imgs * ci * h * w, 70 + ci as u64);
+        let wt = random(co * k, 71 + co as u64);
+        let bias = random(co, 72);
+        let pix = h * w;
+        let mut want = vec![0f64; imgs * co * pix];
+        for i in 0..imgs {
+            for o in 0..co {
+                for oy in 0..h {
+                    for ox in 0..w {
+                        let mut acc = bias[o] as f64;
+                        for c in 0..ci {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (iy, ix) = ((oy + ky) as i64 - 1, (ox + kx) as i64 - 1);
+                                    if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
+                                        continue;
+                                    }
+                                    acc += x[((i * ci + c) * h + iy as usize) * w + ix as usize]
+                                        as f64
+                                        * wt[o * k + (c * 3 + ky) * 3 + kx] as f64;
+                                }
+                            }
+                        }
+                        want[((i * co + o) * h + oy) * w + ox] = acc;
+                    }
+                }
+            }
+        }
+        for prec in [Precision::F32, Precision::Bf16] {
+            let wino = PackedRows::new_winograd(prec, &wt, co, ci);
+            assert!(wino.is_winograd());
+            let mut got = vec![f32::NAN; imgs * co * pix];
+            conv2d(&x, imgs, &g, &wino, Some(&bias), &mut got);
+            let e = rel_err(&got, &want);
+            let bound = match prec {
+                Precision::F32 => 4.0 * tol(k),
+                Precision::Bf16 => {
+                    let direct = PackedRows::new_taps(prec, &wt, co, ci, 3, 3);
+                    let mut d = vec![f32::NAN; imgs * co * pix];
+                    conv2d(&x, imgs, &g, &direct, Some(&bias), &mut d);
+                    4.0 * rel_err(&d, &want)
+                }
+            };
+            assert!(
+                e <= bound,
+                "{prec:?} winograd conv {imgs}x{ci}x{h}x{w} -> {co}: rel err {e:e}, bound {bound:e}"
+            );
+        }
+    }
+}
+
 /// A convolution with its ResNet-block fusions (input GroupNorm + SiLU, per-image bias,
 /// residual and divisor) gives exactly the values of the separate passes, on every path.
 #[test]
@@ -207,7 +280,10 @@ fn conv2d_fusions_equal_separate_passes() {
         ] {
             let g = ConvGeometry::new(ci, h, w, 3, 3, st, pad).expect("valid geometry");
             let k = ci * 9;
-            let x: Vec<f32> = random(imgs * ci * h * w, 60).iter().map(|v| v * 2.0 + 0.7).collect();
+            let x: Vec<f32> = random(imgs * ci * h * w, 60)
+                .iter()
+                .map(|v| v * 2.0 + 0.7)
+                .collect();
             let wt = random(co * k, 61);
             let bias = random(co, 62);
             let gamma = random(ci, 63);
@@ -226,6 +302,7 @@ fn conv2d_fusions_equal_separate_passes() {
             let mut packings = vec![("patches", PackedRows::new(prec, &wt, co, k))];
             if st == 1 {
                 packings.push(("direct", PackedRows::new_taps(prec, &wt, co, ci, 3, 3)));
+                packings.push(("winograd", PackedRows::new_winograd(prec, &wt, co, ci)));
             }
             for silu in [false, true] {
                 let map = group_norm_affine(&x, shape, 1e-6, &gamma, &beta, silu);
@@ -274,7 +351,10 @@ fn conv2d_fusions_equal_separate_passes() {
                     let mut plain = vec![f32::NAN; out_len];
                     conv2d(&normed, imgs, &g, packed, Some(&bias), &mut plain);
                     assert!(
-                        only_input.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        only_input
+                            .iter()
+                            .zip(&plain)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
                         "{prec:?} {how}: the input map alone differs"
                     );
                 }

@@ -146,6 +146,8 @@ pub struct Vb {
     cache: Option<Arc<PackCache>>,
     conv_width: Option<usize>,
     direct_min_width: usize,
+    /// (min width, min channels); None: no Winograd convolutions.
+    winograd: Option<(usize, usize)>,
 }
 
 /// The narrowest images (at the model's configured sample size) whose stride-1 convolutions
@@ -153,6 +155,27 @@ pub struct Vb {
 /// too many of each panel's 32 columns on padding (an 8-pixel row computes 10 columns for 8),
 /// and those levels' large weights are better served by one GEMM over all frames.
 pub const DIRECT_CONV_MIN_WIDTH: usize = 32;
+
+/// The narrowest images whose 3x3 convolutions (stride 1, padding 1) run as the Winograd
+/// F(2x2, 3x3) convolution of the CPU kernels, when both channel counts are at least
+/// [`WINOGRAD_MIN_CHANNELS`]: a third fewer flops, 2.25x fewer multiplications, but 16/9 the
+/// packed weights, and each weight serves 4 output pixels per tile where the direct
+/// convolution's serves every pixel. At 8 pixels (the UNet's 1280-channel level) the weights'
+/// traffic would outweigh the gain.
+pub const WINOGRAD_MIN_WIDTH: usize = 16;
+/// Fewer channels than this on either side leave the transforms more work than they save.
+pub const WINOGRAD_MIN_CHANNELS: usize = 32;
+
+/// How a convolution's weights are packed for the CPU kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvKind {
+    /// A GEMM over patches (im2col on the fly).
+    Patches,
+    /// The direct convolution: weights tap by tap ([`flipsketch_kernels::PackedRows::new_taps`]).
+    Direct,
+    /// Winograd F(2x2, 3x3) ([`flipsketch_kernels::PackedRows::new_winograd`]).
+    Winograd,
+}
 
 impl Vb {
     pub fn new(inner: VarBuilder<'static>, plan: ComputePlan) -> Self {
@@ -162,6 +185,7 @@ impl Vb {
             cache: None,
             conv_width: None,
             direct_min_width: DIRECT_CONV_MIN_WIDTH,
+            winograd: Some((WINOGRAD_MIN_WIDTH, WINOGRAD_MIN_CHANNELS)),
         }
     }
 
@@ -176,22 +200,55 @@ impl Vb {
 
     /// This builder with direct convolutions from images `width` wide on (default
     /// [`DIRECT_CONV_MIN_WIDTH`]; 0 makes every stride-1 convolution direct, as tests of the
-    /// small fixtures do).
+    /// small fixtures do) and no Winograd convolutions.
     pub fn with_direct_conv_min_width(self, width: usize) -> Self {
         Self {
             direct_min_width: width,
+            winograd: None,
             ..self
+        }
+    }
+
+    /// This builder with Winograd convolutions for the 3x3 (padding 1, stride 1) ones over
+    /// images `width` wide or wider with at least `channels` channels in and out (defaults
+    /// [`WINOGRAD_MIN_WIDTH`], [`WINOGRAD_MIN_CHANNELS`]; tests of the small fixtures use 0).
+    pub fn with_winograd(self, width: usize, channels: usize) -> Self {
+        Self {
+            winograd: Some((width, channels)),
+            ..self
+        }
+    }
+
+    /// How a convolution built here packs its weights for the kernels.
+    pub fn conv_kind(
+        &self,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        c_in: usize,
+        c_out: usize,
+    ) -> ConvKind {
+        let Some(width) = self.conv_width else {
+            return ConvKind::Patches;
+        };
+        if stride != 1 || kernel == 1 {
+            return ConvKind::Patches;
+        }
+        if let Some((w, c)) = self.winograd {
+            if (kernel, padding) == (3, 1) && width >= w && c_in.min(c_out) >= c {
+                return ConvKind::Winograd;
+            }
+        }
+        if width >= self.direct_min_width {
+            ConvKind::Direct
+        } else {
+            ConvKind::Patches
         }
     }
 
     /// The image width set by [`Self::with_conv_width`].
     pub fn conv_width(&self) -> Option<usize> {
         self.conv_width
-    }
-
-    /// Whether stride-1 convolutions built here pack their weights for the direct convolution.
-    pub fn direct_convs(&self) -> bool {
-        self.conv_width.is_some_and(|w| w >= self.direct_min_width)
     }
 
     /// This builder with its packed weights taken from and recorded in `cache`.
@@ -213,6 +270,7 @@ impl Vb {
             cache: self.cache.clone(),
             conv_width: self.conv_width,
             direct_min_width: self.direct_min_width,
+            winograd: self.winograd,
         }
     }
 

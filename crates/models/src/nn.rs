@@ -7,7 +7,7 @@ use candle_core::{DType, Module, Result, Storage, Tensor, D};
 use candle_nn::Conv2dConfig;
 use flipsketch_kernels::{self as kernels, ConvGeometry, PackedCols, PackedRows, Precision};
 
-use crate::compute::{OpPath, Vb};
+use crate::compute::{ConvKind, OpPath, Vb};
 
 /// candle's CPU backend has no bf16 GEMM: widen to f32 there. Everywhere else (f32, f16, bf16
 /// on CUDA/Metal) the operands go to candle as they are.
@@ -194,28 +194,30 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    /// With `direct`, a stride-1 convolution on the CPU kernels packs its weights for the
-    /// direct convolution (see [`PackedRows::new_taps`]); else from patches.
+    /// On the CPU kernels the weights are packed as `kind` says (see [`ConvKind`]; a kind
+    /// the geometry does not allow falls back to patches).
     pub fn new(
         weight: Tensor,
         bias: Option<Tensor>,
         config: Conv2dConfig,
         path: OpPath,
-        direct: bool,
+        kind: ConvKind,
     ) -> Result<Self> {
         let dims = weight.dims4()?;
         let (o, i, kh, kw) = dims;
         let packable = config.groups == 1 && config.dilation == 1;
         let path = if packable { path } else { OpPath::Candle };
-        let direct = direct && config.stride == 1;
+        let kind = match kind {
+            ConvKind::Winograd if (kh, kw, config.stride, config.padding) == (3, 3, 1, 1) => kind,
+            ConvKind::Direct if config.stride == 1 => kind,
+            _ => ConvKind::Patches,
+        };
         let weight = match packing(path, &weight)? {
             Some(prec) => {
-                let w = with_cpu_f32(&weight, |v| {
-                    if direct {
-                        PackedRows::new_taps(prec, v, o, i, kh, kw)
-                    } else {
-                        PackedRows::new(prec, v, o, i * kh * kw)
-                    }
+                let w = with_cpu_f32(&weight, |v| match kind {
+                    ConvKind::Winograd => PackedRows::new_winograd(prec, v, o, i),
+                    ConvKind::Direct => PackedRows::new_taps(prec, v, o, i, kh, kw),
+                    ConvKind::Patches => PackedRows::new(prec, v, o, i * kh * kw),
                 })?;
                 ConvWeight::Packed(Arc::new(w), bias_values(bias.as_ref())?)
             }
@@ -448,7 +450,13 @@ impl FrameConv {
             None => {
                 let tap = |k: usize, bias: Option<Tensor>| -> Result<Conv2d> {
                     let t = weight.narrow(2, k, 1)?.squeeze(4)?.contiguous()?;
-                    Conv2d::new(t, bias, Default::default(), OpPath::Candle, false)
+                    Conv2d::new(
+                        t,
+                        bias,
+                        Default::default(),
+                        OpPath::Candle,
+                        ConvKind::Patches,
+                    )
                 };
                 FrameConvWeight::Taps(Box::new([
                     tap(0, None)?,
@@ -554,25 +562,31 @@ pub fn conv2d(
         ..Default::default()
     };
     let shape = [out_c, in_c, kernel, kernel];
-    // Direct convolutions only where they pay: a kernel larger than 1x1 over wide images.
-    let direct = stride == 1 && kernel > 1 && vb.direct_convs();
-    let tag = if direct { "taps" } else { "rows" };
+    // Direct and Winograd convolutions only where they pay (see Vb::conv_kind).
+    let kind = vb.conv_kind(kernel, stride, padding, in_c, out_c);
+    let tag = match kind {
+        ConvKind::Winograd => "winograd",
+        ConvKind::Direct => "taps",
+        ConvKind::Patches => "rows",
+    };
     let cache = pack_cache(&vb, "weight");
     if let Some((cache, name)) = &cache {
         let k = in_c * kernel * kernel;
-        let hit = if direct {
-            cache.rows_with(name, &shape, tag, out_c, k, |prec, slots| {
+        let hit = match kind {
+            ConvKind::Winograd => cache.rows_with(name, &shape, tag, out_c, k, |prec, slots| {
+                PackedRows::from_slots_winograd(prec, out_c, in_c, slots)
+            }),
+            ConvKind::Direct => cache.rows_with(name, &shape, tag, out_c, k, |prec, slots| {
                 PackedRows::from_slots_taps(prec, out_c, (in_c, kernel, kernel), slots)
-            })
-        } else {
-            cache.rows(name, &shape, tag, out_c, k)
+            }),
+            ConvKind::Patches => cache.rows(name, &shape, tag, out_c, k),
         };
         if let Some(w) = hit {
             return Conv2d::from_packed(w, Some(bias), cfg, (out_c, in_c, kernel, kernel));
         }
     }
     let weight = vb.get(&shape[..], "weight")?;
-    let conv = Conv2d::new(weight, Some(bias), cfg, vb.plan().matmul, direct)?;
+    let conv = Conv2d::new(weight, Some(bias), cfg, vb.plan().matmul, kind)?;
     if let (Some((cache, name)), Some(w)) = (&cache, conv.packed()) {
         cache.put_rows(name, tag, w);
     }
@@ -705,7 +719,14 @@ impl GroupNorm {
         let plane: usize = dims[2..].iter().product();
         with_cpu_f32(x, |xs| {
             let shape = self.shape(items, span, c, plane);
-            Some(kernels::group_norm_affine(xs, shape, self.eps as f32, w, b, silu))
+            Some(kernels::group_norm_affine(
+                xs,
+                shape,
+                self.eps as f32,
+                w,
+                b,
+                silu,
+            ))
         })
     }
 

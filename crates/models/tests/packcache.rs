@@ -10,21 +10,21 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, golden};
-use flipsketch_models::compute::{ComputePlan, DIRECT_CONV_MIN_WIDTH};
+use flipsketch_models::compute::{ComputePlan, Vb};
 use flipsketch_models::loading::{load_component_cached, LoadReport, DIFFUSERS_WEIGHTS};
 use flipsketch_models::packcache::{wait_for_writes, CacheUse};
 use flipsketch_models::unets::unet_3d_condition::{UNet3DConditionModel, UNet3DConfig};
 
 fn load(dir: &Path, dtype: DType, root: Option<&Path>) -> (UNet3DConditionModel, LoadReport) {
-    load_with(dir, dtype, root, DIRECT_CONV_MIN_WIDTH)
+    load_with(dir, dtype, root, |vb| vb)
 }
 
-/// [`load`] with direct convolutions from images `min_width` wide.
+/// [`load`] with the convolution choices `convs` makes of the builder.
 fn load_with(
     dir: &Path,
     dtype: DType,
     root: Option<&Path>,
-    min_width: usize,
+    convs: fn(Vb) -> Vb,
 ) -> (UNet3DConditionModel, LoadReport) {
     let cfg = UNet3DConfig::from_file(&dir.join("config.json")).unwrap();
     load_component_cached(
@@ -34,7 +34,7 @@ fn load_with(
         dtype,
         &Device::Cpu,
         root,
-        |vb| UNet3DConditionModel::new(&cfg, vb.with_direct_conv_min_width(min_width)),
+        |vb| UNet3DConditionModel::new(&cfg, convs(vb)),
     )
     .unwrap()
 }
@@ -161,25 +161,32 @@ fn packed_weight_cache() {
     if !kernels {
         return;
     }
-    // Weights packed for the direct convolution (every stride-1 convolution here) go through
-    // the cache as well, in a folder of their own.
-    let direct_root = tmp.path().join("direct");
-    for dtype in [DType::F32, DType::BF16] {
-        let (plain, _) = load_with(&model, dtype, None, 0);
-        let want = outputs(&plain, dtype);
-        drop(plain);
-        let (first, rep) = load_with(&model, dtype, Some(&direct_root), 0);
-        assert!(matches!(rep.cache, CacheUse::Writing(_)), "{:?}", rep.cache);
-        assert_eq!(outputs(&first, dtype), want, "{dtype:?} direct, packed");
-        drop(first);
-        wait_for_writes();
-        let (second, rep) = load_with(&model, dtype, Some(&direct_root), 0);
-        assert!(matches!(rep.cache, CacheUse::Hit(_)), "{:?}", rep.cache);
-        assert_eq!(
-            outputs(&second, dtype),
-            want,
-            "{dtype:?} direct, from the file"
-        );
+    // Weights packed for the direct convolution (every stride-1 convolution here) and for
+    // the Winograd convolution (every 3x3 one) go through the cache as well, in folders of
+    // their own.
+    let kinds: [(&str, fn(Vb) -> Vb); 2] = [
+        ("direct", |vb| vb.with_direct_conv_min_width(0)),
+        ("winograd", |vb| vb.with_winograd(0, 0)),
+    ];
+    for (kind, convs) in kinds {
+        let kind_root = tmp.path().join(kind);
+        for dtype in [DType::F32, DType::BF16] {
+            let (plain, _) = load_with(&model, dtype, None, convs);
+            let want = outputs(&plain, dtype);
+            drop(plain);
+            let (first, rep) = load_with(&model, dtype, Some(&kind_root), convs);
+            assert!(matches!(rep.cache, CacheUse::Writing(_)), "{:?}", rep.cache);
+            assert_eq!(outputs(&first, dtype), want, "{dtype:?} {kind}, packed");
+            drop(first);
+            wait_for_writes();
+            let (second, rep) = load_with(&model, dtype, Some(&kind_root), convs);
+            assert!(matches!(rep.cache, CacheUse::Hit(_)), "{:?}", rep.cache);
+            assert_eq!(
+                outputs(&second, dtype),
+                want,
+                "{dtype:?} {kind}, from the file"
+            );
+        }
     }
 
     // One file per precision, no temporaries left.

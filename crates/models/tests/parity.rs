@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use common::{assert_close, fixtures, golden, max_abs_diff, model_dir, unet_cases};
 use flipsketch_models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use flipsketch_models::clip_text::{ClipTextConfig, ClipTextModel};
-use flipsketch_models::compute::ComputePlan;
+use flipsketch_models::compute::{ComputePlan, Vb};
 use flipsketch_models::loading::{
     load_component, LoadReport, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
 };
@@ -19,19 +19,26 @@ const TOL: f32 = 1e-4;
 pub const BF16_TOL: f32 = 3e-2;
 
 pub fn load_unet(dir: &std::path::Path, dtype: DType) -> UNet3DConditionModel {
-    load_unet_direct_from(
-        dir,
-        dtype,
-        flipsketch_models::compute::DIRECT_CONV_MIN_WIDTH,
-    )
+    load_unet_with(dir, dtype, |vb| vb)
 }
 
-/// [`load_unet`] with direct convolutions for images from `min_width` wide (0: all of them;
-/// the fixtures' images are narrower than the default's 32).
-pub fn load_unet_direct_from(
+/// Every stride-1 convolution direct (the default makes only those over images at least 32
+/// wide direct, and the fixtures' images are narrower).
+fn all_direct(vb: Vb) -> Vb {
+    vb.with_direct_conv_min_width(0)
+}
+
+/// Every 3x3 convolution (stride 1, padding 1) Winograd, whatever its width and channels
+/// (the default: images at least 16 wide, 32 channels or more).
+fn all_winograd(vb: Vb) -> Vb {
+    vb.with_winograd(0, 0)
+}
+
+/// [`load_unet`] with the convolution choices `convs` makes of the builder.
+pub fn load_unet_with(
     dir: &std::path::Path,
     dtype: DType,
-    min_width: usize,
+    convs: impl Fn(Vb) -> Vb,
 ) -> UNet3DConditionModel {
     let cfg = UNet3DConfig::from_file(&dir.join("config.json")).unwrap();
     let (m, report) = load_component(
@@ -40,7 +47,7 @@ pub fn load_unet_direct_from(
         &DIFFUSERS_WEIGHTS.candidates(None),
         dtype,
         &Device::Cpu,
-        |vb| UNet3DConditionModel::new(&cfg, vb.with_direct_conv_min_width(min_width)),
+        |vb| UNet3DConditionModel::new(&cfg, convs(vb)),
     )
     .unwrap();
     assert!(
@@ -87,10 +94,10 @@ fn text_encoder_b_fp16_on_disk_quick_gelu() {
 }
 
 fn vae(config: &str) {
-    vae_direct_from(config, flipsketch_models::compute::DIRECT_CONV_MIN_WIDTH)
+    vae_with(config, |vb| vb)
 }
 
-fn vae_direct_from(config: &str, min_width: usize) {
+fn vae_with(config: &str, convs: impl Fn(Vb) -> Vb) {
     let dir = model_dir(config).join("vae");
     let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json")).unwrap();
     let (m, report) = load_component(
@@ -99,7 +106,7 @@ fn vae_direct_from(config: &str, min_width: usize) {
         &DIFFUSERS_WEIGHTS.candidates(None),
         DType::F32,
         &Device::Cpu,
-        |vb| AutoencoderKL::new(&cfg, vb.with_direct_conv_min_width(min_width)),
+        |vb| AutoencoderKL::new(&cfg, convs(vb)),
     )
     .unwrap();
     assert!(report.unexpected.is_empty());
@@ -143,33 +150,45 @@ fn vae_b_fp16_on_disk_non_square() {
     vae("b");
 }
 
-/// Every stride-1 convolution direct (the default makes only those over images at least 32
-/// wide direct, and the fixtures' are narrower), on both VAE fixtures: 16x16 and 24x20 images,
-/// a padded right edge, fp16 weights on disk.
+/// Every stride-1 convolution direct, on both VAE fixtures: 16x16 and 24x20 images, a padded
+/// right edge, fp16 weights on disk.
 #[test]
 fn vae_direct_convolutions() {
-    vae_direct_from("a", 0);
-    vae_direct_from("b", 0);
+    vae_with("a", all_direct);
+    vae_with("b", all_direct);
 }
 
+/// Every 3x3 convolution Winograd, on both VAE fixtures (odd tile counts: 24x20 and its
+/// halvings leave tiles past the edge).
 #[test]
-fn unet_direct_convolutions() {
+fn vae_winograd_convolutions() {
+    vae_with("a", all_winograd);
+    vae_with("b", all_winograd);
+}
+
+/// The UNet fixtures with the convolutions of `convs`: f32 within the f32 tolerance, bf16
+/// (config a) within the bf16 tolerance of the f32 reference.
+fn unet_with(convs: fn(Vb) -> Vb, what: &str) {
     for config in ["a", "b"] {
-        let unet = load_unet_direct_from(&model_dir(config).join("unet"), DType::F32, 0);
+        let unet = load_unet_with(&model_dir(config).join("unet"), DType::F32, convs);
         unet_cases(config, &unet, DType::F32, TOL);
     }
-    // bf16 (channel pairs per tap) within the bf16 tolerance of the f32 reference.
-    let unet = load_unet_direct_from(&model_dir("a").join("unet"), DType::BF16, 0);
+    let unet = load_unet_with(&model_dir("a").join("unet"), DType::BF16, convs);
     let g = golden("unet_a_0.safetensors");
     let out = unet
         .forward(&g["sample"], 999.0, &g["encoder_hidden_states"], None)
         .unwrap();
-    assert_close(
-        "unet a bf16, direct convolutions",
-        &out,
-        &g["out"],
-        BF16_TOL,
-    );
+    assert_close(&format!("unet a bf16, {what}"), &out, &g["out"], BF16_TOL);
+}
+
+#[test]
+fn unet_direct_convolutions() {
+    unet_with(all_direct, "direct convolutions");
+}
+
+#[test]
+fn unet_winograd_convolutions() {
+    unet_with(all_winograd, "Winograd convolutions");
 }
 
 #[test]
