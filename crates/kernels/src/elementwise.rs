@@ -73,8 +73,9 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
-/// Defines `fn $name(args)` whose body is compiled twice, for AVX-512 (chosen at run time when
-/// the CPU has it, so that its loops vectorise 16 wide with inlined `exp`) and for the baseline.
+/// Defines `fn $name(args)` whose body is compiled three times: for AVX-512 and for AVX2 + FMA
+/// (chosen at run time by [`crate::isa`], so that its loops vectorise 16 or 8 wide with inlined
+/// `exp`), and for the baseline (SSE2).
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
@@ -87,9 +88,18 @@ macro_rules! multiversion {
                 unsafe fn wide($($arg: $ty),*) {
                     __body($($arg),*)
                 }
-                if crate::isa() != crate::Isa::Portable {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    __body($($arg),*)
+                }
+                match crate::isa() {
                     // SAFETY: the CPU has AVX-512F/BW/DQ/VL (checked by isa()).
-                    return unsafe { wide($($arg),*) };
+                    crate::Isa::Avx512Bf16 | crate::Isa::Avx512 => {
+                        return unsafe { wide($($arg),*) }
+                    }
+                    // SAFETY: the CPU has AVX2 and FMA (checked by isa()).
+                    crate::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    crate::Isa::Portable => {}
                 }
             }
             __body($($arg),*)

@@ -80,7 +80,7 @@ impl Precision {
     pub fn is_native(self) -> bool {
         match (self, isa()) {
             (_, Isa::Avx512Bf16) => true,
-            (Precision::F32, Isa::Avx512) => true,
+            (Precision::F32, Isa::Avx512 | Isa::Avx2) => true,
             _ => false,
         }
     }

@@ -31,6 +31,9 @@ use flipsketch_kernels::Precision;
 pub enum Ops {
     Auto,
     Portable,
+    /// The kernels' AVX2 code on a CPU that has more (the kernels read the variable
+    /// themselves: `flipsketch_kernels::isa`); otherwise as [`Ops::Auto`].
+    Avx2,
     Candle,
 }
 
@@ -40,9 +43,10 @@ impl FromStr for Ops {
         match s.trim().to_ascii_lowercase().as_str() {
             "" | "auto" => Ok(Ops::Auto),
             "portable" => Ok(Ops::Portable),
+            "avx2" => Ok(Ops::Avx2),
             "candle" => Ok(Ops::Candle),
             other => Err(format!(
-                "FLIPSKETCH_OPS={other:?}: expected auto, portable or candle"
+                "FLIPSKETCH_OPS={other:?}: expected auto, portable, avx2 or candle"
             )),
         }
     }
@@ -316,7 +320,7 @@ mod tests {
     #[test]
     fn plans() {
         let cpu = Device::Cpu;
-        for ops in [Ops::Auto, Ops::Portable, Ops::Candle] {
+        for ops in [Ops::Auto, Ops::Portable, Ops::Avx2, Ops::Candle] {
             // f64: always candle, in f64
             let p = ComputePlan::new(DType::F64, &cpu, ops);
             assert_eq!(
@@ -345,9 +349,10 @@ mod tests {
         };
         assert_eq!(p.other, OpPath::Kernels(want));
         assert_eq!("Portable".parse::<Ops>(), Ok(Ops::Portable));
+        assert_eq!(" avx2".parse::<Ops>(), Ok(Ops::Avx2));
         assert!("fast"
             .parse::<Ops>()
             .unwrap_err()
-            .contains("auto, portable or candle"));
+            .contains("auto, portable, avx2 or candle"));
     }
 }
