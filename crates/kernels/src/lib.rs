@@ -310,6 +310,21 @@ where
     data
 }
 
+/// The rows of each of the 16 matrices of [`PackedRows::new_winograd`]: `m` rounded up to
+/// whole row blocks.
+fn winograd_rows(m: usize) -> usize {
+    m.div_ceil(MR).max(1) * MR
+}
+
+/// An error naming `what` (e.g. "packed 4x9 rows (F32)") unless `data` holds `want` slots.
+fn check_slots(data: &Slots, want: usize, what: impl FnOnce() -> String) -> Result<(), String> {
+    if data.len() == want {
+        Ok(())
+    } else {
+        Err(format!("{} take {want} slots, not {}", what(), data.len()))
+    }
+}
+
 impl PackedRows {
     /// Packs a row-major `m x k` matrix.
     pub fn new(prec: Precision, src: &[f32], m: usize, k: usize) -> Self {
@@ -320,10 +335,25 @@ impl PackedRows {
             m * k
         );
         let kslots = prec.slots(k);
-        let kb_len = k_block(kslots);
-        let data = pack_rows_blocked(prec, m, kslots, kb_len, |r, buf| {
+        let data = pack_rows_blocked(prec, m, kslots, k_block(kslots), |r, buf| {
             buf.extend_from_slice(&src[r * k..][..k])
         });
+        Self::in_blocks(prec, m, k, k, None, Slots::owned(data))
+    }
+
+    /// Rows of `k_packed` values each in plain K blocks of [`k_block`] slots (the layout of
+    /// [`Self::new`], and of [`Self::new_winograd`]'s stacked matrices of `wino_rows` rows);
+    /// `k` is the product's K as the caller sees it.
+    fn in_blocks(
+        prec: Precision,
+        m: usize,
+        k: usize,
+        k_packed: usize,
+        wino_rows: Option<usize>,
+        data: Slots,
+    ) -> Self {
+        let kslots = prec.slots(k_packed);
+        let kb_len = k_block(kslots);
         Self {
             prec,
             m,
@@ -331,8 +361,8 @@ impl PackedRows {
             kb_len,
             kblocks: kslots.div_ceil(kb_len).max(1),
             taps: None,
-            wino_rows: None,
-            data: Slots::owned(data),
+            wino_rows,
+            data,
         }
     }
 
@@ -403,25 +433,10 @@ impl PackedRows {
 
     /// A matrix packed earlier (its [`Self::slots`]), e.g. read back from a file.
     pub fn from_slots(prec: Precision, m: usize, k: usize, data: Slots) -> Result<Self, String> {
-        let want = Self::packed_len(prec, m, k);
-        if data.len() != want {
-            return Err(format!(
-                "packed {m}x{k} rows ({prec:?}) take {want} slots, not {}",
-                data.len()
-            ));
-        }
-        let kslots = prec.slots(k);
-        let kb_len = k_block(kslots);
-        Ok(Self {
-            prec,
-            m,
-            k,
-            kb_len,
-            kblocks: kslots.div_ceil(kb_len).max(1),
-            taps: None,
-            wino_rows: None,
-            data,
-        })
+        check_slots(&data, Self::packed_len(prec, m, k), || {
+            format!("packed {m}x{k} rows ({prec:?})")
+        })?;
+        Ok(Self::in_blocks(prec, m, k, k, None, data))
     }
 
     /// Weights packed earlier by [`Self::new_taps`] (its [`Self::slots`]).
@@ -431,13 +446,9 @@ impl PackedRows {
         (c_in, kh, kw): (usize, usize, usize),
         data: Slots,
     ) -> Result<Self, String> {
-        let want = Self::packed_len_taps(prec, m, c_in, kh, kw);
-        if data.len() != want {
-            return Err(format!(
-                "packed {m}x{c_in}x{kh}x{kw} convolution weights ({prec:?}) take {want} slots, not {}",
-                data.len()
-            ));
-        }
+        check_slots(&data, Self::packed_len_taps(prec, m, c_in, kh, kw), || {
+            format!("packed {m}x{c_in}x{kh}x{kw} convolution weights ({prec:?})")
+        })?;
         let layout = TapLayout::new(prec, c_in, kh, kw);
         let (kblocks, kb_len) = layout.blocks(prec);
         Ok(Self {
@@ -464,10 +475,9 @@ impl PackedRows {
             "PackedRows: {m}x{c_in}x3x3 needs {} values",
             m * c_in * 9
         );
-        let rows = m.div_ceil(MR).max(1) * MR;
+        let rows = winograd_rows(m);
         let kslots = prec.slots(c_in);
-        let kb_len = k_block(kslots);
-        let data = pack_rows_blocked(prec, 16 * rows, kslots, kb_len, |r, buf| {
+        let data = pack_rows_blocked(prec, 16 * rows, kslots, k_block(kslots), |r, buf| {
             let (t, co) = (r / rows, r % rows);
             if co >= m {
                 buf.resize(c_in, 0.0);
@@ -475,21 +485,12 @@ impl PackedRows {
             }
             buf.extend((0..c_in).map(|ci| winograd_weight(&w[(co * c_in + ci) * 9..][..9], t)));
         });
-        Self {
-            prec,
-            m,
-            k: c_in * 9,
-            kb_len,
-            kblocks: kslots.div_ceil(kb_len).max(1),
-            taps: None,
-            wino_rows: Some(rows),
-            data: Slots::owned(data),
-        }
+        Self::in_blocks(prec, m, c_in * 9, c_in, Some(rows), Slots::owned(data))
     }
 
     /// The number of slots [`Self::new_winograd`] packs `(m, c_in, 3, 3)` weights into.
     pub fn packed_len_winograd(prec: Precision, m: usize, c_in: usize) -> usize {
-        Self::packed_len(prec, 16 * m.div_ceil(MR).max(1) * MR, c_in)
+        Self::packed_len(prec, 16 * winograd_rows(m), c_in)
     }
 
     /// Weights packed earlier by [`Self::new_winograd`] (its [`Self::slots`]).
@@ -499,25 +500,10 @@ impl PackedRows {
         c_in: usize,
         data: Slots,
     ) -> Result<Self, String> {
-        let want = Self::packed_len_winograd(prec, m, c_in);
-        if data.len() != want {
-            return Err(format!(
-                "packed {m}x{c_in}x3x3 Winograd weights ({prec:?}) take {want} slots, not {}",
-                data.len()
-            ));
-        }
-        let kslots = prec.slots(c_in);
-        let kb_len = k_block(kslots);
-        Ok(Self {
-            prec,
-            m,
-            k: c_in * 9,
-            kb_len,
-            kblocks: kslots.div_ceil(kb_len).max(1),
-            taps: None,
-            wino_rows: Some(m.div_ceil(MR).max(1) * MR),
-            data,
-        })
+        check_slots(&data, Self::packed_len_winograd(prec, m, c_in), || {
+            format!("packed {m}x{c_in}x3x3 Winograd weights ({prec:?})")
+        })?;
+        Ok(Self::in_blocks(prec, m, c_in * 9, c_in, Some(winograd_rows(m)), data))
     }
 
     /// Whether the weights were packed by [`Self::new_winograd`].
@@ -595,13 +581,9 @@ impl PackedCols {
 
     /// A matrix packed earlier (its [`Self::slots`]), e.g. read back from a file.
     pub fn from_slots(prec: Precision, n: usize, k: usize, data: Slots) -> Result<Self, String> {
-        let want = Self::packed_len(prec, n, k);
-        if data.len() != want {
-            return Err(format!(
-                "packed {n}x{k} columns ({prec:?}) take {want} slots, not {}",
-                data.len()
-            ));
-        }
+        check_slots(&data, Self::packed_len(prec, n, k), || {
+            format!("packed {n}x{k} columns ({prec:?})")
+        })?;
         Ok(Self { prec, n, k, data })
     }
 

@@ -111,6 +111,46 @@ fn bf16_differs_from_f32_by_rounding_only() {
     );
 }
 
+/// The convolution of `imgs` images `(c_in, h, w)` with weights `(co, c_in, kh, kw)` and a
+/// bias, in f64 from the given f32 values.
+fn reference_conv(
+    x: &[f32],
+    imgs: usize,
+    g: &ConvGeometry,
+    wt: &[f32],
+    co: usize,
+    bias: &[f32],
+) -> Vec<f64> {
+    let (ci, h, w, kh, kw) = (g.c_in, g.h, g.w, g.kh, g.kw);
+    let (st, pad) = (g.stride as i64, g.pad as i64);
+    let k = ci * kh * kw;
+    let mut want = vec![0f64; imgs * co * g.h_out * g.w_out];
+    for i in 0..imgs {
+        for o in 0..co {
+            for oy in 0..g.h_out {
+                for ox in 0..g.w_out {
+                    let mut acc = bias[o] as f64;
+                    for c in 0..ci {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = oy as i64 * st + ky as i64 - pad;
+                                let ix = ox as i64 * st + kx as i64 - pad;
+                                if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
+                                    continue;
+                                }
+                                let xv = x[((i * ci + c) * h + iy as usize) * w + ix as usize];
+                                acc += xv as f64 * wt[o * k + (c * kh + ky) * kw + kx] as f64;
+                            }
+                        }
+                    }
+                    want[((i * co + o) * g.h_out + oy) * g.w_out + ox] = acc;
+                }
+            }
+        }
+    }
+    want
+}
+
 #[test]
 fn conv2d_matches_reference() {
     for prec in [Precision::F32, Precision::Bf16] {
@@ -154,32 +194,7 @@ fn conv2d_matches_reference() {
                 conv2d(&x, imgs, &g, packed, Some(&bias), &mut out);
                 outs.push((*how, out));
             }
-            let mut want = vec![0f64; imgs * co * pix];
-            for i in 0..imgs {
-                for o in 0..co {
-                    for oy in 0..g.h_out {
-                        for ox in 0..g.w_out {
-                            let mut acc = bias[o] as f64;
-                            for c in 0..ci {
-                                for ky in 0..kh {
-                                    for kx in 0..kw {
-                                        let iy = (oy * st + ky) as i64 - pad as i64;
-                                        let ix = (ox * st + kx) as i64 - pad as i64;
-                                        if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
-                                            continue;
-                                        }
-                                        let xv =
-                                            xr[((i * ci + c) * h + iy as usize) * w + ix as usize];
-                                        acc +=
-                                            xv as f64 * wr[o * k + (c * kh + ky) * kw + kx] as f64;
-                                    }
-                                }
-                            }
-                            want[((i * co + o) * g.h_out + oy) * g.w_out + ox] = acc;
-                        }
-                    }
-                }
-            }
+            let want = reference_conv(&xr, imgs, &g, &wr, co, &bias);
             for (how, out) in &outs {
                 let e = rel_err(out, &want);
                 assert!(
@@ -217,30 +232,7 @@ fn winograd_conv_matches_reference() {
         let wt = random(co * k, 71 + co as u64);
         let bias = random(co, 72);
         let pix = h * w;
-        let mut want = vec![0f64; imgs * co * pix];
-        for i in 0..imgs {
-            for o in 0..co {
-                for oy in 0..h {
-                    for ox in 0..w {
-                        let mut acc = bias[o] as f64;
-                        for c in 0..ci {
-                            for ky in 0..3 {
-                                for kx in 0..3 {
-                                    let (iy, ix) = ((oy + ky) as i64 - 1, (ox + kx) as i64 - 1);
-                                    if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
-                                        continue;
-                                    }
-                                    acc += x[((i * ci + c) * h + iy as usize) * w + ix as usize]
-                                        as f64
-                                        * wt[o * k + (c * 3 + ky) * 3 + kx] as f64;
-                                }
-                            }
-                        }
-                        want[((i * co + o) * h + oy) * w + ox] = acc;
-                    }
-                }
-            }
-        }
+        let want = reference_conv(&x, imgs, &g, &wt, co, &bias);
         for prec in [Precision::F32, Precision::Bf16] {
             let wino = PackedRows::new_winograd(prec, &wt, co, ci);
             assert!(wino.is_winograd());
