@@ -503,7 +503,14 @@ impl PackedRows {
         check_slots(&data, Self::packed_len_winograd(prec, m, c_in), || {
             format!("packed {m}x{c_in}x3x3 Winograd weights ({prec:?})")
         })?;
-        Ok(Self::in_blocks(prec, m, c_in * 9, c_in, Some(winograd_rows(m)), data))
+        Ok(Self::in_blocks(
+            prec,
+            m,
+            c_in * 9,
+            c_in,
+            Some(winograd_rows(m)),
+            data,
+        ))
     }
 
     /// Whether the weights were packed by [`Self::new_winograd`].
