@@ -376,7 +376,9 @@ pub fn run(mut a: AnimateArgs) -> Result<()> {
     }
     let t_run = Instant::now();
     crate::interrupt::running(true);
-    let output = match pipeline.run(&request, &mut bars) {
+    // One request: the text encoder is released once the prompts are encoded (less memory
+    // through denoising and decoding).
+    let output = match pipeline.run_once(&request, &mut bars) {
         Err(flipsketch_pipeline::PipelineError::Cancelled) => {
             bars.done();
             return Err(crate::interrupt::stopped(&[]));

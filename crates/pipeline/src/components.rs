@@ -69,7 +69,8 @@ pub const MODEL_FILES: FolderLayout = FolderLayout {
 
 pub struct Components {
     pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
+    /// `None` once [`crate::Pipeline::run_once`] has encoded its prompts and released it.
+    pub text_encoder: Option<ClipTextModel>,
     pub vae: AutoencoderKL,
     pub unet: UNet3DConditionModel,
     pub scheduler: DdimScheduler,
@@ -175,7 +176,7 @@ impl Components {
 
         Ok(Self {
             tokenizer,
-            text_encoder,
+            text_encoder: Some(text_encoder),
             vae,
             unet,
             scheduler,

@@ -342,10 +342,31 @@ impl Pipeline {
     }
 
     fn encode_prompt(&self, prompt: &str) -> Result<Tensor, PipelineError> {
+        let Some(text_encoder) = &self.components.text_encoder else {
+            return Err(PipelineError::Invalid(
+                "the text encoder was released (Pipeline::run_once): it cannot encode a prompt"
+                    .into(),
+            ));
+        };
         let ids = self.components.tokenizer.encode(prompt)?;
         let n = ids.len();
         let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
-        Ok(self.components.text_encoder.forward(&ids)?)
+        Ok(text_encoder.forward(&ids)?)
+    }
+
+    /// The request checked, then its prompt and the empty prompt encoded: `(b, f)`, cond and
+    /// uncond (the first phase of a run).
+    fn encode_prompts(
+        &self,
+        r: &Request,
+        progress: &mut dyn Progress,
+    ) -> Result<((usize, usize), Tensor, Tensor), PipelineError> {
+        let bf = self.validate(r)?;
+        // 0. prompts: cond = prompt, uncond = null = "" (the same tensor)
+        progress.phase(Phase::Encoding, 1);
+        let cond = self.encode_prompt(&r.prompt)?;
+        let uncond = self.encode_prompt("")?;
+        Ok((bf, cond, uncond))
     }
 
     fn validate(&self, r: &Request) -> Result<(usize, usize), PipelineError> {
@@ -454,7 +475,32 @@ impl Pipeline {
     }
 
     pub fn run(&self, r: &Request, progress: &mut dyn Progress) -> Result<Output, PipelineError> {
-        let (b, f) = self.validate(r)?;
+        let (bf, cond, uncond) = self.encode_prompts(r, progress)?;
+        self.run_encoded(r, bf, &cond, &uncond, progress)
+    }
+
+    /// [`Self::run`] for a pipeline that runs one request and is done (`flipsketch animate`):
+    /// the text encoder is dropped as soon as the prompts are encoded, so that its weights
+    /// (0.58 GB for the real model in bf16) are not held through denoising and decoding, when
+    /// the activations peak. The output is the same as [`Self::run`]'s.
+    pub fn run_once(
+        mut self,
+        r: &Request,
+        progress: &mut dyn Progress,
+    ) -> Result<Output, PipelineError> {
+        let (bf, cond, uncond) = self.encode_prompts(r, progress)?;
+        self.components.text_encoder = None;
+        self.run_encoded(r, bf, &cond, &uncond, progress)
+    }
+
+    fn run_encoded(
+        &self,
+        r: &Request,
+        (b, f): (usize, usize),
+        cond: &Tensor,
+        uncond: &Tensor,
+        progress: &mut dyn Progress,
+    ) -> Result<Output, PipelineError> {
         let comps = &self.components;
         let unet = &comps.unet;
         let vae = &comps.vae;
@@ -470,11 +516,6 @@ impl Pipeline {
                 Ok(())
             }
         };
-
-        // 0. prompts: cond = prompt, uncond = null = "" (the same tensor)
-        progress.phase(Phase::Encoding, 1);
-        let cond = self.encode_prompt(&r.prompt)?;
-        let uncond = self.encode_prompt("")?;
 
         let mut sched = comps.scheduler.clone();
         sched.set_timesteps(r.steps)?;
@@ -496,7 +537,7 @@ impl Pipeline {
                 t
             }
             None => {
-                let inv = self.invert(r, &uncond, &sched, &timesteps, progress, &mut evals)?;
+                let inv = self.invert(r, uncond, &sched, &timesteps, progress, &mut evals)?;
                 if let (Some(cache), Some(k)) = (&self.cache, key) {
                     cache.put(k, inv.clone());
                 }
@@ -538,7 +579,7 @@ impl Pipeline {
         let ehs = |e: &Tensor, n: usize| -> candle_core::Result<Tensor> {
             e.broadcast_as((n, e.dim(1)?, e.dim(2)?))?.contiguous()
         };
-        let (uncond_n, cond_n) = (ehs(&uncond, per_call)?, ehs(&cond, per_call)?);
+        let (uncond_n, cond_n) = (ehs(uncond, per_call)?, ehs(cond, per_call)?);
         let chunks: Vec<(usize, usize)> = (0..b)
             .step_by(per_call)
             .map(|v0| (v0, per_call.min(b - v0)))
@@ -578,7 +619,7 @@ impl Pipeline {
             let cpass = if (i as i64) <= r.tau {
                 reference = reference.narrow(2, 0, cc)?;
                 let mut rec = Recorder::default();
-                let rr = unet.forward(&reference, tt, &uncond, Some(&mut rec))?;
+                let rr = unet.forward(&reference, tt, uncond, Some(&mut rec))?;
                 evals += cc;
                 reference = sched.step(&rr, t, &reference, 0.0, None)?.prev_sample;
                 main_pass(&latents, tt, true, Some((&rec, cc)))?

@@ -259,3 +259,33 @@ fn a_cached_inversion_is_bit_identical_and_skips_its_work() {
     p.run(&first, &mut Silent).unwrap();
     assert_eq!(hits(), 2, "the oldest entry must have been dropped");
 }
+
+/// `run_once` (the CLI's run: the text encoder released after the prompts) gives exactly the
+/// output of `run`, and reports the same phases.
+#[test]
+fn run_once_gives_the_output_of_run() {
+    #[derive(Default)]
+    struct Phases(Vec<Phase>);
+    impl flipsketch_pipeline::Progress for Phases {
+        fn phase(&mut self, phase: Phase, _total: usize) {
+            self.0.push(phase);
+        }
+    }
+    let (c, t) = case("default");
+    let r = request(&c, &t);
+    let p = pipeline();
+    assert!(p.components.text_encoder.is_some());
+    let mut seen = Phases::default();
+    let want = p.run(&r, &mut seen).unwrap();
+    let mut seen_once = Phases::default();
+    let got = pipeline().run_once(&r, &mut seen_once).unwrap();
+    assert_eq!(seen_once.0, seen.0);
+    assert_eq!(got.unet_frame_evals, want.unet_frame_evals);
+    for (name, a, b) in [
+        ("inv_latents", &got.inv_latents, &want.inv_latents),
+        ("latents", &got.latents, &want.latents),
+        ("video", &got.video, &want.video),
+    ] {
+        assert!(bits(a) == bits(b), "{name} differs after run_once");
+    }
+}
