@@ -104,7 +104,12 @@ fn modules_match_the_references_on_the_device() {
         }
         let g = golden("text_encoder_a.safetensors");
         let ids = g["input_ids"].to_device(&dev).unwrap();
-        let h = c.text_encoder.as_ref().expect("loaded").forward(&ids).unwrap();
+        let h = c
+            .text_encoder
+            .as_ref()
+            .expect("loaded")
+            .forward(&ids)
+            .unwrap();
         check(
             &dev,
             dtype,

@@ -80,7 +80,12 @@ fn files_and_dtypes(c: &Components) -> Vec<(String, Vec<String>, Vec<String>)> {
 
 /// The text encoder, UNet and VAE against a layout golden (golden_fp16 / golden_bf16).
 fn modules_match(c: &Components, g: &HashMap<String, Tensor>, what: &str) {
-    let h = c.text_encoder.as_ref().expect("loaded").forward(&g["text_input_ids"]).unwrap();
+    let h = c
+        .text_encoder
+        .as_ref()
+        .expect("loaded")
+        .forward(&g["text_input_ids"])
+        .unwrap();
     assert_close(
         &format!("{what} text encoder"),
         &h,
