@@ -1147,6 +1147,27 @@ fn split(len: usize, parts: usize, align: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// Tasks `(image, (start, end))` over `images` images of `len` columns (or tiles) each, in
+/// multiples of [`NR`]: at least two per thread in all and at least `min_parts` per image; for
+/// a single image a whole number per thread (5 tasks on 2 threads took as long as 6).
+fn image_tasks(
+    images: usize,
+    len: usize,
+    min_parts: usize,
+    threads: usize,
+) -> Vec<(usize, (usize, usize))> {
+    let parts = (threads * 2).div_ceil(images).max(min_parts);
+    let parts = if images == 1 {
+        parts.div_ceil(threads) * threads
+    } else {
+        parts
+    };
+    let per_image = split(len, parts, NR);
+    (0..images)
+        .flat_map(|i| per_image.iter().map(move |&r| (i, r)))
+        .collect()
+}
+
 /// Allocates `len` floats and lets `write` store them through the pointer, without zeroing
 /// the memory first.
 ///
@@ -1718,18 +1739,7 @@ unsafe fn direct_conv(
     let t = threads();
     // Columns per task as for the patches: C's part (c_out x columns) stays in L2.
     let l2_cols = ((512 << 10) / (4 * c_out)).max(NR) / NR * NR;
-    // A whole number of tasks per thread for a single image (5 tasks on 2 threads took as
-    // long as 6).
-    let parts = (t * 2).div_ceil(images).max(flat.div_ceil(l2_cols));
-    let parts = if images == 1 {
-        parts.div_ceil(t) * t
-    } else {
-        parts
-    };
-    let per_image = split(flat, parts, NR);
-    let tasks: Vec<_> = (0..images)
-        .flat_map(|i| per_image.iter().map(move |&r| (i, r)))
-        .collect();
+    let tasks = image_tasks(images, flat, flat.div_ceil(l2_cols), t);
     let micro = micro::select_taps(prec, isa());
     let plane = g.h * g.w;
     let o = Out(out);
@@ -1889,16 +1899,7 @@ unsafe fn winograd_conv(
     // Tiles per task: the 16 products' buffer (16 x c_out x tiles f32) within about 2 MB
     // (1, 2, 4 and 8 MB measured within 6% of each other on the VAE, 2 MB the best).
     let per = ((2 << 20) / (64 * c_out.max(1)) / NR).max(1) * NR;
-    let parts = (t * 2).div_ceil(images).max(tiles.div_ceil(per));
-    let parts = if images == 1 {
-        parts.div_ceil(t) * t
-    } else {
-        parts
-    };
-    let per_image = split(tiles, parts, NR);
-    let tasks: Vec<_> = (0..images)
-        .flat_map(|i| per_image.iter().map(move |&r| (i, r)))
-        .collect();
+    let tasks = image_tasks(images, tiles, tiles.div_ceil(per), t);
     let micro = micro::select(prec, isa(), ALayout::Interleaved);
     let plane = h * wd;
     let o = Out(out);
