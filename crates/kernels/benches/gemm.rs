@@ -18,6 +18,16 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// `cargo bench -p flipsketch-kernels -- NAME`: only the sections whose name contains NAME
+/// (transpose, and per precision F32 or Bf16: linear, conv, matmul, attention; all names
+/// given must match).
+fn wanted(section: &str) -> bool {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .all(|a| section.contains(a.as_str()))
+}
+
 fn main() {
     println!(
         "isa {:?}, threads {}",
@@ -31,11 +41,14 @@ fn main() {
     };
     // The transformers' permutations at 32x32, 10 frames: (10, 320, 1024) spatial in,
     // (1, 3200, 1024) temporal in, (1, 1024, 3200) temporal out with the residual.
-    for &(b, r, c, add) in &[
+    for &(b, r, c, add) in [
         (10, 320, 1024, false),
         (1, 3200, 1024, false),
         (1, 1024, 3200, true),
-    ] {
+    ]
+    .iter()
+    .filter(|_| wanted("transpose"))
+    {
         let x = fill(b * r * c);
         let a = fill(b * r * c);
         let s = best_of(10, || {
@@ -54,118 +67,127 @@ fn main() {
         );
     }
     for prec in [Precision::F32, Precision::Bf16] {
-        // Linear at the top level of the UNet: 10 frames of 32x32 tokens.
-        for &(m, k, n) in &[
-            (10240, 320, 320),
-            (10240, 320, 2560),
-            (10240, 1280, 320),
-            (2560, 640, 640),
-            // The 8x8 level (640 tokens): GEGLU projection, 26 MB of bf16 weights, and q/k/v.
-            (640, 1280, 10240),
-            (640, 1280, 1280),
-        ] {
-            let x = fill(m * k);
-            let w = PackedCols::from_transposed(prec, &fill(n * k), n, k);
-            let mut out = vec![0.0; m * n];
-            let s = best_of(10, || linear(&x, m, &w, None, &mut out));
+        if wanted(&format!("{prec:?} linear")) {
+            // Linear at the top level of the UNet: 10 frames of 32x32 tokens.
+            for &(m, k, n) in &[
+                (10240, 320, 320),
+                (10240, 320, 2560),
+                (10240, 1280, 320),
+                (2560, 640, 640),
+                // The 8x8 level (640 tokens): GEGLU projection, 26 MB of bf16 weights, and q/k/v.
+                (640, 1280, 10240),
+                (640, 1280, 1280),
+            ] {
+                let x = fill(m * k);
+                let w = PackedCols::from_transposed(prec, &fill(n * k), n, k);
+                let mut out = vec![0.0; m * n];
+                let s = best_of(10, || linear(&x, m, &w, None, &mut out));
+                println!(
+                    "{prec:?} linear {m}x{k}x{n}: {:.1} ms, {:.0} GFLOP/s",
+                    s * 1e3,
+                    2.0 * (m * k * n) as f64 / s / 1e9
+                );
+            }
+        }
+        if wanted(&format!("{prec:?} conv")) {
+            // 3x3 convolutions of the ResNets at 32x32, 16x16, 8x8 and 4x4, 10 frames.
+            for &(c, hw, co) in &[
+                (320, 32, 320),
+                (640, 16, 640),
+                (1280, 8, 1280),
+                (1280, 4, 1280),
+            ] {
+                let g = ConvGeometry::new(c, hw, hw, 3, 3, 1, 1).unwrap();
+                let x = fill(10 * c * hw * hw);
+                let w = PackedRows::new(prec, &fill(co * c * 9), co, c * 9);
+                let mut out = vec![0.0; 10 * co * hw * hw];
+                let s = best_of(10, || conv2d(&x, 10, &g, &w, None, &mut out));
+                let flops = 2.0 * (10 * hw * hw * co * c * 9) as f64;
+                println!(
+                    "{prec:?} conv3x3 10x{c}x{hw}x{hw} -> {co}: {:.1} ms, {:.0} GFLOP/s",
+                    s * 1e3,
+                    flops / s / 1e9
+                );
+            }
+            // The temporal convolutions at 8x8 and 16x16 (one GEMM with K = 3c over 1x1 patches).
+            for &(c, hw) in &[(1280, 8), (640, 16)] {
+                let g = ConvGeometry::new(3 * c, hw, hw, 1, 1, 1, 0).unwrap();
+                let x = fill(10 * 3 * c * hw * hw);
+                let w = PackedRows::new(prec, &fill(c * 3 * c), c, 3 * c);
+                let mut out = vec![0.0; 10 * c * hw * hw];
+                let s = best_of(10, || conv2d(&x, 10, &g, &w, None, &mut out));
+                let flops = 2.0 * (10 * hw * hw * c * 3 * c) as f64;
+                println!(
+                    "{prec:?} temporal conv 10x{c}x{hw}x{hw}: {:.1} ms, {:.0} GFLOP/s",
+                    s * 1e3,
+                    flops / s / 1e9
+                );
+            }
+            // 3x3 convolutions of the VAE decoder, one 256 px frame: 512 channels at 32x32 and
+            // 64x64, 256 at 128x128, 128 at 256x256.
+            for &(c, hw) in &[(512, 32), (512, 64), (256, 128), (128, 256)] {
+                let g = ConvGeometry::new(c, hw, hw, 3, 3, 1, 1).unwrap();
+                let x = fill(c * hw * hw);
+                let w = PackedRows::new(prec, &fill(c * c * 9), c, c * 9);
+                let mut out = vec![0.0; c * hw * hw];
+                let s = best_of(5, || conv2d(&x, 1, &g, &w, None, &mut out));
+                let flops = 2.0 * (hw * hw * c * c * 9) as f64;
+                println!(
+                    "{prec:?} VAE conv3x3 1x{c}x{hw}x{hw} -> {c}: {:.1} ms, {:.0} GFLOP/s",
+                    s * 1e3,
+                    flops / s / 1e9
+                );
+            }
+        }
+        if wanted(&format!("{prec:?} matmul")) {
+            // Attention scores and values at 32x32: 10 frames x 5 heads, 1024 tokens, 64 dims.
+            let (b, l, d) = (50, 1024, 64);
+            let q = fill(b * l * d);
+            let kt = fill(b * d * l);
+            let mut s_out = vec![0.0; b * l * l];
+            let s = best_of(10, || matmul(prec, &q, &kt, b, l, d, l, &mut s_out));
+            for dd in [32usize, 64, 128, 256] {
+                let (bb, ll) = (50, 1024);
+                let qq = fill(bb * ll * dd);
+                let kk = fill(bb * dd * ll);
+                let mut so = vec![0.0; bb * ll * ll];
+                let t = best_of(5, || matmul(prec, &qq, &kk, bb, ll, dd, ll, &mut so));
+                println!(
+                    "{prec:?} matmul 50x1024x{dd}x1024 (short K): {:.0} GFLOP/s",
+                    2.0 * (bb * ll * ll * dd) as f64 / t / 1e9
+                );
+            }
             println!(
-                "{prec:?} linear {m}x{k}x{n}: {:.1} ms, {:.0} GFLOP/s",
+                "{prec:?} matmul q@kT {b}x{l}x{d}x{l}: {:.1} ms, {:.0} GFLOP/s",
                 s * 1e3,
-                2.0 * (m * k * n) as f64 / s / 1e9
+                2.0 * (b * l * l * d) as f64 / s / 1e9
             );
         }
-        // 3x3 convolutions of the ResNets at 32x32, 16x16, 8x8 and 4x4, 10 frames.
-        for &(c, hw, co) in &[
-            (320, 32, 320),
-            (640, 16, 640),
-            (1280, 8, 1280),
-            (1280, 4, 1280),
-        ] {
-            let g = ConvGeometry::new(c, hw, hw, 3, 3, 1, 1).unwrap();
-            let x = fill(10 * c * hw * hw);
-            let w = PackedRows::new(prec, &fill(co * c * 9), co, c * 9);
-            let mut out = vec![0.0; 10 * co * hw * hw];
-            let s = best_of(10, || conv2d(&x, 10, &g, &w, None, &mut out));
-            let flops = 2.0 * (10 * hw * hw * co * c * 9) as f64;
-            println!(
-                "{prec:?} conv3x3 10x{c}x{hw}x{hw} -> {co}: {:.1} ms, {:.0} GFLOP/s",
-                s * 1e3,
-                flops / s / 1e9
-            );
+        if wanted(&format!("{prec:?} attention")) {
+            // Attention at 32x32: spatial self (10 frames x 5 heads x 1024 tokens), cross (77
+            // text tokens), temporal (1024 pixels x 5 heads x 10 frames).
+            for &(batch, heads, lq, lk) in
+                &[(10, 5, 1024, 1024), (10, 5, 1024, 77), (1024, 5, 10, 10)]
+            {
+                let shape = AttentionShape {
+                    batch,
+                    heads,
+                    lq,
+                    lk,
+                    d: 64,
+                    dv: 64,
+                };
+                let q = fill(batch * lq * heads * 64);
+                let kv = fill(batch * lk * heads * 64);
+                let mut o = vec![0.0; batch * lq * heads * 64];
+                let s = best_of(10, || attention(prec, &q, &kv, &kv, shape, 0.125, &mut o));
+                let flops = 4.0 * (batch * heads * lq * lk * 64) as f64;
+                println!(
+                    "{prec:?} attention {batch}x{heads} {lq}x{lk}: {:.1} ms, {:.0} GFLOP/s",
+                    s * 1e3,
+                    flops / s / 1e9
+                );
+            }
         }
-        // The temporal convolutions at 8x8 and 16x16 (one GEMM with K = 3c over 1x1 patches).
-        for &(c, hw) in &[(1280, 8), (640, 16)] {
-            let g = ConvGeometry::new(3 * c, hw, hw, 1, 1, 1, 0).unwrap();
-            let x = fill(10 * 3 * c * hw * hw);
-            let w = PackedRows::new(prec, &fill(c * 3 * c), c, 3 * c);
-            let mut out = vec![0.0; 10 * c * hw * hw];
-            let s = best_of(10, || conv2d(&x, 10, &g, &w, None, &mut out));
-            let flops = 2.0 * (10 * hw * hw * c * 3 * c) as f64;
-            println!(
-                "{prec:?} temporal conv 10x{c}x{hw}x{hw}: {:.1} ms, {:.0} GFLOP/s",
-                s * 1e3,
-                flops / s / 1e9
-            );
-        }
-        // 3x3 convolutions of the VAE decoder, one 256 px frame: 512 channels at 32x32 and
-        // 64x64, 256 at 128x128, 128 at 256x256.
-        for &(c, hw) in &[(512, 32), (512, 64), (256, 128), (128, 256)] {
-            let g = ConvGeometry::new(c, hw, hw, 3, 3, 1, 1).unwrap();
-            let x = fill(c * hw * hw);
-            let w = PackedRows::new(prec, &fill(c * c * 9), c, c * 9);
-            let mut out = vec![0.0; c * hw * hw];
-            let s = best_of(5, || conv2d(&x, 1, &g, &w, None, &mut out));
-            let flops = 2.0 * (hw * hw * c * c * 9) as f64;
-            println!(
-                "{prec:?} VAE conv3x3 1x{c}x{hw}x{hw} -> {c}: {:.1} ms, {:.0} GFLOP/s",
-                s * 1e3,
-                flops / s / 1e9
-            );
-        }
-        // Attention scores and values at 32x32: 10 frames x 5 heads, 1024 tokens, 64 dims.
-        let (b, l, d) = (50, 1024, 64);
-        let q = fill(b * l * d);
-        let kt = fill(b * d * l);
-        let mut s_out = vec![0.0; b * l * l];
-        let s = best_of(10, || matmul(prec, &q, &kt, b, l, d, l, &mut s_out));
-        for dd in [32usize, 64, 128, 256] {
-            let (bb, ll) = (50, 1024);
-            let qq = fill(bb * ll * dd);
-            let kk = fill(bb * dd * ll);
-            let mut so = vec![0.0; bb * ll * ll];
-            let t = best_of(5, || matmul(prec, &qq, &kk, bb, ll, dd, ll, &mut so));
-            println!(
-                "{prec:?} matmul 50x1024x{dd}x1024 (short K): {:.0} GFLOP/s",
-                2.0 * (bb * ll * ll * dd) as f64 / t / 1e9
-            );
-        }
-        // Attention at 32x32: spatial self (10 frames x 5 heads x 1024 tokens), cross (77
-        // text tokens), temporal (1024 pixels x 5 heads x 10 frames).
-        for &(batch, heads, lq, lk) in &[(10, 5, 1024, 1024), (10, 5, 1024, 77), (1024, 5, 10, 10)]
-        {
-            let shape = AttentionShape {
-                batch,
-                heads,
-                lq,
-                lk,
-                d: 64,
-                dv: 64,
-            };
-            let q = fill(batch * lq * heads * 64);
-            let kv = fill(batch * lk * heads * 64);
-            let mut o = vec![0.0; batch * lq * heads * 64];
-            let s = best_of(10, || attention(prec, &q, &kv, &kv, shape, 0.125, &mut o));
-            let flops = 4.0 * (batch * heads * lq * lk * 64) as f64;
-            println!(
-                "{prec:?} attention {batch}x{heads} {lq}x{lk}: {:.1} ms, {:.0} GFLOP/s",
-                s * 1e3,
-                flops / s / 1e9
-            );
-        }
-        println!(
-            "{prec:?} matmul q@kT {b}x{l}x{d}x{l}: {:.1} ms, {:.0} GFLOP/s",
-            s * 1e3,
-            2.0 * (b * l * l * d) as f64 / s / 1e9
-        );
     }
 }

@@ -22,8 +22,8 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 pub use elementwise::{
-    erfc, exp, geglu, gelu_erf, group_norm, group_norm_affine, silu, silu_slice, softmax_row,
-    softmax_rows, GroupNormShape, PlaneAffine,
+    erfc, exp, exp_nonpositive_coarse, geglu, gelu_erf, group_norm, group_norm_affine, silu,
+    silu_slice, softmax_row, softmax_rows, GroupNormShape, PlaneAffine,
 };
 pub use layout::transpose;
 pub use micro::{bf16_bits, bf16_pair, bf16_to_f32, hardware_isa, isa, Isa};
@@ -757,24 +757,37 @@ impl Source for ColsOnTheFly<'_> {
     ) -> (*const u32, usize) {
         let panels = len.div_ceil(NR);
         grow(buf, panels * kc * NR);
-        let value = |k: usize, j: usize| {
-            if k < self.k {
-                self.src[k * self.ld + j]
-            } else {
-                0.0
-            }
+        // Row r's columns of panel p, or None past the last row (zeros).
+        let row = |r: usize, p: usize, cols: usize| {
+            (r < self.k).then(|| &self.src[r * self.ld + i0 + p * NR..][..cols])
         };
         for p in 0..panels {
             let cols = NR.min(self.n - i0 - p * NR);
             for s in 0..kc {
                 let dst = &mut buf[(p * kc + s) * NR..][..cols];
                 let ks = k0 + s;
-                for (j, d) in dst.iter_mut().enumerate() {
-                    let col = i0 + p * NR + j;
-                    *d = match self.prec {
-                        Precision::F32 => value(ks, col).to_bits(),
-                        Precision::Bf16 => bf16_pair(value(2 * ks, col), value(2 * ks + 1, col)),
-                    };
+                match self.prec {
+                    Precision::F32 => match row(ks, p, cols) {
+                        Some(src) => {
+                            for (d, &x) in dst.iter_mut().zip(src) {
+                                *d = x.to_bits();
+                            }
+                        }
+                        None => dst.fill(0),
+                    },
+                    Precision::Bf16 => match (row(2 * ks, p, cols), row(2 * ks + 1, p, cols)) {
+                        (Some(lo), Some(hi)) => {
+                            for ((d, &a), &b) in dst.iter_mut().zip(lo).zip(hi) {
+                                *d = bf16_pair(a, b);
+                            }
+                        }
+                        (Some(lo), None) => {
+                            for (d, &a) in dst.iter_mut().zip(lo) {
+                                *d = bf16_pair(a, 0.0);
+                            }
+                        }
+                        _ => dst.fill(0),
+                    },
                 }
             }
         }
@@ -802,11 +815,21 @@ impl Source for ColsOfRows<'_> {
     ) -> (*const u32, usize) {
         let panels = len.div_ceil(NR);
         grow(buf, panels * kc * NR);
+        let mut slots = [0u32; KC];
         for p in 0..panels {
-            for j in 0..NR.min(self.n - i0 - p * NR) {
+            let panel = &mut buf[p * kc * NR..][..kc * NR];
+            let cols = NR.min(self.n - i0 - p * NR);
+            for j in 0..cols {
                 let row = &self.src[(i0 + p * NR + j) * self.ld..][..self.k];
-                for s in 0..kc {
-                    buf[(p * kc + s) * NR + j] = self.prec.slot(row, k0 + s);
+                // The row's slots in one (vectorised) pass, then into column j of the panel.
+                pack_row(self.prec, row, k0, kc, &mut slots);
+                for (d, &v) in panel.iter_mut().skip(j).step_by(NR).zip(&slots[..kc]) {
+                    *d = v;
+                }
+            }
+            for j in cols..NR {
+                for d in panel.iter_mut().skip(j).step_by(NR) {
+                    *d = 0;
                 }
             }
         }
@@ -2335,7 +2358,9 @@ pub struct AttentionShape {
 }
 
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// An attention task's scores, its packed softmax numerators and their rows' 1 / sum.
+    static SCORES: RefCell<(Vec<f32>, Vec<u32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// `out = softmax(q k^T * scale) v` per (batch, head), with q (batch, lq, heads*d), k
@@ -2447,12 +2472,17 @@ fn attention_impl(
         });
         return;
     }
-    const ROWS: usize = 240;
+    // Query rows per pass: their scores (ROWS x lk f32) and probabilities stay in L2 with the
+    // item's packed keys and values (240 rows of 1024 keys, 983 KB, did not).
+    const ROWS: usize = ATTENTION_ROWS;
     // One task per item (head of a batch element): K and V are packed once per item.
     let row_split = if items >= 2 * threads() { lq } else { ROWS };
     let tasks: Vec<(usize, usize)> = (0..items)
         .flat_map(|i| (0..lq).step_by(row_split).map(move |r| (i, r)))
         .collect();
+    let pv_slots = prec.slots(lk);
+    let pv_block = k_block(pv_slots);
+    let pv_blocks = pv_slots.div_ceil(pv_block);
     tasks.par_iter().for_each(|&(item, r_start)| {
         let c = c;
         let (b, h) = (item / heads, item % heads);
@@ -2473,13 +2503,16 @@ fn attention_impl(
             n: dv,
         };
         let values = PackedCols::from_source(prec, &values, dv, lk, &mut buf);
-        SCORES.with(|scores| {
-            let mut scores = scores.borrow_mut();
+        SCORES.with(|bufs| {
+            let (scores, probs, inv) = &mut *bufs.borrow_mut();
             let r_end = (r_start + row_split).min(lq);
             for r0 in (r_start..r_end).step_by(ROWS) {
                 let rows = ROWS.min(r_end - r0);
-                scores.clear();
-                scores.resize(rows * lk, 0.0);
+                // Every score is stored by the product before it is read: no clearing.
+                if scores.len() < rows * lk {
+                    scores.resize(rows * lk, 0.0);
+                }
+                let scores = &mut scores[..rows * lk];
                 let qs = RowsOnTheFly {
                     prec,
                     src: &q[(b * lq + r0) * qld + h * d..],
@@ -2508,20 +2541,27 @@ fn attention_impl(
                         row[0] = dot(qr, key0) * f.weight[r0 + r];
                     }
                 }
-                elementwise::softmax_rows_serial(&mut scores, lk, scale);
-                let ps = RowsOnTheFly {
-                    prec,
-                    src: &scores,
-                    ld: lk,
-                    k: lk,
-                };
+                // The softmax's numerators of each row, packed at once (while the row is in
+                // L1) as the A operand of the product with the values; the product's rows are
+                // divided by the sums afterwards (dv values a row instead of lk).
+                let mut probs = BlockedRows::new(probs, rows, pv_slots, pv_block);
+                inv.clear();
+                for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
+                    let coarse = prec == Precision::Bf16;
+                    inv.push(1.0 / elementwise::softmax_numerators(row, scale, coarse));
+                    for kb in 0..pv_blocks {
+                        let k0 = kb * pv_block;
+                        let kc = pv_block.min(pv_slots - k0);
+                        pack_row(prec, row, k0, kc, probs.row_mut(r, kb));
+                    }
+                }
                 // SAFETY: rows r0.. of this item's head h in `out`, which tasks do not share.
                 unsafe {
                     let dst = c.0.add((b * lq + r0) * vld + h * dv);
                     run_task(
                         prec,
-                        prec.slots(lk),
-                        &ps,
+                        pv_slots,
+                        &probs,
                         &values,
                         (0, rows),
                         (0, dv),
@@ -2529,11 +2569,65 @@ fn attention_impl(
                         vld,
                         Bias::None,
                         None,
-                    )
+                    );
+                    // The softmax's normalisation, on the rows of the product.
+                    for (r, &inv) in inv.iter().enumerate() {
+                        let row = std::slice::from_raw_parts_mut(dst.add(r * vld), dv);
+                        for x in row {
+                            *x *= inv;
+                        }
+                    }
                 };
             }
         })
     });
+}
+
+/// Query rows per pass of [`attention`]'s long-sequence path.
+const ATTENTION_ROWS: usize = 96;
+
+/// An A operand packed ahead, in the layout [`RowsOnTheFly`] makes per block: for each K
+/// block, rows of [`KC`] slots (of which the block's are used), the rows padded to whole row
+/// blocks.
+struct BlockedRows<'a> {
+    data: &'a mut [u32],
+    /// Rows rounded up to a multiple of MR.
+    padded: usize,
+    /// Slots per K block (the product's [`k_block`]).
+    kb_len: usize,
+}
+
+impl<'a> BlockedRows<'a> {
+    /// Room for `rows` rows of `kslots` slots in K blocks of `kb_len`, in `buf`.
+    fn new(buf: &'a mut Vec<u32>, rows: usize, kslots: usize, kb_len: usize) -> Self {
+        let padded = rows.div_ceil(MR) * MR;
+        let blocks = kslots.div_ceil(kb_len).max(1);
+        grow(buf, blocks * padded * KC);
+        Self {
+            data: &mut buf[..blocks * padded * KC],
+            padded,
+            kb_len,
+        }
+    }
+
+    /// The [`KC`] slots of row `r` in K block `kb`.
+    fn row_mut(&mut self, r: usize, kb: usize) -> &mut [u32] {
+        &mut self.data[(kb * self.padded + r) * KC..][..KC]
+    }
+}
+
+impl Source for BlockedRows<'_> {
+    fn block(
+        &self,
+        i0: usize,
+        _: usize,
+        k0: usize,
+        _: usize,
+        _: &mut Vec<u32>,
+    ) -> (*const u32, usize) {
+        let off = ((k0 / self.kb_len) * self.padded + i0) * KC;
+        (self.data[off..].as_ptr(), MR * KC)
+    }
 }
 
 /// Sequences up to this length, with head sizes up to [`SMALL_D`], take the direct path of

@@ -423,6 +423,52 @@ fn exp_erfc_gelu_silu_are_accurate() {
 }
 
 #[test]
+fn the_softmax_exponential_of_bf16_attention_is_good_to_1e_5() {
+    use flipsketch_kernels::exp_nonpositive_coarse as e;
+    let mut worst = 0f64;
+    for i in 0..=870_000 {
+        let x = -(i as f32) * 1e-4; // 0 .. -87
+        let want = (x as f64).exp();
+        worst = worst.max(((e(x) as f64 - want) / want).abs());
+    }
+    assert!(worst < 1e-5, "relative error {worst:e}");
+    assert_eq!(e(0.0), 1.0);
+    assert_eq!(e(-88.0), 0.0);
+    assert_eq!(e(f32::NEG_INFINITY), 0.0);
+    assert!(e(f32::NAN).is_nan());
+}
+
+#[test]
+fn a_nan_score_makes_its_attention_row_nan_and_no_other() {
+    use flipsketch_kernels::{attention, AttentionShape};
+    // The long-sequence path (row blocks, packed probabilities) and the short one.
+    for &(lq, lk) in &[(200, 300), (10, 10)] {
+        let shape = AttentionShape {
+            batch: 2,
+            heads: 2,
+            lq,
+            lk,
+            d: 8,
+            dv: 8,
+        };
+        let mut q = random(2 * lq * 2 * 8, 70);
+        let k = random(2 * lk * 2 * 8, 71);
+        let v = random(2 * lk * 2 * 8, 72);
+        // Query row 3 of batch 1, head 0.
+        q[(lq + 3) * 16] = f32::NAN;
+        for prec in [Precision::F32, Precision::Bf16] {
+            let mut out = vec![0f32; 2 * lq * 2 * 8];
+            attention(prec, &q, &k, &v, shape, 0.3, &mut out);
+            for (i, x) in out.iter().enumerate() {
+                let (row, col) = (i / 16, i % 16);
+                let nan_row = row == lq + 3 && col < 8;
+                assert_eq!(x.is_nan(), nan_row, "{prec:?} {lq}x{lk}: output {i} = {x}");
+            }
+        }
+    }
+}
+
+#[test]
 fn geglu_matches_reference() {
     let (rows, inner) = (37, 70);
     let h = random(rows * 2 * inner, 40)
