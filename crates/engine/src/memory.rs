@@ -526,7 +526,7 @@ fn run_jobs(shared: &Arc<Shared>, pipeline: &Pipeline) {
                 })
             });
         // 4. the end, decided under the lock that `cancel` takes: an accepted cancel wins
-        let keep = {
+        let stopped = {
             let mut st = lock(shared);
             match outcome {
                 Ok(names) if !cancel.load(Ordering::SeqCst) => {
@@ -538,25 +538,24 @@ fn run_jobs(shared: &Arc<Shared>, pipeline: &Pipeline) {
                         job.files = names;
                     }
                     finish(&mut st, &id, JobStatus::Done, None);
-                    true
+                    None
                 }
-                Ok(_) | Err(Stop::Cancelled) => {
-                    finish(&mut st, &id, JobStatus::Cancelled, None);
-                    false
-                }
+                Ok(_) | Err(Stop::Cancelled) => Some((JobStatus::Cancelled, None)),
                 Err(Stop::Failed(e)) => {
                     tracing::warn!("job {id} failed: {e}");
                     let shown = redact_paths(
                         &e.replace(&shared.config.jobs_dir.display().to_string(), "<jobs>"),
                     );
-                    finish(&mut st, &id, JobStatus::Failed, Some(shown));
-                    false
+                    Some((JobStatus::Failed, Some(shown)))
                 }
             }
         };
-        // 5. a failed or cancelled job's files go at once (a full disk is freed for the next)
-        if !keep {
+        // 5. a failed or cancelled job's files go at once (a full disk is freed for the next),
+        // outside the lock, and before the job says it ended: whoever sees it cancelled or
+        // failed finds no folder
+        if let Some((status, error)) = stopped {
             remove_dirs(vec![dir]);
+            finish(&mut lock(shared), &id, status, error);
         }
     }
 }

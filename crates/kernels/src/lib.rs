@@ -2375,7 +2375,30 @@ pub fn attention(
     scale: f32,
     out: &mut [f32],
 ) {
-    attention_impl(prec, q, k, v, shape, scale, None, out)
+    attention_impl(prec, q, k, v, shape, 1, scale, None, out)
+}
+
+/// [`attention`] where each key/value batch element serves `kv_repeat` consecutive query
+/// batch elements (torch's `repeat_interleave(kv_repeat, dim=0)` of k and v, without the
+/// copies): k is (batch / kv_repeat, lk, heads*d), v likewise. The UNet's cross-attention:
+/// the frames of a sample attend to the same text.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_shared_kv(
+    prec: Precision,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    kv_repeat: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    assert!(
+        kv_repeat > 0 && shape.batch % kv_repeat == 0,
+        "attention: {} query batch elements do not share keys in groups of {kv_repeat}",
+        shape.batch
+    );
+    attention_impl(prec, q, k, v, shape, kv_repeat, scale, None, out)
 }
 
 /// A replacement for the scores on key 0: for query row j of item i (= batch * heads + head)
@@ -2414,7 +2437,7 @@ pub fn attention_first_key(
         "attention: {} frame weights",
         shape.lq
     );
-    attention_impl(prec, q, k, v, shape, scale, Some(first), out)
+    attention_impl(prec, q, k, v, shape, 1, scale, Some(first), out)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -2424,6 +2447,7 @@ fn attention_impl(
     k: &[f32],
     v: &[f32],
     shape: AttentionShape,
+    kv_repeat: usize,
     scale: f32,
     first: Option<FirstKey>,
     out: &mut [f32],
@@ -2437,8 +2461,9 @@ fn attention_impl(
         dv,
     } = shape;
     assert_eq!(q.len(), batch * lq * heads * d, "attention: q size");
-    assert_eq!(k.len(), batch * lk * heads * d, "attention: k size");
-    assert_eq!(v.len(), batch * lk * heads * dv, "attention: v size");
+    let kv_batch = batch / kv_repeat;
+    assert_eq!(k.len(), kv_batch * lk * heads * d, "attention: k size");
+    assert_eq!(v.len(), kv_batch * lk * heads * dv, "attention: v size");
     assert_eq!(out.len(), batch * lq * heads * dv, "attention: out size");
     if out.is_empty() {
         return;
@@ -2462,8 +2487,9 @@ fn attention_impl(
             for item in i0..(i0 + per_task).min(items) {
                 let (b, h) = (item / heads, item % heads);
                 let q = &q[(b * lq) * qld + h * d..];
-                let k = &k[(b * lk) * qld + h * d..];
-                let v = &v[(b * lk) * vld + h * dv..];
+                let kb = b / kv_repeat;
+                let k = &k[(kb * lk) * qld + h * d..];
+                let v = &v[(kb * lk) * vld + h * dv..];
                 // SAFETY: this item's head h of rows b*lq.. of `out`, which no other task writes.
                 let dst = Out(unsafe { c.0.add(b * lq * vld + h * dv) });
                 let first = first.map(|f| (&f.key0[item * d..][..d], f.weight));
@@ -2486,10 +2512,11 @@ fn attention_impl(
     tasks.par_iter().for_each(|&(item, r_start)| {
         let c = c;
         let (b, h) = (item / heads, item % heads);
+        let kb = b / kv_repeat;
         let mut buf = Vec::new();
         let keys = ColsOfRows {
             prec,
-            src: &k[b * lk * qld + h * d..],
+            src: &k[kb * lk * qld + h * d..],
             ld: qld,
             k: d,
             n: lk,
@@ -2497,7 +2524,7 @@ fn attention_impl(
         let keys = PackedCols::from_source(prec, &keys, lk, d, &mut buf);
         let values = ColsOnTheFly {
             prec,
-            src: &v[b * lk * vld + h * dv..],
+            src: &v[kb * lk * vld + h * dv..],
             ld: vld,
             k: lk,
             n: dv,

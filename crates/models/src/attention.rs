@@ -7,6 +7,7 @@ use flipsketch_kernels::{self as kernels, AttentionShape, Precision};
 
 use crate::compute::{OpPath, Vb};
 use crate::nn::{layer_norm, linear, with_cpu_f32, LayerNorm, Linear};
+use crate::unets::unet_3d_condition::repeat_interleave;
 
 /// Which kind of self-attention (`attn1`) layer a hook call comes from. Decided by the layer's
 /// place in the model (a `Transformer2DModel` vs a `TransformerTemporalModel`), never by shapes.
@@ -61,7 +62,7 @@ pub fn scaled_dot_product_attention(
     if let OpPath::Kernels(prec) = path {
         let (b, h, lq, _) = q.dims4()?;
         let shape = split_heads_shape(q, k, v)?;
-        return fused_attention(prec, q, k, v, shape, scale)?.reshape((b, h, lq, ()));
+        return fused_attention(prec, q, k, v, shape, 1, scale)?.reshape((b, h, lq, ()));
     }
     attention_with_scores(q, k, v, scale, |_, s| Ok(s))
 }
@@ -85,8 +86,9 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 
 /// Multi-head softmax(q k^T * scale) v over projections in their own layout: q (batch, lq,
 /// heads * d), k (batch, lk, heads * d), v (batch, lk, heads * dv); returns (batch, lq,
-/// heads * dv). The kernel reads the heads in place (no split or merge copies); for candle's
-/// ops the heads are split.
+/// heads * dv). k and v may have a batch that divides q's: each of their elements then serves
+/// that many consecutive elements of q (as if repeat_interleave'd). The kernel reads the heads
+/// in place (no split or merge copies); for candle's ops the heads are split.
 pub fn multi_head_attention(
     path: OpPath,
     q: &Tensor,
@@ -95,20 +97,30 @@ pub fn multi_head_attention(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    let (shape, kv_repeat) = merged_shape(q, k, v, heads)?;
     if let OpPath::Kernels(prec) = path {
-        let shape = merged_shape(q, k, v, heads)?;
-        return fused_attention(prec, q, k, v, shape, scale);
+        return fused_attention(prec, q, k, v, shape, kv_repeat, scale);
     }
+    let (k, v) = (
+        repeat_interleave(k, kv_repeat)?,
+        repeat_interleave(v, kv_repeat)?,
+    );
     let (qs, ks, vs) = (
         split_heads(q, heads)?,
-        split_heads(k, heads)?,
-        split_heads(v, heads)?,
+        split_heads(&k, heads)?,
+        split_heads(&v, heads)?,
     );
     merge_heads(&scaled_dot_product_attention(path, &qs, &ks, &vs, scale)?)
 }
 
-/// The kernel's shape for (batch, seq, heads * d) projections.
-fn merged_shape(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<AttentionShape> {
+/// The kernel's shape for (batch, seq, heads * d) projections, and how many query batch
+/// elements share each key/value element.
+fn merged_shape(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+) -> Result<(AttentionShape, usize)> {
     let (batch, lq, inner) = q.dims3()?;
     let (kb, lk, k_inner) = k.dims3()?;
     let (vb, lv, inner_v) = v.dims3()?;
@@ -116,7 +128,9 @@ fn merged_shape(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Atte
         || inner % heads != 0
         || inner_v % heads != 0
         || k_inner != inner
-        || (kb, vb, lv) != (batch, batch, lk)
+        || (vb, lv) != (kb, lk)
+        || kb == 0
+        || batch % kb != 0
     {
         candle_core::bail!(
             "attention: q {:?}, k {:?}, v {:?} do not split into {heads} heads",
@@ -125,14 +139,15 @@ fn merged_shape(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Atte
             v.dims()
         )
     }
-    Ok(AttentionShape {
+    let shape = AttentionShape {
         batch,
         heads,
         lq,
         lk,
         d: inner / heads,
         dv: inner_v / heads,
-    })
+    };
+    Ok((shape, batch / kb))
 }
 
 /// (batch, heads, seq, d) tensors seen by the kernel as batch*heads items of one head each.
@@ -165,7 +180,14 @@ pub fn attention_first_key(
     let OpPath::Kernels(prec) = path else {
         return Ok(None);
     };
-    let shape = merged_shape(q, k, v, heads)?;
+    let (shape, kv_repeat) = merged_shape(q, k, v, heads)?;
+    if kv_repeat != 1 {
+        candle_core::bail!(
+            "attention: first-key attention needs keys for every query batch element, got {:?} for {:?}",
+            k.dims(),
+            q.dims()
+        )
+    }
     if key0.dims() != [shape.batch, 1, heads * shape.d] || weight.len() != shape.lq {
         candle_core::bail!(
             "attention: key0 {:?} / {} weights do not fit queries {:?}",
@@ -290,7 +312,8 @@ impl Attention {
         })
     }
 
-    /// `x`: (batch, seq, query_dim); `context`: (batch, seq_kv, cross_dim) for cross-attention.
+    /// `x`: (batch, seq, query_dim); `context`: (batch, seq_kv, cross_dim) for cross-attention,
+    /// or with a batch dividing x's, each element shared by that many consecutive ones of x.
     /// `self_attn` carries the hook for `attn1` layers (kind and frame count).
     pub fn forward(
         &self,
@@ -340,13 +363,23 @@ fn fused_attention(
     k: &Tensor,
     v: &Tensor,
     shape: AttentionShape,
+    kv_repeat: usize,
     scale: f64,
 ) -> Result<Tensor> {
     let mut out = kernels::zeroed(shape.batch * shape.lq * shape.heads * shape.dv);
     with_cpu_f32(q, |qs| {
         with_cpu_f32(k, |ks| {
             with_cpu_f32(v, |vs| {
-                kernels::attention(prec, qs, ks, vs, shape, scale as f32, &mut out)
+                kernels::attention_shared_kv(
+                    prec,
+                    qs,
+                    ks,
+                    vs,
+                    shape,
+                    kv_repeat,
+                    scale as f32,
+                    &mut out,
+                )
             })
         })
     })???;

@@ -52,7 +52,8 @@ impl Transformer2DModel {
         })
     }
 
-    /// `x`: (batch*frames, c, h, w); `encoder_hidden_states`: (batch*frames, seq, dim).
+    /// `x`: (batch*frames, c, h, w); `encoder_hidden_states`: (batch*frames, seq, dim), or
+    /// (batch, seq, dim) shared by the frames of each sample.
     pub fn forward(
         &self,
         x: &Tensor,

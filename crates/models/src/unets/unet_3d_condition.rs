@@ -379,7 +379,10 @@ impl UNet3DConditionModel {
             .to_dtype(self.dtype)?;
         let emb = self.time_embedding.forward(&t_emb)?;
         let emb = repeat_interleave(&emb, num_frames)?;
-        let ehs = repeat_interleave(&encoder_hidden_states.to_dtype(self.dtype)?, num_frames)?;
+        // diffusers repeat_interleaves the text over the frames here; the cross-attentions
+        // take it once per sample instead (their keys and values serve all frames of a sample:
+        // the same values, a tenth of the projections).
+        let ehs = encoder_hidden_states.to_dtype(self.dtype)?;
 
         // 2. pre-process: (b, c, f, h, w) -> (b*f, c, h, w)
         let x = sample
