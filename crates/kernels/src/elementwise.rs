@@ -240,7 +240,7 @@ multiversion! {
 }
 
 multiversion! {
-    fn geglu_rows(h: &[f32], inner: usize, out: &mut [f32]) {
+    pub(crate) fn geglu_rows(h: &[f32], inner: usize, out: &mut [f32]) {
         for (o, h) in out.chunks_exact_mut(inner).zip(h.chunks_exact(2 * inner)) {
             let (hidden, gate) = h.split_at(inner);
             for ((o, &a), &g) in o.iter_mut().zip(hidden).zip(gate) {

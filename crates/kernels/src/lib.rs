@@ -1309,6 +1309,91 @@ unsafe fn linear_raw(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, 
     );
 }
 
+thread_local! {
+    /// A task's block of [`linear_geglu`] products.
+    static GEGLU_ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// diffusers GEGLU after its projection, in one pass: with `h = x W^T + bias` (`m x 2i`,
+/// `w` packed from W, `2i x k`), `out[r, j] = h[r, j] * gelu(h[r, i + j])` (`m x i`). Each
+/// task's block of h stays in L2 on its way from the product to the GELU: the same values as
+/// [`linear`] then [`geglu`], without the m x 2i intermediate. `None` where the rows are too
+/// few to give every thread several blocks, or few against large weights (the caller runs
+/// the two passes).
+pub fn linear_geglu(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>) -> Option<Vec<f32>> {
+    let (k, n) = (w.k, w.n);
+    assert_eq!(x.len(), m * k, "linear_geglu: input is not {m}x{k}");
+    assert!(
+        n % 2 == 0 && n > 0,
+        "linear_geglu: {n} columns do not split in two"
+    );
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "linear_geglu: bias is not {n}");
+    }
+    let inner = n / 2;
+    // Rows per task: their part of h (rows x n floats) within about 512 KiB, as in linear.
+    let rows = ((512 << 10) / (4 * n) / MR).clamp(4, 32) * MR;
+    // Large weights over few rows take linear's order (each weight fetched once), and too few
+    // rows would leave threads idle.
+    let big = w.data.len() * 4 > BIG_WEIGHTS && m <= FEW_ROWS;
+    if k == 0 || big || m < rows * 2 * threads() {
+        return None;
+    }
+    let kslots = w.prec.slots(k);
+    let bias = bias.map_or(Bias::None, Bias::Cols);
+    let starts: Vec<usize> = (0..m).step_by(rows).collect();
+    let flops = 2 * (m * n * k) as u64;
+    let write = |p: *mut f32| {
+        let c = Out(p);
+        {
+            stats::timed(stats::Kernel::Linear, [m, k, n, 0], flops, || {
+                starts.par_iter().for_each(|&r0| {
+                    let c = c;
+                    let len = rows.min(m - r0);
+                    let a = RowsOnTheFly {
+                        prec: w.prec,
+                        src: &x[r0 * k..],
+                        ld: k,
+                        k,
+                    };
+                    GEGLU_ROWS.with(|h| {
+                        let mut h = h.borrow_mut();
+                        grow_f32(&mut h, len * n);
+                        // SAFETY: `h` holds len x n floats; the product stores all of them.
+                        unsafe {
+                            run_task(
+                                w.prec,
+                                kslots,
+                                &a,
+                                w,
+                                (0, len),
+                                (0, n),
+                                h.as_mut_ptr(),
+                                n,
+                                bias,
+                                Some(len),
+                            )
+                        };
+                        // SAFETY: rows r0..r0+len of the m x inner output, this task's alone.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(c.0.add(r0 * inner), len * inner)
+                        };
+                        elementwise::geglu_rows(&h[..len * n], inner, dst);
+                    })
+                })
+            })
+        }
+    };
+    // SAFETY: every task stores all `inner` outputs of its rows, and the tasks' rows cover 0..m.
+    Some(unsafe { filled(m * inner, write) })
+}
+
+fn grow_f32(buf: &mut Vec<f32>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+}
+
 /// Shape of a 2-D convolution (no groups, no dilation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeometry {

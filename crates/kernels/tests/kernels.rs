@@ -469,6 +469,36 @@ fn a_nan_score_makes_its_attention_row_nan_and_no_other() {
 }
 
 #[test]
+fn linear_geglu_equals_linear_then_geglu() {
+    use flipsketch_kernels::{geglu, linear, linear_geglu, PackedCols};
+    // Rows over several tasks with a short last one; K over two K blocks in f32; bias or not.
+    for &(m, k, inner, bias) in &[(1000, 320, 512, true), (700, 600, 384, false)] {
+        let n = 2 * inner;
+        let x = random(m * k, 80);
+        let w = random(n * k, 81);
+        let b = random(n, 82);
+        let b = bias.then_some(&b[..]);
+        for prec in [Precision::F32, Precision::Bf16] {
+            let packed = PackedCols::from_transposed(prec, &w, n, k);
+            let mut h = vec![0f32; m * n];
+            linear(&x, m, &packed, b, &mut h);
+            let mut want = vec![0f32; m * inner];
+            geglu(&h, inner, &mut want);
+            let got = linear_geglu(&x, m, &packed, b).expect("enough rows to fuse");
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{prec:?} {m}x{k}x{n}: the fused GEGLU differs"
+            );
+        }
+    }
+    // Too few rows for every thread: the caller's two passes.
+    let packed = PackedCols::from_transposed(Precision::F32, &random(128 * 8, 83), 128, 8);
+    assert!(linear_geglu(&random(8 * 8, 84), 8, &packed, None).is_none());
+}
+
+#[test]
 fn geglu_matches_reference() {
     let (rows, inner) = (37, 70);
     let h = random(rows * 2 * inner, 40)

@@ -399,6 +399,11 @@ struct GeGlu {
 
 impl GeGlu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let OpPath::Kernels(_) = self.path {
+            if let Some(out) = self.proj.forward_geglu(x)? {
+                return Ok(out);
+            }
+        }
         let h = self.proj.forward(x)?;
         let half = h.dim(D::Minus1)? / 2;
         if let OpPath::Kernels(_) = self.path {

@@ -138,6 +138,45 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// diffusers GEGLU of this projection's output (`h * gelu(gate)` over its two halves) in
+    /// one pass on the CPU kernels ([`kernels::linear_geglu`], the same values as the
+    /// projection then the GEGLU); `None` where the kernels do not fuse it (weights used
+    /// through candle, too few rows).
+    pub fn forward_geglu(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let LinearWeight::Packed(w, bias) = &self.weight else {
+            return Ok(None);
+        };
+        let dims = x.dims().to_vec();
+        let (in_dim, lead) = match dims.split_last() {
+            Some((k, lead)) => (*k, lead.iter().product::<usize>()),
+            None => candle_core::bail!("linear on a scalar"),
+        };
+        if w.depth() != in_dim {
+            candle_core::bail!(
+                "linear: input has {in_dim} features, weight expects {}",
+                w.depth()
+            )
+        }
+        if self.out_dim % 2 != 0 {
+            candle_core::bail!(
+                "GEGLU: {} projected features do not split in two",
+                self.out_dim
+            )
+        }
+        let dtype = x.dtype();
+        let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
+            kernels::linear_geglu(xs, lead, w, bias.as_deref())
+        })?;
+        let Some(out) = out else { return Ok(None) };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-scalar") = self.out_dim / 2;
+        Ok(Some(
+            Tensor::from_vec(out, out_dims, x.device())?.to_dtype(dtype)?,
+        ))
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
