@@ -815,7 +815,8 @@ impl Source for ColsOfRows<'_> {
     ) -> (*const u32, usize) {
         let panels = len.div_ceil(NR);
         grow(buf, panels * kc * NR);
-        let mut slots = [0u32; KC];
+        // kc may exceed KC here: PackedCols::from_source packs all of K at once.
+        let mut slots = vec![0u32; kc];
         for p in 0..panels {
             let panel = &mut buf[p * kc * NR..][..kc * NR];
             let cols = NR.min(self.n - i0 - p * NR);
