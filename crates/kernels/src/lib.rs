@@ -1587,32 +1587,66 @@ pub fn conv2d_fused(
 pub fn conv_frames(
     x: &[f32],
     frames: usize,
-    (c, h, wd): (usize, usize, usize),
+    dims: (usize, usize, usize),
     w: &PackedRows,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    let frame = c * h * wd;
+    conv_frames_mapped(x, frames, dims, w, bias, None)
+}
+
+/// [`conv_frames`] of `map(x)`: `input = (map, first)` maps plane (frame f, channel ch) of
+/// `x` with `map`'s plane `first + f * c + ch` as the zero-padded copy is made (the temporal
+/// convolutions' GroupNorm + SiLU without a pass of their own; the same values).
+pub fn conv_frames_mapped(
+    x: &[f32],
+    frames: usize,
+    (c, h, wd): (usize, usize, usize),
+    w: &PackedRows,
+    bias: Option<&[f32]>,
+    input: Option<(&PlaneAffine, usize)>,
+) -> Vec<f32> {
+    let plane = h * wd;
+    let frame = c * plane;
     assert_eq!(
         x.len(),
         frames * frame,
         "conv_frames: input is not {frames}x{c}x{h}x{wd}"
     );
     assert_eq!(w.k, 3 * c, "conv_frames: weights are not {}x{}", w.m, 3 * c);
-    let mut padded = Vec::<f32>::with_capacity((frames + 2) * frame);
-    let spare = &mut padded.spare_capacity_mut()[..(frames + 2) * frame];
-    let (head, rest) = spare.split_at_mut(frame);
-    let (body, tail) = rest.split_at_mut(frames * frame);
-    head.fill(std::mem::MaybeUninit::new(0.0));
-    tail.fill(std::mem::MaybeUninit::new(0.0));
-    body.par_chunks_mut(1 << 16)
-        .zip(x.par_chunks(1 << 16))
-        .for_each(|(d, s)| {
-            for (d, &v) in d.iter_mut().zip(s) {
-                d.write(v);
+    if let Some((map, first)) = input {
+        assert!(
+            first + frames * c <= map.planes(),
+            "conv_frames: the input map has {} planes, not {} from {first}",
+            map.planes(),
+            frames * c
+        );
+    }
+    let len = (frames + 2) * frame;
+    let fill = |p: *mut f32| {
+        let p = Out(p);
+        // SAFETY: the head and tail frames, and the body by planes below, cover 0..len.
+        unsafe {
+            std::ptr::write_bytes(p.0, 0, frame);
+            std::ptr::write_bytes(p.0.add((frames + 1) * frame), 0, frame);
+        }
+        let planes = frames * c;
+        let per = ((1 << 16) / plane.max(1)).max(1);
+        (0..planes).into_par_iter().step_by(per).for_each(|p0| {
+            let p = p;
+            for pl in p0..(p0 + per).min(planes) {
+                let src = &x[pl * plane..][..plane];
+                // SAFETY: plane pl of the body, which no other task writes.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(p.0.add(frame + pl * plane), plane) };
+                match input {
+                    Some((map, first)) => map.apply(first + pl, src, dst),
+                    None => dst.copy_from_slice(src),
+                }
             }
         });
-    // SAFETY: head, body and tail cover the (frames + 2) frames, all written.
-    unsafe { padded.set_len((frames + 2) * frame) };
+    };
+    // SAFETY: `fill` stores all `len` values.
+    let padded = unsafe { filled(len, fill) };
     let g = ConvGeometry::new(3 * c, h, wd, 1, 1, 1, 0).expect("a 1x1 kernel fits");
     // SAFETY: conv2d_impl stores every output and reads none; the
     // `frames` images of 3c channels, one frame apart, lie inside `padded`.

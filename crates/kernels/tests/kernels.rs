@@ -845,6 +845,55 @@ fn conv_frames_matches_reference() {
     }
 }
 
+#[test]
+fn conv_frames_mapped_equals_the_map_then_the_convolution() {
+    use flipsketch_kernels::{conv_frames, conv_frames_mapped, group_norm_affine, GroupNormShape};
+    // Two samples of 5 frames whose GroupNorm statistics span each sample's frames; the
+    // second sample's planes start 5 * c into the map.
+    let (samples, f, c, h, w, co) = (2, 5, 8, 6, 7, 6);
+    let x = random(samples * f * c * h * w, 120);
+    let gamma = random(c, 121);
+    let beta = random(c, 122);
+    let shape = GroupNormShape {
+        items: samples * f,
+        span: f,
+        channels: c,
+        plane: h * w,
+        groups: 4,
+    };
+    let map = group_norm_affine(&x, shape, 1e-6, &gamma, &beta, true);
+    let mapped = map.apply_all(&x, h * w);
+    for prec in [Precision::F32, Precision::Bf16] {
+        let packed = PackedRows::new(prec, &random(co * 3 * c, 123), co, 3 * c);
+        let bias = random(co, 124);
+        let sample = f * c * h * w;
+        for s in 0..samples {
+            let xs = &x[s * sample..][..sample];
+            let want = conv_frames(
+                &mapped[s * sample..][..sample],
+                f,
+                (c, h, w),
+                &packed,
+                Some(&bias),
+            );
+            let got = conv_frames_mapped(
+                xs,
+                f,
+                (c, h, w),
+                &packed,
+                Some(&bias),
+                Some((&map, s * f * c)),
+            );
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{prec:?} sample {s}: the mapped convolution differs"
+            );
+        }
+    }
+}
+
 /// Packed matrices rebuilt from their slots (as a cache file of packed weights gives them
 /// back, in memory the matrix does not own) compute exactly what the originals compute, and
 /// slots of the wrong length are refused.

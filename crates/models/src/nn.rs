@@ -513,6 +513,33 @@ impl FrameConv {
 
     /// `x`: (batch*frames, in, h, w) -> (batch*frames, out, h, w).
     pub fn forward(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
+        self.forward_impl(x, num_frames, None)
+    }
+
+    /// `self(silu(norm(x)))`: on the CPU kernels the norm and SiLU are applied as the
+    /// convolution copies its input (the same values as the separate passes).
+    pub fn forward_after_norm_silu(
+        &self,
+        x: &Tensor,
+        norm: &FrameGroupNorm,
+        num_frames: usize,
+    ) -> Result<Tensor> {
+        if let FrameConvWeight::Packed(..) = self.weight {
+            if x.dtype() == DType::F32 {
+                if let Some(map) = norm.plane_affine_silu(x, num_frames)? {
+                    return self.forward_impl(x, num_frames, Some(&map));
+                }
+            }
+        }
+        self.forward(&norm.forward_silu(x, num_frames)?, num_frames)
+    }
+
+    fn forward_impl(
+        &self,
+        x: &Tensor,
+        num_frames: usize,
+        map: Option<&kernels::PlaneAffine>,
+    ) -> Result<Tensor> {
         let (bf, c, h, w) = x.dims4()?;
         if num_frames == 0 || bf % num_frames != 0 {
             candle_core::bail!("temporal conv: {bf} images are not samples of {num_frames} frames")
@@ -529,13 +556,17 @@ impl FrameConv {
             FrameConvWeight::Packed(wp, bias) => {
                 let dtype = x.dtype();
                 let sample_len = f * c * h * w;
+                let conv = |s: &[f32], i: usize| {
+                    let input = map.map(|m| (m, i * f * c));
+                    kernels::conv_frames_mapped(s, f, (c, h, w), wp, bias.as_deref(), input)
+                };
                 let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
                     if samples == 1 {
-                        return kernels::conv_frames(xs, f, (c, h, w), wp, bias.as_deref());
+                        return conv(xs, 0);
                     }
                     let mut out = Vec::with_capacity(bf * o * h * w);
-                    for s in xs.chunks_exact(sample_len) {
-                        out.extend(kernels::conv_frames(s, f, (c, h, w), wp, bias.as_deref()));
+                    for (i, s) in xs.chunks_exact(sample_len).enumerate() {
+                        out.extend(conv(s, i));
                     }
                     out
                 })?;
@@ -861,6 +892,16 @@ impl FrameGroupNorm {
     /// [`FrameGroupNorm::forward`] then SiLU.
     pub fn forward_silu(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
         self.0.forward_spanning(x, num_frames, true)
+    }
+
+    /// What [`FrameGroupNorm::forward_silu`] does to each (frame, channel) plane of the f32
+    /// tensor `x`; `None` when the kernels do not compute this norm.
+    pub fn plane_affine_silu(
+        &self,
+        x: &Tensor,
+        num_frames: usize,
+    ) -> Result<Option<kernels::PlaneAffine>> {
+        self.0.plane_affine(x, num_frames, true)
     }
 }
 

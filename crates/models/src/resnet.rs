@@ -107,8 +107,7 @@ impl TemporalConv {
 
     /// `x`: (batch*frames, in, h, w) -> (batch*frames, out, h, w)
     fn forward(&self, x: &Tensor, num_frames: usize) -> Result<Tensor> {
-        let x = self.norm.forward_silu(x, num_frames)?;
-        self.conv.forward(&x, num_frames)
+        self.conv.forward_after_norm_silu(x, &self.norm, num_frames)
     }
 }
 
