@@ -846,6 +846,65 @@ fn conv_frames_matches_reference() {
 }
 
 #[test]
+fn conv_frames_winograd_matches_reference() {
+    use flipsketch_kernels::conv_frames_winograd;
+    // (frames, c, h, w, c_out): one frame, odd and even counts, a bf16 K with an odd channel,
+    // more pixels than a block of 256, c_out over several row blocks.
+    for &(f, c, h, w, co) in &[
+        (1, 3, 4, 4, 5),
+        (2, 6, 6, 7, 4),
+        (5, 7, 4, 4, 9),
+        (10, 40, 17, 19, 30),
+    ] {
+        let x = random(f * c * h * w, 130 + f as u64);
+        let wt = random(co * 3 * c, 131);
+        let bias = random(co, 132);
+        let pix = h * w;
+        let mut want = vec![0f64; f * co * pix];
+        for fr in 0..f {
+            for o in 0..co {
+                for p in 0..pix {
+                    let mut acc = bias[o] as f64;
+                    for t in 0..3 {
+                        let src = fr as i64 + t as i64 - 1;
+                        if src < 0 || src >= f as i64 {
+                            continue;
+                        }
+                        for ci in 0..c {
+                            acc += wt[o * 3 * c + t * c + ci] as f64
+                                * x[(src as usize * c + ci) * pix + p] as f64;
+                        }
+                    }
+                    want[(fr * co + o) * pix + p] = acc;
+                }
+            }
+        }
+        for prec in [Precision::F32, Precision::Bf16] {
+            let u = PackedRows::new_frames_winograd(prec, &wt, co, c);
+            let got = conv_frames_winograd(&x, f, (c, h, w), &u, co, Some(&bias), None);
+            let plain = flipsketch_kernels::conv_frames(
+                &x,
+                f,
+                (c, h, w),
+                &PackedRows::new(prec, &wt, co, 3 * c),
+                Some(&bias),
+            );
+            let (e, e_plain) = (rel_err(&got, &want), rel_err(&plain, &want));
+            // f32: within the product tolerance; bf16: within 4x the plain form's error (the
+            // transformed frames and weights are rounded once more).
+            let bound = match prec {
+                Precision::F32 => tol(3 * c),
+                Precision::Bf16 => 4.0 * e_plain,
+            };
+            assert!(
+                e < bound,
+                "{prec:?} {f}x{c}x{h}x{w} -> {co}: rel err {e:e} (plain {e_plain:e})"
+            );
+        }
+    }
+}
+
+#[test]
 fn conv_frames_mapped_equals_the_map_then_the_convolution() {
     use flipsketch_kernels::{conv_frames, conv_frames_mapped, group_norm_affine, GroupNormShape};
     // Two samples of 5 frames whose GroupNorm statistics span each sample's frames; the

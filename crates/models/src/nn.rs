@@ -446,17 +446,34 @@ pub struct FrameConv {
 
 #[derive(Clone, Debug)]
 enum FrameConvWeight {
-    /// CPU: the three taps packed side by side, (out, 3 * in), for one GEMM per sample.
+    /// CPU: the taps packed for Winograd's F(2, 3) over the frames
+    /// ([`PackedRows::new_frames_winograd`]: four stacked (out, in) matrices).
     Packed(Arc<PackedRows>, Option<Arc<[f32]>>),
     /// Elsewhere: tap k as an (out, in, 1, 1) convolution, the bias on tap 1.
     Taps(Box<[Conv2d; 3]>),
 }
 
 impl FrameConv {
-    /// A temporal convolution whose taps were packed before, `(out, 3 * in)`.
-    pub fn from_packed(weight: Arc<PackedRows>, bias: &Tensor, in_dim: usize) -> Result<Self> {
+    /// A temporal convolution whose taps were packed before by
+    /// [`PackedRows::new_frames_winograd`].
+    pub fn from_packed(
+        weight: Arc<PackedRows>,
+        bias: &Tensor,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Self> {
+        let want = (4 * kernels::frames_winograd_rows(out_dim), in_dim);
+        if (weight.rows(), weight.depth()) != want {
+            candle_core::bail!(
+                "temporal conv: packed weights are {}x{}, not {}x{}",
+                weight.rows(),
+                weight.depth(),
+                want.0,
+                want.1
+            )
+        }
         Ok(Self {
-            out_dim: weight.rows(),
+            out_dim,
             weight: FrameConvWeight::Packed(weight, Some(Arc::from(cpu_values(bias)?))),
             in_dim,
         })
@@ -483,7 +500,9 @@ impl FrameConv {
                     .squeeze(3)?
                     .transpose(1, 2)?
                     .contiguous()?;
-                let w = with_cpu_f32(&w, |v| PackedRows::new(prec, v, out_dim, 3 * in_dim))?;
+                let w = with_cpu_f32(&w, |v| {
+                    PackedRows::new_frames_winograd(prec, v, out_dim, in_dim)
+                })?;
                 FrameConvWeight::Packed(Arc::new(w), Some(Arc::from(cpu_values(&bias)?)))
             }
             None => {
@@ -558,7 +577,8 @@ impl FrameConv {
                 let sample_len = f * c * h * w;
                 let conv = |s: &[f32], i: usize| {
                     let input = map.map(|m| (m, i * f * c));
-                    kernels::conv_frames_mapped(s, f, (c, h, w), wp, bias.as_deref(), input)
+                    let b = bias.as_deref();
+                    kernels::conv_frames_winograd(s, f, (c, h, w), wp, o, b, input)
                 };
                 let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
                     if samples == 1 {
@@ -668,15 +688,20 @@ pub fn frame_conv(in_dim: usize, out_dim: usize, vb: Vb) -> Result<FrameConv> {
     let bias = vb.get(out_dim, "bias")?;
     let shape = [out_dim, in_dim, 3, 1, 1];
     let cache = pack_cache(&vb, "weight");
+    // Packed for Winograd over the frames: four stacked (out, in) matrices.
+    let (tag, rows) = (
+        "frames-winograd",
+        4 * flipsketch_kernels::frames_winograd_rows(out_dim),
+    );
     if let Some((cache, name)) = &cache {
-        if let Some(w) = cache.rows(name, &shape, "frames", out_dim, 3 * in_dim) {
-            return FrameConv::from_packed(w, &bias, in_dim);
+        if let Some(w) = cache.rows(name, &shape, tag, rows, in_dim) {
+            return FrameConv::from_packed(w, &bias, in_dim, out_dim);
         }
     }
     let weight = vb.get(&shape[..], "weight")?;
     let conv = FrameConv::new(weight, bias, vb.plan().matmul)?;
     if let (Some((cache, name)), Some(w)) = (&cache, conv.packed()) {
-        cache.put_rows(name, "frames", w);
+        cache.put_rows(name, tag, w);
     }
     Ok(conv)
 }

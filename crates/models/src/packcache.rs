@@ -105,7 +105,8 @@ struct Entry {
     /// The checkpoint tensor's name.
     name: String,
     /// How it was packed: "cols" (Linear), "rows" (Conv2d), "taps" (Conv2d packed for the
-    /// direct convolution), "frames" (temporal convolution).
+    /// direct convolution), "winograd" (Conv2d packed for the Winograd convolution),
+    /// "frames-winograd" (temporal convolution, packed for Winograd over the frames).
     tag: String,
     /// Rows (or columns) and depth of the packed matrix.
     m: usize,
