@@ -3,8 +3,8 @@
 use std::time::Instant;
 
 use flipsketch_kernels::{
-    attention, conv2d, linear, matmul, AttentionShape, ConvGeometry, PackedCols, PackedRows,
-    Precision,
+    attention, conv2d, conv_frames, conv_frames_winograd, linear, matmul, AttentionShape,
+    ConvGeometry, PackedCols, PackedRows, Precision,
 };
 
 fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -19,7 +19,7 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// `cargo bench -p flipsketch-kernels -- NAME`: only the sections whose name contains NAME
-/// (transpose, and per precision F32 or Bf16: linear, conv, matmul, attention; all names
+/// (transpose, and per precision F32 or Bf16: linear, conv, temporal, matmul, attention; all names
 /// given must match).
 fn wanted(section: &str) -> bool {
     std::env::args()
@@ -109,20 +109,6 @@ fn main() {
                     flops / s / 1e9
                 );
             }
-            // The temporal convolutions at 8x8 and 16x16 (one GEMM with K = 3c over 1x1 patches).
-            for &(c, hw) in &[(1280, 8), (640, 16)] {
-                let g = ConvGeometry::new(3 * c, hw, hw, 1, 1, 1, 0).unwrap();
-                let x = fill(10 * 3 * c * hw * hw);
-                let w = PackedRows::new(prec, &fill(c * 3 * c), c, 3 * c);
-                let mut out = vec![0.0; 10 * c * hw * hw];
-                let s = best_of(10, || conv2d(&x, 10, &g, &w, None, &mut out));
-                let flops = 2.0 * (10 * hw * hw * c * 3 * c) as f64;
-                println!(
-                    "{prec:?} temporal conv 10x{c}x{hw}x{hw}: {:.1} ms, {:.0} GFLOP/s",
-                    s * 1e3,
-                    flops / s / 1e9
-                );
-            }
             // 3x3 convolutions of the VAE decoder, one 256 px frame: 512 channels at 32x32 and
             // 64x64, 256 at 128x128, 128 at 256x256.
             for &(c, hw) in &[(512, 32), (512, 64), (256, 128), (128, 256)] {
@@ -136,6 +122,46 @@ fn main() {
                     "{prec:?} VAE conv3x3 1x{c}x{hw}x{hw} -> {c}: {:.1} ms, {:.0} GFLOP/s",
                     s * 1e3,
                     flops / s / 1e9
+                );
+            }
+        }
+        if wanted(&format!("{prec:?} temporal")) {
+            // The temporal convolutions of 10 frames at every level, plain (one GEMM with K = 3c
+            // over 1x1 patches) and by Winograd over the frames; GFLOP/s of the plain form's
+            // multiplications. FLIPSKETCH_BENCH_ONLY=winograd skips the plain form.
+            let only_wino = std::env::var("FLIPSKETCH_BENCH_ONLY").as_deref() == Ok("winograd");
+            for &(c, hw) in &[(320, 32), (640, 16), (1280, 8), (1280, 4)] {
+                let (f, pix) = (10, hw * hw);
+                let x = fill(f * c * pix);
+                let wt = fill(c * 3 * c);
+                let plain = PackedRows::new(prec, &wt, c, 3 * c);
+                let wino = PackedRows::new_frames_winograd(prec, &wt, c, c);
+                let s = if only_wino {
+                    f64::NAN
+                } else {
+                    best_of(10, || {
+                        std::hint::black_box(conv_frames(&x, f, (c, hw, hw), &plain, None));
+                    })
+                };
+                let sw = best_of(10, || {
+                    std::hint::black_box(conv_frames_winograd(
+                        &x,
+                        f,
+                        (c, hw, hw),
+                        &wino,
+                        c,
+                        None,
+                        None,
+                    ));
+                });
+                let flops = 2.0 * (f * pix * c * 3 * c) as f64;
+                println!(
+                    "{prec:?} temporal conv 10x{c}x{hw}x{hw}: plain {:.1} ms, {:.0} GFLOP/s; \
+                     Winograd {:.1} ms, {:.0} GFLOP/s",
+                    s * 1e3,
+                    flops / s / 1e9,
+                    sw * 1e3,
+                    flops / sw / 1e9
                 );
             }
         }

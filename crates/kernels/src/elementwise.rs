@@ -118,6 +118,52 @@ multiversion! {
 }
 
 multiversion! {
+    /// The slots of `a + sign * b` (f32 when `hi` is `None` and `pairs` false), or in bf16 the
+    /// pairs (`lo`: a + sign * b of the even row, `hi`: of the odd row, zeros when absent).
+    pub(crate) fn combo_slots(
+        lo: (&[f32], &[f32]),
+        hi: Option<(&[f32], &[f32])>,
+        sign: f32,
+        pairs: bool,
+        out: &mut [u32],
+    ) {
+        let (a, b) = lo;
+        if !pairs {
+            for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                *o = (x + sign * y).to_bits();
+            }
+            return;
+        }
+        match hi {
+            Some((c, d)) => {
+                for ((((o, &x), &y), &z), &w) in out.iter_mut().zip(a).zip(b).zip(c).zip(d) {
+                    *o = crate::micro::bf16_pair(x + sign * y, z + sign * w);
+                }
+            }
+            None => {
+                for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                    *o = crate::micro::bf16_pair(x + sign * y, 0.0);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The output transform of the temporal Winograd convolution: `y0 = M0 + M1 + M2 + bias`,
+    /// `y1 = M1 - M2 + M3 + bias`.
+    pub(crate) fn frames_winograd_output(m: [&[f32]; 4], bias: f32, y0: &mut [f32], y1: &mut [f32]) {
+        let [m0, m1, m2, m3] = m;
+        for (((((a, b), &w), &x), &y), &z) in
+            y0.iter_mut().zip(y1.iter_mut()).zip(m0).zip(m1).zip(m2).zip(m3)
+        {
+            *a = w + x + y + bias;
+            *b = x - y + z + bias;
+        }
+    }
+}
+
+multiversion! {
     /// [`bf16_pairs`] of `map(lo)`, `map(hi)`: each side's `(mean, scale, shift)` as in
     /// [`PlaneAffine`], then SiLU if `silu`; `hi` absent is zeros (not mapped).
     pub(crate) fn bf16_pairs_mapped(

@@ -776,11 +776,7 @@ impl Source for ColsOnTheFly<'_> {
                         None => dst.fill(0),
                     },
                     Precision::Bf16 => match (row(2 * ks, p, cols), row(2 * ks + 1, p, cols)) {
-                        (Some(lo), Some(hi)) => {
-                            for ((d, &a), &b) in dst.iter_mut().zip(lo).zip(hi) {
-                                *d = bf16_pair(a, b);
-                            }
-                        }
+                        (Some(lo), Some(hi)) => elementwise::bf16_pairs(lo, hi, dst),
                         (Some(lo), None) => {
                             for (d, &a) in dst.iter_mut().zip(lo) {
                                 *d = bf16_pair(a, 0.0);
@@ -1048,8 +1044,6 @@ elementwise::multiversion! {
 #[derive(Clone, Copy)]
 enum Bias<'a> {
     None,
-    /// Start from what C holds (C += A B).
-    Keep,
     /// Indexed by C's row.
     Rows(&'a [f32]),
     /// Indexed by C's column.
@@ -1112,7 +1106,6 @@ unsafe fn run_task(
                 } else {
                     match bias {
                         Bias::None => TileInit::Zero,
-                        Bias::Keep => TileInit::Accumulate,
                         Bias::Rows(v) => TileInit::RowBias(v[row..].as_ptr()),
                         Bias::Cols(v) => TileInit::ColBias(v[col..].as_ptr()),
                     }
@@ -1703,16 +1696,20 @@ impl Source for RowsFrom<'_> {
     }
 }
 
-/// B = `a + sign * b` for two row-major `k x n` matrices (row stride `ld`), packed on the fly:
-/// the transformed frames of [`conv_frames_winograd`].
+/// B of one transformed frame of [`conv_frames_winograd`], packed on the fly: column q of
+/// the virtual `c x (pairs * pix)` matrix is pixel `q % pix` of pair `j = q / pix`, row r is
+/// `padded[2j + a][r] + sign * padded[2j + b][r]` (padded frames of `c` planes of `pix`).
 struct FrameCombo<'a> {
     prec: Precision,
-    a: &'a [f32],
-    b: &'a [f32],
-    sign: f32,
-    ld: usize,
-    k: usize,
+    padded: &'a [f32],
+    pix: usize,
+    c: usize,
+    /// The virtual column of this operand's column 0, and its columns.
+    q0: usize,
     n: usize,
+    a: usize,
+    b: usize,
+    sign: f32,
 }
 
 impl Source for FrameCombo<'_> {
@@ -1727,35 +1724,35 @@ impl Source for FrameCombo<'_> {
         let panels = len.div_ceil(NR);
         grow(buf, panels * kc * NR);
         let vps = values_per_slot(self.prec);
-        let mut rows = [[0f32; NR]; 2];
-        for p in 0..panels {
-            let col = i0 + p * NR;
+        let (pix, frame) = (self.pix, self.c * self.pix);
+        // Row r's values of virtual columns q..q + cols, all of one pair (None past the rows).
+        let row = |r: usize, q: usize, cols: usize| {
+            (r < self.c).then(|| {
+                let (j, p) = (q / pix, q % pix);
+                let at = |f: usize| &self.padded[(2 * j + f) * frame + r * pix + p..][..cols];
+                (at(self.a), at(self.b))
+            })
+        };
+        for pn in 0..panels {
+            let col = i0 + pn * NR;
             let cols = NR.min(self.n - col);
             for s in 0..kc {
-                for (e, row) in rows.iter_mut().enumerate().take(vps) {
-                    let r = (k0 + s) * vps + e;
-                    if r < self.k {
-                        let a = &self.a[r * self.ld + col..][..cols];
-                        let b = &self.b[r * self.ld + col..][..cols];
-                        for ((d, &x), &y) in row.iter_mut().zip(a).zip(b) {
-                            *d = x + self.sign * y;
+                let panel = &mut buf[(pn * kc + s) * NR..][..cols];
+                let r = (k0 + s) * vps;
+                // The panel's columns in runs of one pair each.
+                let mut done = 0;
+                while done < cols {
+                    let q = self.q0 + col + done;
+                    let run = (pix - q % pix).min(cols - done);
+                    let dst = &mut panel[done..done + run];
+                    match row(r, q, run) {
+                        Some(lo) => {
+                            let hi = if vps == 2 { row(r + 1, q, run) } else { None };
+                            elementwise::combo_slots(lo, hi, self.sign, vps == 2, dst);
                         }
-                    } else {
-                        row[..cols].fill(0.0);
+                        None => dst.fill(0),
                     }
-                }
-                let dst = &mut buf[(p * kc + s) * NR..][..cols];
-                match self.prec {
-                    Precision::F32 => {
-                        for (d, &x) in dst.iter_mut().zip(&rows[0]) {
-                            *d = x.to_bits();
-                        }
-                    }
-                    Precision::Bf16 => {
-                        for ((d, &x), &y) in dst.iter_mut().zip(&rows[0]).zip(&rows[1]) {
-                            *d = bf16_pair(x, y);
-                        }
-                    }
+                    done += run;
                 }
             }
         }
@@ -1802,8 +1799,9 @@ impl PackedRows {
 /// U3 carries the minus) and `V0 = d0 - d2`, `V1 = d1 + d2`, `V2 = d2 - d1`, `V3 = d1 - d3`:
 /// four products of K = c per pair where the plain form does two of K = 3c (1.5x fewer
 /// multiplications). The transformed frames are formed as they are packed (rounded to the
-/// precision after the sum, f32 before); M1 and M2 of a block of pixels stay in a buffer, M0
-/// and M3 accumulate into the output.
+/// precision after the sum, f32 before); the columns of the products run over (pair, pixel),
+/// so that small frames fill whole panels; a block's four products stay in a buffer for the
+/// output transform.
 pub fn conv_frames_winograd(
     x: &[f32],
     frames: usize,
@@ -1839,7 +1837,11 @@ pub fn conv_frames_winograd(
     let kslots = prec.slots(c);
     let t = threads();
     // Pixel blocks of at most 256 columns: M1 and M2 of a block (2 x c_out x 256 f32) stay in L2.
-    let tasks = image_tasks(pairs, pix, pix.div_ceil(256), t);
+    // Tasks over the virtual columns (pair, pixel), in multiples of NR (small frames share
+    // panels across pairs): the four products of a block (4 x c_out x n f32) within about 1 MB.
+    let cols = pairs * pix;
+    let per = ((1 << 20) / (16 * c_out) / NR).max(1) * NR;
+    let tasks = split(cols, (cols.div_ceil(per)).max(2 * t), NR);
     let out_frame = c_out * pix;
     let flops = 2 * (frames * c_out * pix * 3 * c) as u64;
     let write = |o: *mut f32| {
@@ -1849,89 +1851,72 @@ pub fn conv_frames_winograd(
             [frames, 3 * c, pix, c_out],
             flops,
             || {
-                tasks.par_iter().for_each(|&(j, (p0, p1))| {
+                tasks.par_iter().for_each(|&(q0, q1)| {
                     let o = o;
-                    let n = p1 - p0;
-                    let pad = |t: usize| &padded[t * frame..][..frame];
-                    // V_i as (a, b, sign) over padded frames 2j ..= 2j + 3.
-                    let combo = |a: usize, b: usize, sign: f32| FrameCombo {
+                    let n = q1 - q0;
+                    // V_i over padded frames 2j + a, 2j + b: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
+                    let v = |a: usize, b: usize, sign: f32| FrameCombo {
                         prec,
-                        a: &pad(2 * j + a)[p0..],
-                        b: &pad(2 * j + b)[p0..],
-                        sign,
-                        ld: pix,
-                        k: c,
+                        padded: &padded,
+                        pix,
+                        c,
+                        q0,
                         n,
+                        a,
+                        b,
+                        sign,
                     };
-                    let v = [
-                        combo(0, 2, -1.0),
-                        combo(1, 2, 1.0),
-                        combo(2, 1, -1.0),
-                        combo(1, 3, -1.0),
-                    ];
-                    let ui = |i: usize| RowsFrom {
-                        rows: u,
-                        first: i * rows,
-                    };
+                    let v = [v(0, 2, -1.0), v(1, 2, 1.0), v(2, 1, -1.0), v(1, 3, -1.0)];
                     FRAME_WINO.with(|m| {
-                        let (m1, m2) = &mut *m.borrow_mut();
-                        grow_f32(m1, c_out * n);
-                        grow_f32(m2, c_out * n);
-                        // SAFETY: m1 and m2 hold c_out x n floats, which the products store.
-                        unsafe {
-                            for (i, mi) in [(1, m1.as_mut_ptr()), (2, m2.as_mut_ptr())] {
+                        let m = &mut *m.borrow_mut();
+                        grow_f32(m, 4 * c_out * n);
+                        let mp = m.as_mut_ptr();
+                        for (i, vi) in v.iter().enumerate() {
+                            let ui = RowsFrom {
+                                rows: u,
+                                first: i * rows,
+                            };
+                            // SAFETY: M_i is c_out x n floats of `m`, which the product stores.
+                            unsafe {
                                 run_task(
                                     prec,
                                     kslots,
-                                    &ui(i),
-                                    &v[i],
+                                    &ui,
+                                    vi,
                                     (0, c_out),
                                     (0, n),
-                                    mi,
+                                    mp.add(i * c_out * n),
                                     n,
                                     Bias::None,
                                     None,
-                                );
-                            }
-                        }
-                        let y = |f: usize| {
-                            // SAFETY: output frame f of the 2 * pairs frames; this task's
-                            // pixels of it are written by no other task.
-                            unsafe { o.0.add(f * out_frame + p0) }
-                        };
-                        for co in 0..c_out {
-                            let b = bias.map_or(0.0, |b| b[co]);
-                            let (r1, r2) = (&m1[co * n..][..n], &m2[co * n..][..n]);
-                            // SAFETY: as above, row co of frames 2j and 2j + 1.
-                            let (y0, y1) = unsafe {
-                                (
-                                    std::slice::from_raw_parts_mut(y(2 * j).add(co * pix), n),
-                                    std::slice::from_raw_parts_mut(y(2 * j + 1).add(co * pix), n),
                                 )
                             };
-                            for (((d0, d1), &a), &bb) in
-                                y0.iter_mut().zip(y1.iter_mut()).zip(r1).zip(r2)
-                            {
-                                *d0 = a + bb + b;
-                                *d1 = a - bb + b;
-                            }
                         }
-                        // SAFETY: frames 2j and 2j + 1, columns p0..p1, with stride pix.
-                        unsafe {
-                            for (i, f) in [(0, 2 * j), (3, 2 * j + 1)] {
-                                run_task(
-                                    prec,
-                                    kslots,
-                                    &ui(i),
-                                    &v[i],
-                                    (0, c_out),
-                                    (0, n),
-                                    y(f),
-                                    pix,
-                                    Bias::Keep,
-                                    None,
-                                );
+                        let mi = |i: usize, co: usize, at: usize, len: usize| {
+                            &m[(i * c_out + co) * n + at..][..len]
+                        };
+                        // y0 = M0 + M1 + M2, y1 = M1 - M2 + M3 (U3 carries the minus), by runs
+                        // of one pair.
+                        let mut at = 0;
+                        while at < n {
+                            let q = q0 + at;
+                            let (j, p) = (q / pix, q % pix);
+                            let run = (pix - p).min(n - at);
+                            for co in 0..c_out {
+                                let b = bias.map_or(0.0, |b| b[co]);
+                                let [m0, m1, m2, m3] = [0, 1, 2, 3].map(|i| mi(i, co, at, run));
+                                // SAFETY: pixels p..p + run of channel co of output frames 2j
+                                // and 2j + 1 (of 2 * pairs): this task's columns alone.
+                                let (y0, y1) = unsafe {
+                                    let y = |f: usize| o.0.add(f * out_frame + co * pix + p);
+                                    (
+                                        std::slice::from_raw_parts_mut(y(2 * j), run),
+                                        std::slice::from_raw_parts_mut(y(2 * j + 1), run),
+                                    )
+                                };
+                                elementwise::frames_winograd_output([m0, m1, m2, m3], b, y0, y1);
                             }
+                            at += run;
                         }
                     })
                 })
@@ -1945,8 +1930,8 @@ pub fn conv_frames_winograd(
 }
 
 thread_local! {
-    /// M1 and M2 of a task of [`conv_frames_winograd`].
-    static FRAME_WINO: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// The four products of a task of [`conv_frames_winograd`].
+    static FRAME_WINO: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The convolution into `out`, valid for the whole output: stores every element, reads none.
