@@ -375,34 +375,42 @@ pub fn softmax_row(row: &mut [f32], scale: f32) {
 /// sum.
 #[inline(always)]
 pub(crate) fn exp_row(row: &mut [f32], scale: f32) -> f32 {
-    const L: usize = 16;
+    exp_row_by(row, scale, exp)
+}
+
+/// [`exp_row`] with the exponential `e`. In 64 lanes (four vectors: independent chains for
+/// the out-of-order core); the maximum ignores NaN (plain compares), a NaN value still makes
+/// the row NaN through its exponential and the sum.
+#[inline(always)]
+fn exp_row_by(row: &mut [f32], scale: f32, e: impl Fn(f32) -> f32) -> f32 {
+    const L: usize = 64;
     let mut lanes = [f32::NEG_INFINITY; L];
     let mut chunks = row.chunks_exact(L);
     for c in &mut chunks {
         for i in 0..L {
-            lanes[i] = lanes[i].max(c[i]);
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
         }
     }
     let max = chunks
         .remainder()
         .iter()
         .chain(lanes.iter())
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     let mut sums = [0f32; L];
     let mut chunks = row.chunks_exact_mut(L);
     for c in &mut chunks {
         for i in 0..L {
-            let e = exp((c[i] - max) * scale);
-            c[i] = e;
-            sums[i] += e;
+            let v = e((c[i] - max) * scale);
+            c[i] = v;
+            sums[i] += v;
         }
     }
-    let mut sum = 0f32;
+    let mut tail = 0f32;
     for v in chunks.into_remainder() {
-        *v = exp((*v - max) * scale);
-        sum += *v;
+        *v = e((*v - max) * scale);
+        tail += *v;
     }
-    sum + sums.iter().sum::<f32>()
+    tail + sums.iter().sum::<f32>()
 }
 
 /// `e^x` for the arguments of a softmax (`x <= 0` after the maximum is subtracted; NaN stays
@@ -436,37 +444,7 @@ pub fn exp_nonpositive_coarse(x: f32) -> f32 {
 multiversion! {
     /// [`exp_row`] with [`exp_nonpositive_coarse`]; `sum` gets the row's sum.
     fn exp_row_coarse(row: &mut [f32], scale: f32, sum: &mut f32) {
-        // 64 lanes (four vectors): independent chains for the out-of-order core. The maximum
-        // ignores NaN (plain compares): a NaN score still makes its row NaN through its
-        // exponential and the sum.
-        const L: usize = 64;
-        let mut lanes = [f32::NEG_INFINITY; L];
-        let mut chunks = row.chunks_exact(L);
-        for c in &mut chunks {
-            for i in 0..L {
-                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
-            }
-        }
-        let max = chunks
-            .remainder()
-            .iter()
-            .chain(lanes.iter())
-            .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-        let mut sums = [0f32; L];
-        let mut chunks = row.chunks_exact_mut(L);
-        for c in &mut chunks {
-            for i in 0..L {
-                let e = exp_nonpositive_coarse((c[i] - max) * scale);
-                c[i] = e;
-                sums[i] += e;
-            }
-        }
-        let mut tail = 0f32;
-        for v in chunks.into_remainder() {
-            *v = exp_nonpositive_coarse((*v - max) * scale);
-            tail += *v;
-        }
-        *sum = tail + sums.iter().sum::<f32>();
+        *sum = exp_row_by(row, scale, exp_nonpositive_coarse);
     }
 }
 

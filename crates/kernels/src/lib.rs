@@ -1601,13 +1601,7 @@ pub fn conv_frames_mapped(
     bias: Option<&[f32]>,
     input: Option<(&PlaneAffine, usize)>,
 ) -> Vec<f32> {
-    let plane = h * wd;
-    let frame = c * plane;
-    assert_eq!(
-        x.len(),
-        frames * frame,
-        "conv_frames: input is not {frames}x{c}x{h}x{wd}"
-    );
+    let (plane, frame) = frame_sizes(x, frames, (c, h, wd));
     assert_eq!(w.k, 3 * c, "conv_frames: weights are not {}x{}", w.m, 3 * c);
     let padded = padded_frames(x, frames, (c, plane), 1, input);
     let g = ConvGeometry::new(3 * c, h, wd, 1, 1, 1, 0).expect("a 1x1 kernel fits");
@@ -1627,6 +1621,18 @@ pub fn conv_frames_mapped(
             )
         })
     }
+}
+
+/// The plane and frame sizes of a temporal convolution's input `x` of `frames` frames of
+/// (c, h, w), which it checks.
+fn frame_sizes(x: &[f32], frames: usize, (c, h, wd): (usize, usize, usize)) -> (usize, usize) {
+    let plane = h * wd;
+    assert_eq!(
+        x.len(),
+        frames * c * plane,
+        "conv_frames: input is not {frames}x{c}x{h}x{wd}"
+    );
+    (plane, c * plane)
 }
 
 /// `frames` frames of `c` planes of `pix` values, mapped by `input` as in
@@ -1811,13 +1817,7 @@ pub fn conv_frames_winograd(
     bias: Option<&[f32]>,
     input: Option<(&PlaneAffine, usize)>,
 ) -> Vec<f32> {
-    let pix = h * wd;
-    let frame = c * pix;
-    assert_eq!(
-        x.len(),
-        frames * frame,
-        "conv_frames: input is not {frames}x{c}x{h}x{wd}"
-    );
+    let (pix, _) = frame_sizes(x, frames, (c, h, wd));
     let rows = frames_winograd_rows(c_out);
     assert_eq!(
         (u.m, u.k),

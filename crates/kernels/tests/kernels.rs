@@ -798,6 +798,39 @@ fn fresh_outputs_equal_outputs_into_buffers() {
         .all(|&v| v == 0.0));
 }
 
+/// The temporal convolution in f64: `x` (f, c, pix), `wt` (co, 3c) tap-major, zero frames
+/// outside.
+fn reference_frames(
+    x: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    f: usize,
+    c: usize,
+    pix: usize,
+) -> Vec<f64> {
+    let co = bias.len();
+    let mut want = vec![0f64; f * co * pix];
+    for fr in 0..f {
+        for o in 0..co {
+            for p in 0..pix {
+                let mut acc = bias[o] as f64;
+                for t in 0..3 {
+                    let src = fr as i64 + t as i64 - 1;
+                    if src < 0 || src >= f as i64 {
+                        continue;
+                    }
+                    for ci in 0..c {
+                        acc += wt[o * 3 * c + t * c + ci] as f64
+                            * x[(src as usize * c + ci) * pix + p] as f64;
+                    }
+                }
+                want[(fr * co + o) * pix + p] = acc;
+            }
+        }
+    }
+    want
+}
+
 #[test]
 fn conv_frames_matches_reference() {
     // (frames, c, h, w, c_out): one frame, two, several; 4x4 images take the path whose
@@ -817,25 +850,7 @@ fn conv_frames_matches_reference() {
             let (xr, wr) = (rounded(prec, &x), rounded(prec, &wt));
             let pix = h * w;
             let got = flipsketch_kernels::conv_frames(&x, f, (c, h, w), &packed, Some(&bias));
-            let mut want = vec![0f64; f * co * pix];
-            for fr in 0..f {
-                for o in 0..co {
-                    for p in 0..pix {
-                        let mut acc = bias[o] as f64;
-                        for t in 0..3 {
-                            let src = fr as i64 + t as i64 - 1;
-                            if src < 0 || src >= f as i64 {
-                                continue;
-                            }
-                            for ci in 0..c {
-                                acc += wr[o * 3 * c + t * c + ci] as f64
-                                    * xr[(src as usize * c + ci) * pix + p] as f64;
-                            }
-                        }
-                        want[(fr * co + o) * pix + p] = acc;
-                    }
-                }
-            }
+            let want = reference_frames(&xr, &wr, &bias, f, c, pix);
             let e = rel_err(&got, &want);
             assert!(
                 e < tol(3 * c),
@@ -859,26 +874,7 @@ fn conv_frames_winograd_matches_reference() {
         let x = random(f * c * h * w, 130 + f as u64);
         let wt = random(co * 3 * c, 131);
         let bias = random(co, 132);
-        let pix = h * w;
-        let mut want = vec![0f64; f * co * pix];
-        for fr in 0..f {
-            for o in 0..co {
-                for p in 0..pix {
-                    let mut acc = bias[o] as f64;
-                    for t in 0..3 {
-                        let src = fr as i64 + t as i64 - 1;
-                        if src < 0 || src >= f as i64 {
-                            continue;
-                        }
-                        for ci in 0..c {
-                            acc += wt[o * 3 * c + t * c + ci] as f64
-                                * x[(src as usize * c + ci) * pix + p] as f64;
-                        }
-                    }
-                    want[(fr * co + o) * pix + p] = acc;
-                }
-            }
-        }
+        let want = reference_frames(&x, &wt, &bias, f, c, h * w);
         for prec in [Precision::F32, Precision::Bf16] {
             let u = PackedRows::new_frames_winograd(prec, &wt, co, c);
             let got = conv_frames_winograd(&x, f, (c, h, w), &u, co, Some(&bias), None);
