@@ -351,6 +351,62 @@ pub fn geglu(h: &[f32], inner: usize, out: &mut [f32]) {
         .for_each(|(o, h)| geglu_rows(h, inner, o));
 }
 
+/// torch `LayerNorm` over rows of `dim` values: `(x - mean) / sqrt(var + eps) * weight + bias`,
+/// the mean and the (biased) variance of each row in two passes (torch's order), f32.
+pub fn layer_norm(x: &[f32], dim: usize, eps: f32, weight: &[f32], bias: &[f32]) -> Vec<f32> {
+    assert!(dim > 0, "layer_norm: rows of 0 values");
+    assert_eq!(x.len() % dim, 0, "layer_norm: input is not rows of {dim}");
+    assert_eq!(
+        (weight.len(), bias.len()),
+        (dim, dim),
+        "layer_norm: weight and bias are not {dim}"
+    );
+    let rows_per = (CHUNK / dim).max(1);
+    let mut out = Vec::<f32>::with_capacity(x.len());
+    out.spare_capacity_mut()
+        .par_chunks_mut(rows_per * dim)
+        .zip(x.par_chunks(rows_per * dim))
+        .for_each(|(o, x)| {
+            // SAFETY: f32 has no invalid bit patterns; every element is written below.
+            let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            layer_norm_rows(x, dim, eps, weight, bias, o)
+        });
+    // SAFETY: every chunk of the spare capacity up to x.len() was written.
+    unsafe { out.set_len(x.len()) };
+    out
+}
+
+multiversion! {
+    fn layer_norm_rows(x: &[f32], dim: usize, eps: f32, weight: &[f32], bias: &[f32], out: &mut [f32]) {
+        const L: usize = 16;
+        for (o, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+            let mut lanes = [0f32; L];
+            let mut chunks = x.chunks_exact(L);
+            for c in &mut chunks {
+                for i in 0..L {
+                    lanes[i] += c[i];
+                }
+            }
+            let mean = (chunks.remainder().iter().sum::<f32>() + lanes.iter().sum::<f32>())
+                / dim as f32;
+            let mut lanes = [0f32; L];
+            let mut chunks = x.chunks_exact(L);
+            for c in &mut chunks {
+                for i in 0..L {
+                    let d = c[i] - mean;
+                    lanes[i] += d * d;
+                }
+            }
+            let tail: f32 = chunks.remainder().iter().map(|&v| (v - mean) * (v - mean)).sum();
+            let var = (tail + lanes.iter().sum::<f32>()) / dim as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
+                *o = (v - mean) * rstd * w + b;
+            }
+        }
+    }
+}
+
 /// In place, row by row: `x = softmax(x * scale)`.
 pub fn softmax_rows(x: &mut [f32], cols: usize, scale: f32) {
     if cols == 0 {

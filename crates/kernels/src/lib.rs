@@ -22,8 +22,8 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 pub use elementwise::{
-    erfc, exp, exp_nonpositive_coarse, geglu, gelu_erf, group_norm, group_norm_affine, silu,
-    silu_slice, softmax_row, softmax_rows, GroupNormShape, PlaneAffine,
+    erfc, exp, exp_nonpositive_coarse, geglu, gelu_erf, group_norm, group_norm_affine, layer_norm,
+    silu, silu_slice, softmax_row, softmax_rows, GroupNormShape, PlaneAffine,
 };
 pub use layout::transpose;
 pub use micro::{bf16_bits, bf16_pair, bf16_to_f32, hardware_isa, isa, Isa};

@@ -499,6 +499,30 @@ fn linear_geglu_equals_linear_then_geglu() {
 }
 
 #[test]
+fn layer_norm_matches_reference() {
+    // Rows of the UNet's widths, one with a remainder past 16 lanes; values offset from zero
+    // (a one-pass variance would lose digits to the mean).
+    for &(rows, dim) in &[(37, 320), (5, 1280), (9, 77)] {
+        let x: Vec<f32> = random(rows * dim, 140).iter().map(|v| v + 3.0).collect();
+        let w = random(dim, 141);
+        let b = random(dim, 142);
+        let got = flipsketch_kernels::layer_norm(&x, dim, 1e-5, &w, &b);
+        let mut want = vec![0f64; rows * dim];
+        for r in 0..rows {
+            let row = &x[r * dim..][..dim];
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
+            for j in 0..dim {
+                want[r * dim + j] =
+                    (row[j] as f64 - mean) / (var + 1e-5).sqrt() * w[j] as f64 + b[j] as f64;
+            }
+        }
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-6, "layer_norm {rows}x{dim}: rel err {e:e}");
+    }
+}
+
+#[test]
 fn geglu_matches_reference() {
     let (rows, inner) = (37, 70);
     let h = random(rows * 2 * inner, 40)

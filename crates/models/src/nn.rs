@@ -715,17 +715,40 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: Vb) -> Result<Gr
 pub fn layer_norm(dim: usize, eps: f64, vb: Vb) -> Result<LayerNorm> {
     let weight = vb.get(dim, "weight")?;
     let bias = vb.get(dim, "bias")?;
-    Ok(LayerNorm(candle_nn::LayerNorm::new(weight, bias, eps)))
+    let values = match vb.plan().other {
+        OpPath::Kernels(_) if weight.dtype() == DType::F32 && weight.device().is_cpu() => Some((
+            Arc::from(cpu_values(&weight)?),
+            Arc::from(cpu_values(&bias)?),
+        )),
+        _ => None,
+    };
+    Ok(LayerNorm {
+        ln: candle_nn::LayerNorm::new(weight, bias, eps),
+        values,
+    })
 }
 
-/// `nn.LayerNorm` over the last dimension: candle's fused op, which has no f64 version; f64
-/// tensors (the tests of the device-generic path) take the same formula in tensor ops.
+/// `nn.LayerNorm` over the last dimension: the kernels' two-pass norm on f32 CPU tensors when
+/// the plan says so, else candle's fused op, which has no f64 version; f64 tensors (the tests of
+/// the device-generic path) take the same formula in tensor ops.
 #[derive(Clone, Debug)]
-pub struct LayerNorm(candle_nn::LayerNorm);
+pub struct LayerNorm {
+    ln: candle_nn::LayerNorm,
+    /// weight and bias as f32 values, when the kernel computes the norm.
+    values: Option<(Arc<[f32]>, Arc<[f32]>)>,
+}
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ln = &self.0;
+        let ln = &self.ln;
+        if let (Some((w, b)), DType::F32) = (&self.values, x.dtype()) {
+            let dim = w.len();
+            if x.dims().last() != Some(&dim) {
+                candle_core::bail!("layer_norm: input {:?} does not end in {dim}", x.dims())
+            }
+            let out = with_cpu_f32(x, |xs| kernels::layer_norm(xs, dim, ln.eps() as f32, w, b))?;
+            return Tensor::from_vec(out, x.dims(), x.device());
+        }
         let (Some(bias), DType::F64) = (ln.bias(), x.dtype()) else {
             return ln.forward(x);
         };
