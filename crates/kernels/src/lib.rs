@@ -1841,7 +1841,14 @@ pub fn conv_frames_winograd(
     // panels across pairs): the four products of a block (4 x c_out x n f32) within about 1 MB.
     let cols = pairs * pix;
     let per = ((1 << 20) / (16 * c_out) / NR).max(1) * NR;
-    let tasks = split(cols, (cols.div_ceil(per)).max(2 * t), NR);
+    let col_parts = split(cols, cols.div_ceil(per).max(2 * t), NR);
+    // Few column blocks (4x4 frames: 80 columns) also split the output channels, so that
+    // every thread has work and each reads only its rows of the weights.
+    let row_parts = split(c_out, (2 * t).div_ceil(col_parts.len()), MR);
+    let tasks: Vec<_> = row_parts
+        .iter()
+        .flat_map(|&r| col_parts.iter().map(move |&q| (r, q)))
+        .collect();
     let out_frame = c_out * pix;
     let flops = 2 * (frames * c_out * pix * 3 * c) as u64;
     let write = |o: *mut f32| {
@@ -1851,7 +1858,7 @@ pub fn conv_frames_winograd(
             [frames, 3 * c, pix, c_out],
             flops,
             || {
-                tasks.par_iter().for_each(|&(q0, q1)| {
+                tasks.par_iter().for_each(|&((r0, r1), (q0, q1))| {
                     let o = o;
                     let n = q1 - q0;
                     // V_i over padded frames 2j + a, 2j + b: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
@@ -1869,12 +1876,13 @@ pub fn conv_frames_winograd(
                     let v = [v(0, 2, -1.0), v(1, 2, 1.0), v(2, 1, -1.0), v(1, 3, -1.0)];
                     FRAME_WINO.with(|m| {
                         let m = &mut *m.borrow_mut();
-                        grow_f32(m, 4 * c_out * n);
+                        let nr = r1 - r0;
+                        grow_f32(m, 4 * nr * n);
                         let mp = m.as_mut_ptr();
                         for (i, vi) in v.iter().enumerate() {
                             let ui = RowsFrom {
                                 rows: u,
-                                first: i * rows,
+                                first: i * rows + r0,
                             };
                             // SAFETY: M_i is c_out x n floats of `m`, which the product stores.
                             unsafe {
@@ -1883,9 +1891,9 @@ pub fn conv_frames_winograd(
                                     kslots,
                                     &ui,
                                     vi,
-                                    (0, c_out),
+                                    (0, nr),
                                     (0, n),
-                                    mp.add(i * c_out * n),
+                                    mp.add(i * nr * n),
                                     n,
                                     Bias::None,
                                     None,
@@ -1893,7 +1901,7 @@ pub fn conv_frames_winograd(
                             };
                         }
                         let mi = |i: usize, co: usize, at: usize, len: usize| {
-                            &m[(i * c_out + co) * n + at..][..len]
+                            &m[(i * nr + co - r0) * n + at..][..len]
                         };
                         // y0 = M0 + M1 + M2, y1 = M1 - M2 + M3 (U3 carries the minus), by runs
                         // of one pair.
@@ -1902,11 +1910,11 @@ pub fn conv_frames_winograd(
                             let q = q0 + at;
                             let (j, p) = (q / pix, q % pix);
                             let run = (pix - p).min(n - at);
-                            for co in 0..c_out {
+                            for co in r0..r1 {
                                 let b = bias.map_or(0.0, |b| b[co]);
                                 let [m0, m1, m2, m3] = [0, 1, 2, 3].map(|i| mi(i, co, at, run));
                                 // SAFETY: pixels p..p + run of channel co of output frames 2j
-                                // and 2j + 1 (of 2 * pairs): this task's columns alone.
+                                // and 2j + 1 (of 2 * pairs): this task's rows and columns alone.
                                 let (y0, y1) = unsafe {
                                     let y = |f: usize| o.0.add(f * out_frame + co * pix + p);
                                     (
