@@ -649,9 +649,9 @@ impl std::fmt::Debug for PackedCols {
 /// Makes `buf` hold at least `len` slots without clearing what it holds: sources overwrite
 /// every slot the products read, and what is left from an earlier block only reaches rows
 /// past the end of A or columns past the end of B, whose results are never stored.
-fn grow(buf: &mut Vec<u32>, len: usize) {
+fn grow<T: Copy + Default>(buf: &mut Vec<T>, len: usize) {
     if buf.len() < len {
-        buf.resize(len, 0);
+        buf.resize(len, T::default());
     }
 }
 
@@ -1287,9 +1287,7 @@ unsafe fn linear_raw(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, 
                 .iter()
                 .flat_map(|&mr| n_parts.iter().map(move |&nr| (mr, nr)))
                 .collect();
-            // Rows per pass through K: their part of C (rows x n floats) stays within about
-            // 512 KiB.
-            let rows_first = ((512 << 10) / (4 * n.max(1)) / MR).clamp(4, 32) * MR;
+            let rows_first = rows_per_pass(n);
             (&on_the_fly, tasks, rows_first)
         };
     stats::timed(
@@ -1304,6 +1302,12 @@ unsafe fn linear_raw(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>, 
             })
         },
     );
+}
+
+/// Rows of A per pass through K in [`linear`]: their part of C (rows x n floats) stays within
+/// about 512 KiB.
+fn rows_per_pass(n: usize) -> usize {
+    ((512 << 10) / (4 * n.max(1)) / MR).clamp(4, 32) * MR
 }
 
 thread_local! {
@@ -1328,8 +1332,8 @@ pub fn linear_geglu(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>) -
         assert_eq!(b.len(), n, "linear_geglu: bias is not {n}");
     }
     let inner = n / 2;
-    // Rows per task: their part of h (rows x n floats) within about 512 KiB, as in linear.
-    let rows = ((512 << 10) / (4 * n) / MR).clamp(4, 32) * MR;
+    // Rows per task: as linear's passes through K.
+    let rows = rows_per_pass(n);
     // Large weights over few rows take linear's order (each weight fetched once), and too few
     // rows would leave threads idle.
     let big = w.data.len() * 4 > BIG_WEIGHTS && m <= FEW_ROWS;
@@ -1342,53 +1346,44 @@ pub fn linear_geglu(x: &[f32], m: usize, w: &PackedCols, bias: Option<&[f32]>) -
     let flops = 2 * (m * n * k) as u64;
     let write = |p: *mut f32| {
         let c = Out(p);
-        {
-            stats::timed(stats::Kernel::Linear, [m, k, n, 0], flops, || {
-                starts.par_iter().for_each(|&r0| {
-                    let c = c;
-                    let len = rows.min(m - r0);
-                    let a = RowsOnTheFly {
-                        prec: w.prec,
-                        src: &x[r0 * k..],
-                        ld: k,
-                        k,
+        stats::timed(stats::Kernel::Linear, [m, k, n, 0], flops, || {
+            starts.par_iter().for_each(|&r0| {
+                let c = c;
+                let len = rows.min(m - r0);
+                let a = RowsOnTheFly {
+                    prec: w.prec,
+                    src: &x[r0 * k..],
+                    ld: k,
+                    k,
+                };
+                GEGLU_ROWS.with(|h| {
+                    let mut h = h.borrow_mut();
+                    grow(&mut h, len * n);
+                    // SAFETY: `h` holds len x n floats; the product stores all of them.
+                    unsafe {
+                        run_task(
+                            w.prec,
+                            kslots,
+                            &a,
+                            w,
+                            (0, len),
+                            (0, n),
+                            h.as_mut_ptr(),
+                            n,
+                            bias,
+                            Some(len),
+                        )
                     };
-                    GEGLU_ROWS.with(|h| {
-                        let mut h = h.borrow_mut();
-                        grow_f32(&mut h, len * n);
-                        // SAFETY: `h` holds len x n floats; the product stores all of them.
-                        unsafe {
-                            run_task(
-                                w.prec,
-                                kslots,
-                                &a,
-                                w,
-                                (0, len),
-                                (0, n),
-                                h.as_mut_ptr(),
-                                n,
-                                bias,
-                                Some(len),
-                            )
-                        };
-                        // SAFETY: rows r0..r0+len of the m x inner output, this task's alone.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(c.0.add(r0 * inner), len * inner)
-                        };
-                        elementwise::geglu_rows(&h[..len * n], inner, dst);
-                    })
+                    // SAFETY: rows r0..r0+len of the m x inner output, this task's alone.
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(c.0.add(r0 * inner), len * inner) };
+                    elementwise::geglu_rows(&h[..len * n], inner, dst);
                 })
             })
-        }
+        })
     };
     // SAFETY: every task stores all `inner` outputs of its rows, and the tasks' rows cover 0..m.
     Some(unsafe { filled(m * inner, write) })
-}
-
-fn grow_f32(buf: &mut Vec<f32>, len: usize) {
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
 }
 
 /// Shape of a 2-D convolution (no groups, no dilation).
@@ -1583,27 +1578,13 @@ pub fn conv2d_fused(
 pub fn conv_frames(
     x: &[f32],
     frames: usize,
-    dims: (usize, usize, usize),
-    w: &PackedRows,
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
-    conv_frames_mapped(x, frames, dims, w, bias, None)
-}
-
-/// [`conv_frames`] of `map(x)`: `input = (map, first)` maps plane (frame f, channel ch) of
-/// `x` with `map`'s plane `first + f * c + ch` as the zero-padded copy is made (the temporal
-/// convolutions' GroupNorm + SiLU without a pass of their own; the same values).
-pub fn conv_frames_mapped(
-    x: &[f32],
-    frames: usize,
     (c, h, wd): (usize, usize, usize),
     w: &PackedRows,
     bias: Option<&[f32]>,
-    input: Option<(&PlaneAffine, usize)>,
 ) -> Vec<f32> {
     let (plane, frame) = frame_sizes(x, frames, (c, h, wd));
     assert_eq!(w.k, 3 * c, "conv_frames: weights are not {}x{}", w.m, 3 * c);
-    let padded = padded_frames(x, frames, (c, plane), 1, input);
+    let padded = padded_frames(x, frames, (c, plane), 1, None);
     let g = ConvGeometry::new(3 * c, h, wd, 1, 1, 1, 0).expect("a 1x1 kernel fits");
     // SAFETY: conv2d_impl stores every output and reads none; the
     // `frames` images of 3c channels, one frame apart, lie inside `padded`.
@@ -1636,7 +1617,7 @@ fn frame_sizes(x: &[f32], frames: usize, (c, h, wd): (usize, usize, usize)) -> (
 }
 
 /// `frames` frames of `c` planes of `pix` values, mapped by `input` as in
-/// [`conv_frames_mapped`], copied between one zero frame before and `after` zero frames after.
+/// [`conv_frames_winograd`], copied between one zero frame before and `after` zero frames after.
 fn padded_frames(
     x: &[f32],
     frames: usize,
@@ -1799,7 +1780,10 @@ impl PackedRows {
     }
 }
 
-/// [`conv_frames_mapped`] by Winograd's F(2, 3) over the frames: each pair of output frames
+/// [`conv_frames`] of `map(x)` by Winograd's F(2, 3) over the frames: `input = (map, first)`
+/// maps plane (frame f, channel ch) of `x` with `map`'s plane `first + f * c + ch` as the
+/// zero-padded copy is made (the temporal convolutions' GroupNorm + SiLU without a pass of
+/// their own; the same values). Each pair of output frames
 /// (2j, 2j+1) from the input frames d0..d3 = 2j-1 ..= 2j+2 (zeros outside) as `y0 = M0 + M1 +
 /// M2`, `y1 = M1 - M2 + M3` with `M_i = U_i V_i` (`u` from [`PackedRows::new_frames_winograd`]:
 /// U3 carries the minus) and `V0 = d0 - d2`, `V1 = d1 + d2`, `V2 = d2 - d1`, `V3 = d1 - d3`:
@@ -1836,7 +1820,6 @@ pub fn conv_frames_winograd(
     let prec = u.prec;
     let kslots = prec.slots(c);
     let t = threads();
-    // Pixel blocks of at most 256 columns: M1 and M2 of a block (2 x c_out x 256 f32) stay in L2.
     // Tasks over the virtual columns (pair, pixel), in multiples of NR (small frames share
     // panels across pairs): the four products of a block (4 x c_out x n f32) within about 1 MB.
     let cols = pairs * pix;
@@ -1877,7 +1860,7 @@ pub fn conv_frames_winograd(
                     FRAME_WINO.with(|m| {
                         let m = &mut *m.borrow_mut();
                         let nr = r1 - r0;
-                        grow_f32(m, 4 * nr * n);
+                        grow(m, 4 * nr * n);
                         let mp = m.as_mut_ptr();
                         for (i, vi) in v.iter().enumerate() {
                             let ui = RowsFrom {
@@ -2905,6 +2888,8 @@ fn attention_impl(
     let pv_slots = prec.slots(lk);
     let pv_block = k_block(pv_slots);
     let pv_blocks = pv_slots.div_ceil(pv_block);
+    // bf16 probabilities are rounded to bf16: the shorter exponential is exact enough.
+    let coarse = prec == Precision::Bf16;
     tasks.par_iter().for_each(|&(item, r_start)| {
         let c = c;
         let (b, h) = (item / heads, item % heads);
@@ -2932,9 +2917,7 @@ fn attention_impl(
             for r0 in (r_start..r_end).step_by(ROWS) {
                 let rows = ROWS.min(r_end - r0);
                 // Every score is stored by the product before it is read: no clearing.
-                if scores.len() < rows * lk {
-                    scores.resize(rows * lk, 0.0);
-                }
+                grow(scores, rows * lk);
                 let scores = &mut scores[..rows * lk];
                 let qs = RowsOnTheFly {
                     prec,
@@ -2970,7 +2953,6 @@ fn attention_impl(
                 let mut probs = BlockedRows::new(probs, rows, pv_slots, pv_block);
                 inv.clear();
                 for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
-                    let coarse = prec == Precision::Bf16;
                     inv.push(1.0 / elementwise::softmax_numerators(row, scale, coarse));
                     for kb in 0..pv_blocks {
                         let k0 = kb * pv_block;

@@ -925,8 +925,8 @@ fn conv_frames_winograd_matches_reference() {
 }
 
 #[test]
-fn conv_frames_mapped_equals_the_map_then_the_convolution() {
-    use flipsketch_kernels::{conv_frames, conv_frames_mapped, group_norm_affine, GroupNormShape};
+fn conv_frames_winograd_mapped_equals_the_map_then_the_convolution() {
+    use flipsketch_kernels::{conv_frames_winograd, group_norm_affine, GroupNormShape};
     // Two samples of 5 frames whose GroupNorm statistics span each sample's frames; the
     // second sample's planes start 5 * c into the map.
     let (samples, f, c, h, w, co) = (2, 5, 8, 6, 7, 6);
@@ -943,26 +943,15 @@ fn conv_frames_mapped_equals_the_map_then_the_convolution() {
     let map = group_norm_affine(&x, shape, 1e-6, &gamma, &beta, true);
     let mapped = map.apply_all(&x, h * w);
     for prec in [Precision::F32, Precision::Bf16] {
-        let packed = PackedRows::new(prec, &random(co * 3 * c, 123), co, 3 * c);
+        let u = PackedRows::new_frames_winograd(prec, &random(co * 3 * c, 123), co, c);
         let bias = random(co, 124);
         let sample = f * c * h * w;
         for s in 0..samples {
             let xs = &x[s * sample..][..sample];
-            let want = conv_frames(
-                &mapped[s * sample..][..sample],
-                f,
-                (c, h, w),
-                &packed,
-                Some(&bias),
-            );
-            let got = conv_frames_mapped(
-                xs,
-                f,
-                (c, h, w),
-                &packed,
-                Some(&bias),
-                Some((&map, s * f * c)),
-            );
+            let ms = &mapped[s * sample..][..sample];
+            let want = conv_frames_winograd(ms, f, (c, h, w), &u, co, Some(&bias), None);
+            let input = Some((&map, s * f * c));
+            let got = conv_frames_winograd(xs, f, (c, h, w), &u, co, Some(&bias), input);
             assert!(
                 got.iter()
                     .zip(&want)

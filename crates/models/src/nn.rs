@@ -147,70 +147,70 @@ impl Linear {
         let LinearWeight::Packed(w, bias) = &self.weight else {
             return Ok(None);
         };
-        let dims = x.dims().to_vec();
-        let (in_dim, lead) = match dims.split_last() {
-            Some((k, lead)) => (*k, lead.iter().product::<usize>()),
-            None => candle_core::bail!("linear on a scalar"),
-        };
-        if w.depth() != in_dim {
-            candle_core::bail!(
-                "linear: input has {in_dim} features, weight expects {}",
-                w.depth()
-            )
-        }
         if self.out_dim % 2 != 0 {
             candle_core::bail!(
                 "GEGLU: {} projected features do not split in two",
                 self.out_dim
             )
         }
-        let dtype = x.dtype();
-        let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
-            kernels::linear_geglu(xs, lead, w, bias.as_deref())
-        })?;
-        let Some(out) = out else { return Ok(None) };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-scalar") = self.out_dim / 2;
-        Ok(Some(
-            Tensor::from_vec(out, out_dims, x.device())?.to_dtype(dtype)?,
-        ))
+        packed_product(x, w, self.out_dim / 2, |xs, rows| {
+            kernels::linear_geglu(xs, rows, w, bias.as_deref())
+        })
     }
+}
+
+/// `f(values of x as f32, rows)` for a product of `x` (.., in) with packed weights `w` over
+/// its last dimension, as a tensor of x's dtype with `features` in the last dimension; `None`
+/// when `f` gives none.
+fn packed_product(
+    x: &Tensor,
+    w: &PackedCols,
+    features: usize,
+    f: impl FnOnce(&[f32], usize) -> Option<Vec<f32>>,
+) -> Result<Option<Tensor>> {
+    let mut dims = x.dims().to_vec();
+    let (in_dim, rows) = match dims.split_last() {
+        Some((k, lead)) => (*k, lead.iter().product::<usize>()),
+        None => candle_core::bail!("linear on a scalar"),
+    };
+    if w.depth() != in_dim {
+        candle_core::bail!(
+            "linear: input has {in_dim} features, weight expects {}",
+            w.depth()
+        )
+    }
+    let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| f(xs, rows))?;
+    let Some(out) = out else { return Ok(None) };
+    *dims.last_mut().expect("non-scalar") = features;
+    Ok(Some(
+        Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())?,
+    ))
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
+        let weight = match &self.weight {
+            LinearWeight::Packed(w, bias) => {
+                let y = packed_product(x, w, self.out_dim, |xs, rows| {
+                    Some(kernels::linear_new(xs, rows, w, bias.as_deref()))
+                })?;
+                return Ok(y.expect("linear_new always gives the product"));
+            }
+            LinearWeight::Tensor(weight) => weight,
+        };
+        let mut dims = x.dims().to_vec();
         let (in_dim, lead) = match dims.split_last() {
             Some((k, lead)) => (*k, lead.iter().product::<usize>()),
             None => candle_core::bail!("linear on a scalar"),
         };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-scalar") = self.out_dim;
-        match &self.weight {
-            LinearWeight::Packed(w, bias) => {
-                if w.depth() != in_dim {
-                    candle_core::bail!(
-                        "linear: input has {in_dim} features, weight expects {}",
-                        w.depth()
-                    )
-                }
-                let dtype = x.dtype();
-                let out = with_cpu_f32(&x.to_dtype(DType::F32)?, |xs| {
-                    kernels::linear_new(xs, lead, w, bias.as_deref())
-                })?;
-                Tensor::from_vec(out, out_dims, x.device())?.to_dtype(dtype)
-            }
-            LinearWeight::Tensor(weight) => {
-                // One 2-D GEMM over all leading dimensions (a broadcast batched matmul is much
-                // slower).
-                let y = matmul(&x.reshape((lead, in_dim))?, &weight.t()?)?;
-                let y = match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                y.reshape(out_dims)
-            }
-        }
+        *dims.last_mut().expect("non-scalar") = self.out_dim;
+        // One 2-D GEMM over all leading dimensions (a broadcast batched matmul is much slower).
+        let y = matmul(&x.reshape((lead, in_dim))?, &weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        y.reshape(dims)
     }
 }
 
