@@ -167,6 +167,14 @@ fn component<M>(
     let path = dir.join(file);
     candle_core::safetensors::save(&tensors, &path)
         .with_context(|| format!("cannot write {}", path.display()))?;
+    // the safetensors writer creates its file readable by its owner only (0600); the model's
+    // other files, and a downloaded model's, are readable by everyone
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot make {} readable", path.display()))?;
+    }
     Ok(params)
 }
 
