@@ -19,7 +19,7 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// `cargo bench -p flipsketch-kernels -- NAME`: only the sections whose name contains NAME
-/// (transpose, and per precision F32 or Bf16: linear, conv, temporal, matmul, attention; all names
+/// (transpose, and per precision F32 or Bf16: linear, conv, winograd, temporal, matmul, attention; all names
 /// given must match).
 fn wanted(section: &str) -> bool {
     std::env::args()
@@ -122,6 +122,38 @@ fn main() {
                     "{prec:?} VAE conv3x3 1x{c}x{hw}x{hw} -> {c}: {:.1} ms, {:.0} GFLOP/s",
                     s * 1e3,
                     flops / s / 1e9
+                );
+            }
+        }
+        if wanted(&format!("{prec:?} winograd")) {
+            // 3x3 convolutions of 10 frames by Winograd F(2x2, 3x3) at the UNet's levels (the
+            // 8x8 and 4x4 ones as the model's sample size does not choose them: for comparison);
+            // GFLOP/s of the direct form's multiplications, beside the patch GEMM's.
+            for &(c, hw, co) in &[
+                (320, 32, 320),
+                (640, 32, 320),
+                (640, 16, 640),
+                (1280, 16, 640),
+                (1280, 8, 1280),
+                (2560, 8, 1280),
+                (1280, 4, 1280),
+            ] {
+                let g = ConvGeometry::new(c, hw, hw, 3, 3, 1, 1).unwrap();
+                let x = fill(10 * c * hw * hw);
+                let wt = fill(co * c * 9);
+                let plain = PackedRows::new(prec, &wt, co, c * 9);
+                let wino = PackedRows::new_winograd(prec, &wt, co, c);
+                let mut out = vec![0.0; 10 * co * hw * hw];
+                let s = best_of(5, || conv2d(&x, 10, &g, &plain, None, &mut out));
+                let sw = best_of(5, || conv2d(&x, 10, &g, &wino, None, &mut out));
+                let flops = 2.0 * (10 * hw * hw * co * c * 9) as f64;
+                println!(
+                    "{prec:?} winograd conv3x3 10x{c}x{hw}x{hw} -> {co}: patches {:.1} ms, {:.0} GFLOP/s; \
+                     Winograd {:.1} ms, {:.0} GFLOP/s",
+                    s * 1e3,
+                    flops / s / 1e9,
+                    sw * 1e3,
+                    flops / sw / 1e9
                 );
             }
         }

@@ -1056,10 +1056,10 @@ thread_local! {
 
 /// A raw output pointer shared by tasks that write disjoint tiles.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+struct Out<T = f32>(*mut T);
 // SAFETY: tasks write disjoint parts of the output.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
 
 /// `C[m0..m1, n0..n1] = bias + A B` with C row-major, stride `ldc`.
 ///
@@ -2296,6 +2296,11 @@ unsafe fn winograd_conv(
     let (h, wd) = (g.h, g.w);
     let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
     let tiles = th * tw;
+    if images > 1 && tiles < NR {
+        // SAFETY: the caller's contract.
+        unsafe { winograd_conv_batched(x, images, g, w, bias, out, stride, fusion) };
+        return;
+    }
     let kslots = prec.slots(g.c_in);
     let t = threads();
     // Tiles per task: the 16 products' buffer (16 x c_out x tiles f32) within about 2 MB
@@ -2331,50 +2336,275 @@ unsafe fn winograd_conv(
                     // SAFETY: `micro` is the Interleaved-A kernel of this precision and CPU.
                     unsafe { winograd_products(&job, micro, bufs) };
                     let WinoBuffers { m, y0, y1, .. } = bufs;
-                    // Output transform, a channel and a tile row's run of tiles at a time.
+                    let out = WinoOut {
+                        m,
+                        c_out,
+                        ld,
+                        g,
+                        bias,
+                        fusion: &fusion,
+                        o,
+                    };
                     for co in 0..c_out {
-                        let b = bias.map_or(0.0, |b| b[co]);
-                        let oplane = img * c_out + co;
-                        let mut q = q0;
-                        while q < q1 {
-                            let (ty, tx0) = (q / tw, q % tw);
-                            let n = (tw - tx0).min(q1 - q);
-                            y0.resize(2 * n, 0.0);
-                            y1.resize(2 * n, 0.0);
-                            elementwise::winograd_output(
-                                m,
-                                c_out * ld,
-                                co * ld + (q - q0),
-                                n,
-                                b,
-                                y0,
-                                y1,
-                            );
-                            let ox0 = 2 * tx0;
-                            let nx = (2 * n).min(wd - ox0);
-                            for (dy, yr) in [&*y0, &*y1].into_iter().enumerate() {
-                                let oy = 2 * ty + dy;
-                                if oy >= h {
-                                    continue;
-                                }
-                                let at = (oplane * h + oy) * wd + ox0;
-                                // SAFETY: pixels (oy, ox0..ox0 + nx) of output plane oplane,
-                                // which only this task's tiles cover.
-                                let dst =
-                                    unsafe { std::slice::from_raw_parts_mut(o.0.add(at), nx) };
-                                if fusion.has_output_part() {
-                                    for (j, (d, &v)) in dst.iter_mut().zip(yr.iter()).enumerate() {
-                                        *d = fusion.finish(oplane, at + j, v);
-                                    }
-                                } else {
-                                    dst.copy_from_slice(&yr[..nx]);
-                                }
-                            }
-                            q += n;
-                        }
+                        // SAFETY: only this task's tiles cover these pixels.
+                        unsafe { out.store(img, co, (q0, q1), 0, y0, y1) };
                     }
                 })
             })
+        },
+    );
+}
+
+/// Where the output transform of [`winograd_conv`] reads and writes: the 16 products `m`
+/// ([t][c_out][ld]), the output with its bias and the fusion's output part.
+struct WinoOut<'a> {
+    m: &'a [f32],
+    c_out: usize,
+    ld: usize,
+    g: &'a ConvGeometry,
+    bias: Option<&'a [f32]>,
+    fusion: &'a ConvFusion<'a>,
+    o: Out,
+}
+
+impl WinoOut<'_> {
+    /// The output transform of image `img`'s tiles `q0..q1` (raster order over its tile grid)
+    /// for output channel `co`, tile `q` being column `col0 + q - q0` of the products, a tile
+    /// row's run of tiles at a time.
+    ///
+    /// # Safety
+    /// The output holds image `img`'s plane `co`, and no other thread writes these tiles'
+    /// pixels.
+    unsafe fn store(
+        &self,
+        img: usize,
+        co: usize,
+        (q0, q1): (usize, usize),
+        col0: usize,
+        y0: &mut Vec<f32>,
+        y1: &mut Vec<f32>,
+    ) {
+        let (h, wd) = (self.g.h, self.g.w);
+        let tw = wd.div_ceil(2);
+        let b = self.bias.map_or(0.0, |b| b[co]);
+        let oplane = img * self.c_out + co;
+        let mut q = q0;
+        while q < q1 {
+            let (ty, tx0) = (q / tw, q % tw);
+            let n = (tw - tx0).min(q1 - q);
+            y0.resize(2 * n, 0.0);
+            y1.resize(2 * n, 0.0);
+            elementwise::winograd_output(
+                self.m,
+                self.c_out * self.ld,
+                co * self.ld + col0 + (q - q0),
+                n,
+                b,
+                y0,
+                y1,
+            );
+            let ox0 = 2 * tx0;
+            let nx = (2 * n).min(wd - ox0);
+            for (dy, yr) in [&*y0, &*y1].into_iter().enumerate() {
+                let oy = 2 * ty + dy;
+                if oy >= h {
+                    continue;
+                }
+                let at = (oplane * h + oy) * wd + ox0;
+                // SAFETY: pixels (oy, ox0..ox0 + nx) of output plane oplane (the contract).
+                let dst = unsafe { std::slice::from_raw_parts_mut(self.o.0.add(at), nx) };
+                if self.fusion.has_output_part() {
+                    for (j, (d, &v)) in dst.iter_mut().zip(yr.iter()).enumerate() {
+                        *d = self.fusion.finish(oplane, at + j, v);
+                    }
+                } else {
+                    dst.copy_from_slice(&yr[..nx]);
+                }
+            }
+            q += n;
+        }
+    }
+}
+
+/// [`winograd_conv`] over images of fewer tiles than a panel has columns (the UNet's 8x8
+/// level: 16 tiles): the tiles of all images are the columns of one product per element t,
+/// so that no panel runs part empty (image by image, an 8x8 image's 16 tiles filled half of
+/// each 32-column panel) and every transformed weight is fetched from memory once per call
+/// instead of once per image. Three parallel passes: the input transform of every channel slot
+/// of every image into V (`[t][panel][slot][NR]`, all of K), the 16 products `M_t = U_t V_t` by
+/// blocks of [`MC`] output channels (`[t][c_out][ld]`, each block's part of M in L2 through
+/// all K blocks), then the output transform image by image.
+#[allow(clippy::too_many_arguments)]
+unsafe fn winograd_conv_batched(
+    x: &[f32],
+    images: usize,
+    g: &ConvGeometry,
+    w: &PackedRows,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+    stride: usize,
+    fusion: ConvFusion,
+) {
+    let prec = w.prec;
+    let c_out = w.m;
+    let rows = w.wino_rows.expect("Winograd weights");
+    let (h, wd) = (g.h, g.w);
+    let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
+    let tiles = th * tw;
+    let total = images * tiles;
+    let panels = total.div_ceil(NR);
+    let ld = panels * NR;
+    let kslots = prec.slots(g.c_in);
+    let kb = w.kb_len;
+    let vps = values_per_slot(prec);
+    let plane = h * wd;
+    let (prow, pw) = (2 * th + 2, 2 * tw + 2);
+    let t = threads();
+    let micro = micro::select(prec, isa(), ALayout::Interleaved);
+    let mut v = Vec::<u32>::with_capacity(16 * panels * kslots * NR);
+    let mut m = Vec::<f32>::with_capacity(16 * c_out * ld);
+    let (vo, mo) = (Out(v.as_mut_ptr()), Out(m.as_mut_ptr()));
+    stats::timed(
+        stats::Kernel::Conv2d,
+        [images, g.c_in * 9, plane, c_out],
+        2 * (images * c_out * plane * g.c_in * 9) as u64,
+        || {
+            // 1. V: slot sl of element t for all tiles, staged as f32 rows of `total` values
+            //    (one per value of the slot), then packed a whole panel at a time.
+            split(kslots, 4 * t, 1).into_par_iter().for_each(|(s0, s1)| {
+                let vo = vo;
+                WINO.with(|bufs| {
+                    let bufs = &mut *bufs.borrow_mut();
+                    for sl in s0..s1 {
+                        for e in 0..vps {
+                            let stage = &mut bufs.vt[e];
+                            stage.clear();
+                            stage.resize(16 * ld, 0.0);
+                            let c = sl * vps + e;
+                            if c >= g.c_in {
+                                continue;
+                            }
+                            let pl = &mut bufs.plane[e];
+                            for img in 0..images {
+                                pl.clear();
+                                pl.resize(prow * pw, 0.0);
+                                let src = &x[img * stride + c * plane..][..plane];
+                                for iy in 0..h {
+                                    let line = &src[iy * wd..][..wd];
+                                    let d = &mut pl[(iy + 1) * pw + 1..][..wd];
+                                    match fusion.input {
+                                        Some(f) => f.apply(img * g.c_in + c, line, d),
+                                        None => d.copy_from_slice(line),
+                                    }
+                                }
+                                let y = &mut bufs.y0;
+                                y.resize(16 * tw, 0.0);
+                                for ty in 0..th {
+                                    let at = |r: usize| &pl[(2 * ty + r) * pw..][..pw];
+                                    elementwise::winograd_input(at(0), at(1), at(2), at(3), tw, y);
+                                    let col = img * tiles + ty * tw;
+                                    for tt in 0..16 {
+                                        stage[tt * ld + col..][..tw]
+                                            .copy_from_slice(&y[tt * tw..][..tw]);
+                                    }
+                                }
+                            }
+                        }
+                        for tt in 0..16 {
+                            for p in 0..panels {
+                                let lo = &bufs.vt[0][tt * ld + p * NR..][..NR];
+                                // SAFETY: slot sl of panel p of V_tt, NR values; only this
+                                // task writes slot sl.
+                                let dst = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        vo.0.add(((tt * panels + p) * kslots + sl) * NR),
+                                        NR,
+                                    )
+                                };
+                                match prec {
+                                    Precision::F32 => {
+                                        for (d, &v) in dst.iter_mut().zip(lo) {
+                                            *d = v.to_bits();
+                                        }
+                                    }
+                                    Precision::Bf16 => elementwise::bf16_pairs(
+                                        lo,
+                                        &bufs.vt[1][tt * ld + p * NR..][..NR],
+                                        dst,
+                                    ),
+                                }
+                            }
+                        }
+                    }
+                })
+            });
+            // 2. The products, a block of output channels of one M_t per task.
+            let blocks: Vec<(usize, usize)> = (0..16)
+                .flat_map(|tt| (0..c_out).step_by(MC).map(move |i0| (tt, i0)))
+                .collect();
+            blocks.par_iter().for_each(|&(tt, i0)| {
+                let (vo, mo) = (vo, mo);
+                let ilen = MC.min(c_out - i0);
+                for k0 in (0..kslots).step_by(kb) {
+                    let kc = kb.min(kslots - k0);
+                    let (ap, astride) = w.block(tt * rows + i0, ilen, k0, kc, &mut Vec::new());
+                    for pb in 0..panels {
+                        let cols = NR.min(total - pb * NR);
+                        // SAFETY: slots k0.. of panel pb of V_tt, written in pass 1.
+                        let bp = unsafe { vo.0.add(((tt * panels + pb) * kslots + k0) * NR) };
+                        for rb in 0..ilen.div_ceil(MR) {
+                            let row = i0 + rb * MR;
+                            let init = if k0 == 0 {
+                                TileInit::Zero
+                            } else {
+                                TileInit::Accumulate
+                            };
+                            // SAFETY: A's block for rows row.. of U_tt, K block k0; C's tile
+                            // inside M_tt (c_out x ld, reserved above), which only this task
+                            // writes, stored from zero at the first K block before any read.
+                            unsafe {
+                                micro(
+                                    kc,
+                                    ap.add(rb * astride),
+                                    bp,
+                                    mo.0.add((tt * c_out + row) * ld + pb * NR),
+                                    ld,
+                                    MR.min(ilen - rb * MR),
+                                    cols,
+                                    init,
+                                )
+                            };
+                        }
+                    }
+                }
+            });
+            // SAFETY: every slot of V was stored in pass 1 (the padding columns as zeros), and
+            // rows < c_out, columns < total of every M_t in pass 2; columns total..ld of M are
+            // not (never read: the output transform reads tiles < total).
+            unsafe {
+                v.set_len(16 * panels * kslots * NR);
+                m.set_len(16 * c_out * ld);
+            }
+            // 3. The output transform, an image per task.
+            let o = Out(out);
+            (0..images).into_par_iter().for_each(|img| {
+                WINO.with(|bufs| {
+                    let WinoBuffers { y0, y1, .. } = &mut *bufs.borrow_mut();
+                    let store = WinoOut {
+                        m: &m,
+                        c_out,
+                        ld,
+                        g,
+                        bias,
+                        fusion: &fusion,
+                        o,
+                    };
+                    for co in 0..c_out {
+                        // SAFETY: image img's planes, which only this task writes.
+                        unsafe { store.store(img, co, (0, tiles), img * tiles, y0, y1) };
+                    }
+                })
+            });
         },
     );
 }

@@ -216,7 +216,12 @@ fn conv2d_matches_reference() {
 fn winograd_conv_matches_reference() {
     // (images, c_in, h, w, c_out): even and odd sizes (tiles past the edge), one K block and
     // several (bf16: 2 channels a slot), c_out not a multiple of the row block, several tasks.
+    // Images of fewer tiles than a panel's columns run as one product over all their tiles:
+    // several panels, the last part empty, several K blocks, c_out over one row block.
     for &(imgs, ci, h, w, co) in &[
+        (12, 70, 8, 8, 400),
+        (10, 600, 4, 4, 30),
+        (5, 9, 7, 3, 17),
         (2, 4, 8, 8, 5),
         (1, 3, 9, 13, 14),
         (3, 7, 5, 7, 13),

@@ -163,10 +163,12 @@ pub const DIRECT_CONV_MIN_WIDTH: usize = 32;
 /// The narrowest images whose 3x3 convolutions (stride 1, padding 1) run as the Winograd
 /// F(2x2, 3x3) convolution of the CPU kernels, when both channel counts are at least
 /// [`WINOGRAD_MIN_CHANNELS`]: a third fewer flops, 2.25x fewer multiplications, but 16/9 the
-/// packed weights, and each weight serves 4 output pixels per tile where the direct
-/// convolution's serves every pixel. At 8 pixels (the UNet's 1280-channel level) the weights'
-/// traffic would outweigh the gain.
-pub const WINOGRAD_MIN_WIDTH: usize = 16;
+/// packed weights. Images of fewer tiles than a panel has columns (8x8: 16 tiles) run as one
+/// product over the tiles of all frames, so the UNet's 8x8 level (1280 channels) gains as much
+/// as the wider ones (10 frames, bf16: 1.7-1.9x the patch GEMM's speed; f32 1.9-2.0x), for
+/// 16/9 of those weights (about +340 MB packed in bf16). At 4x4 (4 tiles an image) the gain
+/// is 5-10% and not worth the memory.
+pub const WINOGRAD_MIN_WIDTH: usize = 8;
 /// Fewer channels than this on either side leave the transforms more work than they save.
 pub const WINOGRAD_MIN_CHANNELS: usize = 32;
 
