@@ -82,10 +82,23 @@ fn main() {
                 let w = PackedCols::from_transposed(prec, &fill(n * k), n, k);
                 let mut out = vec![0.0; m * n];
                 let s = best_of(10, || linear(&x, m, &w, None, &mut out));
+                // As in a model, where every layer has weights of its own: each call with other
+                // weights (64 MB of them in all, past the L3 cache) into other outputs.
+                let sets = (64usize << 20).div_ceil(PackedCols::packed_len(prec, n, k) * 4).max(2);
+                let ws: Vec<_> = (0..sets)
+                    .map(|i| PackedCols::from_transposed(prec, &fill(n * k + i)[i..], n, k))
+                    .collect();
+                let mut outs: Vec<Vec<f32>> = (0..4).map(|_| vec![0.0; m * n]).collect();
+                let mut i = 0;
+                let cold = best_of(2 * sets, || {
+                    linear(&x, m, &ws[i % sets], None, &mut outs[i % 4]);
+                    i += 1;
+                });
                 println!(
-                    "{prec:?} linear {m}x{k}x{n}: {:.1} ms, {:.0} GFLOP/s",
+                    "{prec:?} linear {m}x{k}x{n}: {:.1} ms, {:.0} GFLOP/s; weights from memory {:.0} GFLOP/s",
                     s * 1e3,
-                    2.0 * (m * k * n) as f64 / s / 1e9
+                    2.0 * (m * k * n) as f64 / s / 1e9,
+                    2.0 * (m * k * n) as f64 / cold / 1e9
                 );
             }
         }
