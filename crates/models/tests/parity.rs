@@ -29,7 +29,7 @@ fn all_direct(vb: Vb) -> Vb {
 }
 
 /// Every 3x3 convolution (stride 1, padding 1) Winograd, whatever its width and channels
-/// (the default: images at least 16 wide, 32 channels or more).
+/// (the default: images at least 8 wide, 32 channels or more).
 fn all_winograd(vb: Vb) -> Vb {
     vb.with_winograd(0, 0)
 }
