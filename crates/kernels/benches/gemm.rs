@@ -84,7 +84,9 @@ fn main() {
                 let s = best_of(10, || linear(&x, m, &w, None, &mut out));
                 // As in a model, where every layer has weights of its own: each call with other
                 // weights (64 MB of them in all, past the L3 cache) into other outputs.
-                let sets = (64usize << 20).div_ceil(PackedCols::packed_len(prec, n, k) * 4).max(2);
+                let sets = (64usize << 20)
+                    .div_ceil(PackedCols::packed_len(prec, n, k) * 4)
+                    .max(2);
                 let ws: Vec<_> = (0..sets)
                     .map(|i| PackedCols::from_transposed(prec, &fill(n * k + i)[i..], n, k))
                     .collect();

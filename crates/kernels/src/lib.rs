@@ -2471,73 +2471,82 @@ unsafe fn winograd_conv_batched(
         || {
             // 1. V: slot sl of element t for all tiles, staged as f32 rows of `total` values
             //    (one per value of the slot), then packed a whole panel at a time.
-            split(kslots, 4 * t, 1).into_par_iter().for_each(|(s0, s1)| {
-                let vo = vo;
-                WINO.with(|bufs| {
-                    let bufs = &mut *bufs.borrow_mut();
-                    for sl in s0..s1 {
-                        for e in 0..vps {
-                            let stage = &mut bufs.vt[e];
-                            stage.clear();
-                            stage.resize(16 * ld, 0.0);
-                            let c = sl * vps + e;
-                            if c >= g.c_in {
-                                continue;
-                            }
-                            let pl = &mut bufs.plane[e];
-                            for img in 0..images {
-                                pl.clear();
-                                pl.resize(prow * pw, 0.0);
-                                let src = &x[img * stride + c * plane..][..plane];
-                                for iy in 0..h {
-                                    let line = &src[iy * wd..][..wd];
-                                    let d = &mut pl[(iy + 1) * pw + 1..][..wd];
-                                    match fusion.input {
-                                        Some(f) => f.apply(img * g.c_in + c, line, d),
-                                        None => d.copy_from_slice(line),
-                                    }
+            split(kslots, 4 * t, 1)
+                .into_par_iter()
+                .for_each(|(s0, s1)| {
+                    let vo = vo;
+                    WINO.with(|bufs| {
+                        let bufs = &mut *bufs.borrow_mut();
+                        for sl in s0..s1 {
+                            for e in 0..vps {
+                                let stage = &mut bufs.vt[e];
+                                stage.clear();
+                                stage.resize(16 * ld, 0.0);
+                                let c = sl * vps + e;
+                                if c >= g.c_in {
+                                    continue;
                                 }
-                                let y = &mut bufs.y0;
-                                y.resize(16 * tw, 0.0);
-                                for ty in 0..th {
-                                    let at = |r: usize| &pl[(2 * ty + r) * pw..][..pw];
-                                    elementwise::winograd_input(at(0), at(1), at(2), at(3), tw, y);
-                                    let col = img * tiles + ty * tw;
-                                    for tt in 0..16 {
-                                        stage[tt * ld + col..][..tw]
-                                            .copy_from_slice(&y[tt * tw..][..tw]);
-                                    }
-                                }
-                            }
-                        }
-                        for tt in 0..16 {
-                            for p in 0..panels {
-                                let lo = &bufs.vt[0][tt * ld + p * NR..][..NR];
-                                // SAFETY: slot sl of panel p of V_tt, NR values; only this
-                                // task writes slot sl.
-                                let dst = unsafe {
-                                    std::slice::from_raw_parts_mut(
-                                        vo.0.add(((tt * panels + p) * kslots + sl) * NR),
-                                        NR,
-                                    )
-                                };
-                                match prec {
-                                    Precision::F32 => {
-                                        for (d, &v) in dst.iter_mut().zip(lo) {
-                                            *d = v.to_bits();
+                                let pl = &mut bufs.plane[e];
+                                for img in 0..images {
+                                    pl.clear();
+                                    pl.resize(prow * pw, 0.0);
+                                    let src = &x[img * stride + c * plane..][..plane];
+                                    for iy in 0..h {
+                                        let line = &src[iy * wd..][..wd];
+                                        let d = &mut pl[(iy + 1) * pw + 1..][..wd];
+                                        match fusion.input {
+                                            Some(f) => f.apply(img * g.c_in + c, line, d),
+                                            None => d.copy_from_slice(line),
                                         }
                                     }
-                                    Precision::Bf16 => elementwise::bf16_pairs(
-                                        lo,
-                                        &bufs.vt[1][tt * ld + p * NR..][..NR],
-                                        dst,
-                                    ),
+                                    let y = &mut bufs.y0;
+                                    y.resize(16 * tw, 0.0);
+                                    for ty in 0..th {
+                                        let at = |r: usize| &pl[(2 * ty + r) * pw..][..pw];
+                                        elementwise::winograd_input(
+                                            at(0),
+                                            at(1),
+                                            at(2),
+                                            at(3),
+                                            tw,
+                                            y,
+                                        );
+                                        let col = img * tiles + ty * tw;
+                                        for tt in 0..16 {
+                                            stage[tt * ld + col..][..tw]
+                                                .copy_from_slice(&y[tt * tw..][..tw]);
+                                        }
+                                    }
+                                }
+                            }
+                            for tt in 0..16 {
+                                for p in 0..panels {
+                                    let lo = &bufs.vt[0][tt * ld + p * NR..][..NR];
+                                    // SAFETY: slot sl of panel p of V_tt, NR values; only this
+                                    // task writes slot sl.
+                                    let dst = unsafe {
+                                        std::slice::from_raw_parts_mut(
+                                            vo.0.add(((tt * panels + p) * kslots + sl) * NR),
+                                            NR,
+                                        )
+                                    };
+                                    match prec {
+                                        Precision::F32 => {
+                                            for (d, &v) in dst.iter_mut().zip(lo) {
+                                                *d = v.to_bits();
+                                            }
+                                        }
+                                        Precision::Bf16 => elementwise::bf16_pairs(
+                                            lo,
+                                            &bufs.vt[1][tt * ld + p * NR..][..NR],
+                                            dst,
+                                        ),
+                                    }
                                 }
                             }
                         }
-                    }
-                })
-            });
+                    })
+                });
             // 2. The products, a block of output channels of one M_t per task.
             let blocks: Vec<(usize, usize)> = (0..16)
                 .flat_map(|tt| (0..c_out).step_by(MC).map(move |i0| (tt, i0)))
