@@ -277,6 +277,20 @@ fn values_per_slot(prec: Precision) -> usize {
     }
 }
 
+/// `dst[i]` = the slot of `vals[0][at + i]` (f32), or of the pair (`vals[0][at + i]`,
+/// `vals[1][at + i]`) (bf16; `vals[1]` is not read in f32).
+fn to_slots(prec: Precision, vals: &[Vec<f32>; 2], at: usize, dst: &mut [u32]) {
+    let lo = &vals[0][at..][..dst.len()];
+    match prec {
+        Precision::F32 => {
+            for (d, &v) in dst.iter_mut().zip(lo) {
+                *d = v.to_bits();
+            }
+        }
+        Precision::Bf16 => elementwise::bf16_pairs(lo, &vals[1][at..][..dst.len()], dst),
+    }
+}
+
 /// Packs `m` rows of `kslots` slots in K blocks of `kb_len`; `row(r, buf)` puts row r's
 /// values (`kslots` slots' worth, f32) in `buf`.
 fn pack_rows_blocked<F>(prec: Precision, m: usize, kslots: usize, kb_len: usize, row: F) -> Vec<u32>
@@ -2521,7 +2535,6 @@ unsafe fn winograd_conv_batched(
                             }
                             for tt in 0..16 {
                                 for p in 0..panels {
-                                    let lo = &bufs.vt[0][tt * ld + p * NR..][..NR];
                                     // SAFETY: slot sl of panel p of V_tt, NR values; only this
                                     // task writes slot sl.
                                     let dst = unsafe {
@@ -2530,18 +2543,7 @@ unsafe fn winograd_conv_batched(
                                             NR,
                                         )
                                     };
-                                    match prec {
-                                        Precision::F32 => {
-                                            for (d, &v) in dst.iter_mut().zip(lo) {
-                                                *d = v.to_bits();
-                                            }
-                                        }
-                                        Precision::Bf16 => elementwise::bf16_pairs(
-                                            lo,
-                                            &bufs.vt[1][tt * ld + p * NR..][..NR],
-                                            dst,
-                                        ),
-                                    }
+                                    to_slots(prec, &bufs.vt, tt * ld + p * NR, dst);
                                 }
                             }
                         }
@@ -2737,17 +2739,7 @@ unsafe fn winograd_products(job: &WinoTask, micro: micro::Micro, bufs: &mut Wino
                         let (p, jj) = (col / NR, col % NR);
                         let len = (NR - jj).min(n - j);
                         let dst = &mut bufs.v[((t * panels + p) * kc + sl) * NR + jj..][..len];
-                        let lo = &bufs.vt[0][t * n + j..][..len];
-                        match prec {
-                            Precision::F32 => {
-                                for (d, &v) in dst.iter_mut().zip(lo) {
-                                    *d = v.to_bits();
-                                }
-                            }
-                            Precision::Bf16 => {
-                                elementwise::bf16_pairs(lo, &bufs.vt[1][t * n + j..][..len], dst)
-                            }
-                        }
+                        to_slots(prec, &bufs.vt, t * n + j, dst);
                         j += len;
                     }
                 }
