@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """FlipSketch reference pipeline (diffusers), the golden source for the Rust port.
 
-Implements exactly ../shared/flipsketch-algorithm.md ("FlipSketch: the algorithm, precisely"):
+Implements exactly docs/algorithm.md:
 
 1. sketch -> reference noise: VAE-encode 5 identical frames of the [0,1] image (posterior sample
    with supplied noise, or the posterior mean), times scaling_factor, DDIM inversion over ascending

@@ -237,7 +237,7 @@ def main():
     m = ref.load_models(str(model_dir), torch.float32)
     doc = dict(
         description="FlipSketch end-to-end goldens (tools/reference/flipsketch_reference.py, schedule 'batched') "
-                    "on the tiny config-A model. Algorithm: flipsketch-algorithm.md.",
+                    "on the tiny config-A model. Algorithm: docs/algorithm.md.",
         regenerate="/work/refenv/bin/python tools/reference/make_pipeline_fixtures.py --out tests/fixtures",
         model_dir="tests/fixtures/tiny",
         dtype="float32 (CPU, one thread)",

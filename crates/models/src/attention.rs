@@ -464,7 +464,7 @@ impl FeedForward {
 
 /// diffusers `BasicTransformerBlock` with `norm_type="layer_norm"`, geglu feed-forward.
 /// `attn2` is cross-attention when `cross_attention_dim` is given, a second self-attention
-/// otherwise (`double_self_attention=True` in the temporal transformers; DESIGN trap 4).
+/// otherwise (`double_self_attention=True` in the temporal transformers, docs/algorithm.md).
 #[derive(Clone, Debug)]
 pub struct BasicTransformerBlock {
     norm1: LayerNorm,

@@ -1,7 +1,7 @@
 //! diffusers `autoencoders/autoencoder_kl.py` and `autoencoders/vae.py`: `AutoencoderKL` with
 //! its `Encoder`, `Decoder`, `UNetMidBlock2D` (with the single-head attention) and
 //! `DiagonalGaussianDistribution`. Unlike candle-transformers' VAE this exposes the posterior
-//! mean (DESIGN trap 6). Frames go through in chunks so memory stays bounded.
+//! mean (docs/algorithm.md). Frames go through in chunks so memory stays bounded.
 
 use std::path::Path;
 

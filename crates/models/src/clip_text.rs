@@ -1,6 +1,6 @@
 //! transformers `models/clip/modeling_clip.py`: `CLIPTextModel`, returning `last_hidden_state`
 //! (after the final layer norm). Causal self-attention, no padding mask (as the app calls it),
-//! the activation exactly as configured (the ModelScope encoder says exact "gelu"; DESIGN trap 6),
+//! the activation exactly as configured (the ModelScope encoder says exact "gelu"; docs/algorithm.md),
 //! any batch size.
 
 use std::path::Path;

@@ -435,7 +435,7 @@ impl Conv2d {
 }
 
 /// diffusers' `Conv3d(in, out, kernel (3, 1, 1), padding (1, 0, 0))` run over (batch*frames,
-/// in, h, w) tensors, frames of a sample consecutive (DESIGN trap 2): `out[f] = W0 x[f-1] +
+/// in, h, w) tensors, frames of a sample consecutive (docs/algorithm.md): `out[f] = W0 x[f-1] +
 /// W1 x[f] + W2 x[f+1] + b`, zero beyond both ends of each sample.
 #[derive(Clone, Debug)]
 pub struct FrameConv {
@@ -921,7 +921,7 @@ impl Module for GroupNorm {
 /// A GroupNorm whose statistics span all frames of a sample.
 ///
 /// diffusers applies these norms to a (batch, channels, frames, h, w) tensor, so each group's
-/// mean and variance cover channels/groups x frames x h x w values (DESIGN trap 3). We keep the
+/// mean and variance cover channels/groups x frames x h x w values (docs/algorithm.md). We keep the
 /// frames folded into the batch, (batch*frames, channels, h, w), and reduce over the frames
 /// instead of permuting.
 #[derive(Clone, Debug)]

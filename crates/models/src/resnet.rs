@@ -82,9 +82,9 @@ impl ResnetBlock2D {
 }
 
 /// One `nn.Sequential(GroupNorm, SiLU, [Dropout,] Conv3d(k=(3,1,1), padding=(1,0,0)))` of
-/// `TemporalConvLayer`. The Conv3d is run as a 1-D convolution over frames (DESIGN trap 2,
+/// `TemporalConvLayer`. The Conv3d is run as a 1-D convolution over frames (docs/algorithm.md,
 /// [`FrameConv`]: on the CPU one GEMM over the previous, current and next frame, zero-padded
-/// at both ends). The GroupNorm spans all frames of a sample (trap 3).
+/// at both ends). The GroupNorm's statistics span all frames of a sample.
 #[derive(Clone, Debug)]
 struct TemporalConv {
     norm: FrameGroupNorm,

@@ -1,4 +1,4 @@
-//! The FlipSketch pipeline (`../shared/flipsketch-algorithm.md`): DDIM inversion of the sketch
+//! The FlipSketch pipeline (`docs/algorithm.md`): DDIM inversion of the sketch
 //! to a reference noise, then generation with a reference branch whose self-attention is
 //! composed into the conditional pass, classifier-free guidance, and decoding.
 //!

@@ -3,7 +3,7 @@
 //! Every block runs on (batch*frames, c, h, w) with frames folded into the batch, exactly where
 //! diffusers folds them. Each layer is: ResnetBlock2D -> TemporalConvLayer [-> Transformer2DModel
 //! -> TransformerTemporalModel]; the spatial transformer's heads are `channels / head_dim`
-//! (DESIGN trap 1: the config's `attention_head_dim` is the head size).
+//! (docs/algorithm.md: the config's `attention_head_dim` is the head size).
 
 use crate::compute::Vb;
 use candle_core::{Result, Tensor};

@@ -373,7 +373,7 @@ impl UNet3DConditionModel {
         let factor = 1usize << num_upsamplers;
         let forward_upsample_size = height % factor != 0 || width % factor != 0;
 
-        // 1. time, repeated per frame (DESIGN trap 5)
+        // 1. time, repeated per frame (repeat-interleave)
         let bo0 = self.config.block_out_channels[0];
         let t_emb = timestep_embedding(&vec![timestep; batch], bo0, true, 0.0, &self.device)?
             .to_dtype(self.dtype)?;
