@@ -1,7 +1,7 @@
 //! transformers `models/clip/modeling_clip.py`: `CLIPTextModel`, returning `last_hidden_state`
 //! (after the final layer norm). Causal self-attention, no padding mask (as the app calls it),
-//! the activation exactly as configured (the ModelScope encoder says exact "gelu"; docs/algorithm.md),
-//! any batch size.
+//! the activation exactly as configured (the ModelScope encoder says exact "gelu";
+//! docs/algorithm.md), any batch size.
 
 use std::path::Path;
 

@@ -921,8 +921,8 @@ impl Module for GroupNorm {
 /// A GroupNorm whose statistics span all frames of a sample.
 ///
 /// diffusers applies these norms to a (batch, channels, frames, h, w) tensor, so each group's
-/// mean and variance cover channels/groups x frames x h x w values (docs/algorithm.md). We keep the
-/// frames folded into the batch, (batch*frames, channels, h, w), and reduce over the frames
+/// mean and variance cover channels/groups x frames x h x w values (docs/algorithm.md). We keep
+/// the frames folded into the batch, (batch*frames, channels, h, w), and reduce over the frames
 /// instead of permuting.
 #[derive(Clone, Debug)]
 pub struct FrameGroupNorm(GroupNorm);
